@@ -1,0 +1,238 @@
+"""Reading and writing cache and score shards: validated, zstd Parquet, never half-visible."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from opdcache.cache.schema import (
+    CACHE_BY_NAME,
+    CACHE_COLUMNS,
+    CACHE_META_KEY,
+    LOGPROB_MANTISSA_BITS,
+    SCHEMA_VERSION,
+    SCORE_META_KEY,
+    VARIANT_META_KEY,
+    CacheMeta,
+    Column,
+    cache_schema,
+)
+from opdcache.errors import CacheFormatError
+from opdcache.rundir import temp_path_for
+
+ROW_GROUP_POSITIONS = 1 << 20  # ~1M positions per row group keeps decode buffers ~100 MB
+
+
+def round_mantissa(x: np.ndarray, bits: int = LOGPROB_MANTISSA_BITS) -> np.ndarray:
+    """Round float32 values to ``bits`` mantissa bits (round half to even); exponent range kept."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    drop = np.uint32(23 - bits)
+    half = np.uint32((1 << (23 - bits - 1)) - 1)
+    out = (u + half + ((u >> drop) & np.uint32(1))) & ~np.uint32((1 << (23 - bits)) - 1)
+    out = np.where(np.isfinite(x), out, u)  # leave inf/nan bit patterns alone
+    return out.view(np.float32)
+
+
+def flat(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (flat values, int64 offsets starting at 0); zero-copy where possible."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    return arr.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+
+def list_array(values: np.ndarray, offsets: np.ndarray, type_: pa.DataType) -> pa.ListArray:
+    return pa.ListArray.from_arrays(
+        pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(values, type=type_.value_type)
+    )
+
+
+def _as_column(value: Any, col: Column) -> pa.Array:
+    try:
+        if isinstance(value, pa.ChunkedArray):
+            value = value.combine_chunks()
+        arr = value if isinstance(value, pa.Array) else pa.array(value)
+        return arr.cast(col.type) if arr.type != col.type else arr
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as e:
+        raise CacheFormatError(f"column {col.name!r}: cannot convert to {col.type} ({e})") from e
+
+
+def _check_lengths(table: pa.Table, columns: Sequence[Column], k: int, where: str) -> None:
+    """Per-position columns must have T values per row and top-k columns T*k."""
+    ref = next((c for c in columns if c.extent == "position"), None)
+    if ref is None:
+        return
+    t = np.diff(flat(table.column(ref.name))[1])
+    for col in columns:
+        if col.extent == "response" or col.name == ref.name:
+            continue
+        n = np.diff(flat(table.column(col.name))[1])
+        want = t * (k if col.extent == "topk" else 1)
+        if (bad := np.flatnonzero(n != want)).size:
+            i = int(bad[0])
+            raise CacheFormatError(
+                f"{where}: column {col.name!r} row {i} has {n[i]} values, expected {want[i]} "
+                f"({ref.name} has {t[i]} positions{f', times k={k}' if col.extent == 'topk' else ''})"
+            )
+
+
+def _check_finite(table: pa.Table, columns: Sequence[Column], where: str) -> None:
+    for col in columns:
+        if col.is_logprob:
+            v = flat(table.column(col.name))[0]
+            if not np.isfinite(v).all():
+                i = int(np.flatnonzero(~np.isfinite(v))[0])
+                raise CacheFormatError(f"{where}: column {col.name!r} holds {v[i]} at value {i}")
+
+
+def write_parquet(path: Path, table: pa.Table, positions: int) -> None:
+    """Write ``table`` as zstd Parquet to a hidden temporary name, fsync, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    numeric = [  # Parquet names a list's values "<name>.list.element"
+        f"{f.name}.list.element"
+        for f in table.schema
+        if pa.types.is_list(f.type) and f.type.value_type in (pa.int32(), pa.float32())
+    ]
+    rows_per_group = max(1, int(table.num_rows * ROW_GROUP_POSITIONS / max(positions, 1)))
+    try:
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            row_group_size=rows_per_group,
+            use_dictionary=[f.name for f in table.schema if f.type == pa.string()],
+            use_byte_stream_split=numeric,
+            write_page_checksum=True,
+        )
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_cache_shard(path: Path, columns: Mapping[str, Any], meta: CacheMeta) -> int:
+    """Validate and write one cache shard; returns the number of positions written."""
+    where = str(path)
+    missing = [c.name for c in CACHE_COLUMNS if c.name not in columns]
+    extra = sorted(set(columns) - set(CACHE_BY_NAME))
+    if missing or extra:
+        raise CacheFormatError(f"{where}: missing columns {missing}, unknown columns {extra}")
+    if meta.k < 1:
+        raise CacheFormatError(f"{where}: k must be >= 1, got {meta.k}")
+    arrays = {}
+    for col in CACHE_COLUMNS:
+        arr = _as_column(columns[col.name], col)
+        if arr.null_count:
+            raise CacheFormatError(f"{where}: column {col.name!r} has {arr.null_count} nulls")
+        if col.is_logprob:
+            values, offsets = flat(arr)
+            arr = list_array(round_mantissa(values), offsets, col.type)
+        arrays[col.name] = arr
+    table = pa.table(arrays, schema=cache_schema(meta))
+    _check_lengths(table, CACHE_COLUMNS, meta.k, where)
+    _check_finite(table, CACHE_COLUMNS, where)
+    positions = len(flat(table.column("response_ids"))[0])
+    if positions * meta.k >= 2**31:
+        raise CacheFormatError(f"{where}: {positions} positions x k={meta.k} exceeds one shard")
+    write_parquet(path, table, positions)
+    return positions
+
+
+def open_parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as e:
+        raise CacheFormatError(f"{path}: not a readable Parquet file ({e})") from e
+
+
+def _file_meta(pf: pq.ParquetFile, key: bytes, path: Path) -> dict[str, Any]:
+    kv = pf.schema_arrow.metadata or {}
+    if key not in kv:
+        raise CacheFormatError(f"{path}: no {key.decode()!r} metadata; not an opdcache file of this kind")
+    try:
+        data = json.loads(kv[key])
+    except ValueError as e:
+        raise CacheFormatError(f"{path}: {key.decode()!r} metadata is not JSON ({e})") from e
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CacheFormatError(
+            f"{path}: schema version {version}, but this opdcache reads version {SCHEMA_VERSION}; "
+            "re-create the file with this version or use the opdcache release that wrote it"
+        )
+    return data
+
+
+def _check_types(pf: pq.ParquetFile, wanted: Sequence[Column], path: Path) -> None:
+    schema = pf.schema_arrow
+    for col in wanted:
+        idx = schema.get_field_index(col.name)
+        if idx < 0:
+            raise CacheFormatError(f"{path}: missing column {col.name!r} ({col.doc})")
+        if schema.field(idx).type != col.type:
+            raise CacheFormatError(
+                f"{path}: column {col.name!r} has type {schema.field(idx).type}, expected {col.type}"
+            )
+
+
+def read_cache_meta(path: Path) -> CacheMeta:
+    pf = open_parquet(path)
+    return CacheMeta.from_json(json.dumps(_file_meta(pf, CACHE_META_KEY, path)).encode())
+
+
+def read_cache_shard(
+    path: Path, columns: Sequence[str] | None = None, validate: bool = True
+) -> tuple[pa.Table, CacheMeta]:
+    """Read (some columns of) a cache shard, checking version, columns, types and list lengths."""
+    names = list(columns) if columns is not None else [c.name for c in CACHE_COLUMNS]
+    unknown = [n for n in names if n not in CACHE_BY_NAME]
+    if unknown:
+        raise CacheFormatError(f"unknown cache columns {unknown}")
+    pf = open_parquet(path)
+    meta = CacheMeta.from_json(json.dumps(_file_meta(pf, CACHE_META_KEY, path)).encode())
+    wanted = [CACHE_BY_NAME[n] for n in names]
+    _check_types(pf, wanted, path)
+    try:
+        table = pf.read(columns=names)
+    except (OSError, pa.ArrowException) as e:
+        raise CacheFormatError(f"{path}: corrupt data ({e})") from e
+    if validate:
+        _check_lengths(table, wanted, meta.k, str(path))
+    return table, meta
+
+
+def read_score_shard(
+    path: Path, columns: Sequence[Column], validate: bool = True
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Read a score shard; returns the table and its variant parameters."""
+    pf = open_parquet(path)
+    _file_meta(pf, SCORE_META_KEY, path)
+    variant = json.loads((pf.schema_arrow.metadata or {}).get(VARIANT_META_KEY, b"{}"))
+    _check_types(pf, columns, path)
+    try:
+        table = pf.read(columns=[c.name for c in columns])
+    except (OSError, pa.ArrowException) as e:
+        raise CacheFormatError(f"{path}: corrupt data ({e})") from e
+    if validate:
+        _check_lengths(table, columns, 1, str(path))
+    return table, variant
+
+
+def score_file_metadata(variant: Mapping[str, Any], source: str, rows: int) -> dict[bytes, bytes]:
+    info = {"schema_version": SCHEMA_VERSION, "source": source, "rows": rows}
+    return {
+        SCORE_META_KEY: json.dumps(info).encode(),
+        VARIANT_META_KEY: json.dumps(variant).encode(),
+    }

@@ -1,0 +1,245 @@
+"""``opdcache`` command line: one subcommand per pipeline stage, all talking through RUN/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+
+from opdcache import __version__
+from opdcache.errors import OpdcacheError
+
+
+def _rounds(text: str) -> list[int]:
+    """'3' -> [3]; '0-2' -> [0, 1, 2]; '0,4-5' -> [0, 4, 5]."""
+    out: list[int] = []
+    try:
+        for item in text.split(","):
+            lo, _, hi = item.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"rounds {text!r}: expected e.g. 3, 0-2 or 0,4-5") from e
+    return out
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from opdcache.budget import BudgetController
+    from opdcache.config import load_config, write_run_config
+    from opdcache.query import refresh_duckdb_file
+
+    cfg = load_config(args.config, args.set)
+    Path(args.run).mkdir(parents=True, exist_ok=True)
+    path = write_run_config(args.run, cfg)
+    BudgetController(args.run, cfg.budget).save()
+    refresh_duckdb_file(args.run)
+    print(f"wrote {path}")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from opdcache.config import read_run_config
+    from opdcache.query import refresh_duckdb_file
+    from opdcache.score.stage import score_run
+    from opdcache.score.variant import VariantSpec
+
+    cfg = read_run_config(args.run)
+    base = cfg.score.spec() if cfg is not None else VariantSpec()
+    spec = base.replace(
+        metric=args.metric,
+        gamma=args.gamma,
+        top_p=args.top_p,
+        w_drop=args.w_drop,
+        w_base=args.w_base,
+        eps=args.eps,
+        reference=args.reference,
+        match=args.match,
+        seed=args.seed,
+    )
+    name = args.variant or (cfg.score.variant if cfg is not None else "prune")
+    rounds = sorted({r for group in args.rounds for r in group}) if args.rounds else None
+    summaries = score_run(args.run, name, spec, rounds, progress=not args.quiet)
+    refresh_duckdb_file(args.run)
+    metric = "accept" if spec.metric == "top_p" else "overlap"
+    print(f"variant {name}: {json.dumps(spec.to_meta())}")
+    print(
+        f"{'round':>5} {'responses':>9} {'positions':>10} {'mean ' + metric:>12} {'retained':>8} {'mean E':>8}"
+    )
+    for s in summaries:
+        print(
+            f"{s['round']:>5} {s['responses']:>9} {s['positions']:>10} {s['mean_metric']:>12.4f} "
+            f"{s['retained_fraction']:>8.3f} {s['effective_len_mean']:>8.1f}"
+        )
+
+
+def cmd_budget(args: argparse.Namespace) -> None:
+    from opdcache.budget import BudgetController
+    from opdcache.config import read_run_config
+    from opdcache.query import refresh_duckdb_file
+    from opdcache.rundir import RunDir
+    from opdcache.score.stage import read_effective_lengths
+
+    RunDir(args.run).require()
+    cfg = read_run_config(args.run)
+    ctl = BudgetController(args.run, cfg.budget if cfg is not None else None)
+    if args.round is not None:
+        variant = args.variant or (cfg.score.variant if cfg is not None else "prune")
+        ctl.update(args.round, read_effective_lengths(args.run, variant, args.round))
+        refresh_duckdb_file(args.run)
+    s = ctl.state
+    print(
+        f"{'round':>5} {'M_t':>6} {'hit':>6} {'E mean':>8} {'E min':>6} {'E max':>6} {'action':>7} {'M_t+1':>6}"
+    )
+    for d in s.history:
+        print(
+            f"{d.round:>5} {d.max_tokens:>6} {d.hit_ratio:>6.3f} {d.effective_len_mean:>8.1f} "
+            f"{d.effective_len_min:>6} {d.effective_len_max:>6} {d.action:>7} {d.next_max_tokens:>6}"
+        )
+    print(f"next round {s.next_round}: max_tokens = {s.max_tokens} (low-hit rounds in a row: {s.low_hits})")
+
+
+def cmd_query(args: argparse.Namespace) -> None:
+    from opdcache.query import refresh_duckdb_file, run_sql
+
+    if (args.sql is None) == (args.file is None):
+        raise OpdcacheError("query: give either SQL text or --file FILE")
+    sql = args.sql if args.sql is not None else _read_text(args.file)
+    params = dict(_kv(p) for p in args.param)
+    try:
+        _print_result(run_sql(args.run, sql, params), args.format, args.max_rows)
+    except duckdb.Error as e:
+        raise OpdcacheError(f"query failed: {e}") from e
+    finally:
+        refresh_duckdb_file(args.run)
+
+
+def _print_result(rel: duckdb.DuckDBPyRelation | None, fmt: str, max_rows: int) -> None:
+    if rel is None:
+        return
+    if fmt == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(rel.columns)
+        w.writerows(rel.fetchall())
+    elif fmt == "json":
+        rows = [dict(zip(rel.columns, row, strict=True)) for row in rel.fetchall()]
+        print(json.dumps(rows, default=str, indent=1))
+    else:
+        rel.show(max_rows=max_rows, max_width=200)
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from opdcache.cache.synthetic import write_synthetic_run
+    from opdcache.query import refresh_duckdb_file
+
+    write_synthetic_run(
+        args.run,
+        rounds=args.rounds,
+        parts_per_round=args.parts,
+        prompts_per_part=args.prompts,
+        mean_len=args.mean_len,
+        max_tokens=args.max_tokens,
+        overlap=args.overlap,
+        drift=args.drift,
+        seed=args.seed,
+    )
+    refresh_duckdb_file(args.run)
+    print(f"wrote a synthetic cache of {args.rounds} rounds under {Path(args.run) / 'cache'}")
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise OpdcacheError(f"{path}: cannot read ({e.strerror})") from e
+
+
+def _kv(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.isidentifier():
+        raise OpdcacheError(f"--param {item!r}: expected name=value")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opdcache", description=__doc__)
+    p.add_argument("--version", action="version", version=f"opdcache {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="create a run directory from a YAML config")
+    s.add_argument("run")
+    s.add_argument("--config", help="YAML config (default: built-in defaults)")
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key",
+    )
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("score", help="score cached rounds with one reliability variant (eqs. 6-12)")
+    s.add_argument("run")
+    s.add_argument("--variant", help="variant name (default: the run config's score.variant, else 'prune')")
+    s.add_argument("--metric", choices=["overlap", "top_p", "none", "random"])
+    s.add_argument("--gamma", type=float, help="overlap threshold (eq. 7; default 0.7)")
+    s.add_argument("--top-p", type=float, help="nucleus mass for metric top_p (App. A.10; default 0.95)")
+    s.add_argument("--w-drop", type=float, help="penalty per bad event (eq. 9; default 0.01)")
+    s.add_argument("--w-base", type=float, help="base weight (eq. 10; default 0.5)")
+    s.add_argument("--eps", type=float, help="effective-length tolerance (eq. 12; default 1e-8)")
+    s.add_argument("--reference", help="random: variant whose retention is matched")
+    s.add_argument(
+        "--match", choices=["fraction", "mass"], help="random: match token fraction or reward mass"
+    )
+    s.add_argument("--seed", type=int, help="random: seed")
+    s.add_argument("--rounds", type=_rounds, nargs="+", help="rounds to (re-)score, e.g. 0-3 (default: all)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("budget", help="show the budget controller, or decide a round (Alg. 1)")
+    s.add_argument("run")
+    s.add_argument("--round", type=int, help="decide this round from its effective lengths")
+    s.add_argument("--variant", help="variant whose effective lengths drive the budget")
+    s.set_defaults(func=cmd_budget)
+
+    s = sub.add_parser("query", help="run SQL over the run's DuckDB views")
+    s.add_argument("run")
+    s.add_argument("sql", nargs="?")
+    s.add_argument("--file", help="SQL file, e.g. analysis/overlap_by_depth.sql")
+    s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="SET VARIABLE NAME")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s.add_argument("--max-rows", type=int, default=100)
+    s.set_defaults(func=cmd_query)
+
+    s = sub.add_parser("synth", help="write a synthetic cache (no models) to try scoring and SQL")
+    s.add_argument("run")
+    s.add_argument("--rounds", type=int, default=2)
+    s.add_argument("--parts", type=int, default=2)
+    s.add_argument("--prompts", type=int, default=8, help="prompts per part (2 samples each)")
+    s.add_argument("--mean-len", type=int, default=400)
+    s.add_argument("--max-tokens", type=int, default=1024)
+    s.add_argument("--overlap", type=float, default=0.9)
+    s.add_argument("--drift", type=float, default=0.3, help="overlap lost per 1000 tokens of depth")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except OpdcacheError as e:
+        print(f"opdcache: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("opdcache: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

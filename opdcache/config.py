@@ -1,0 +1,185 @@
+"""One YAML config per run, validated into typed dataclasses; the resolved config lands in RUN/config.yaml.
+
+    opdcache init RUN --config pipelines/configs/default.yaml --set budget.initial=2048
+
+Unknown keys, wrong types and out-of-range values are errors that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from opdcache.budget import BudgetConfig
+from opdcache.errors import ConfigError
+from opdcache.rundir import RunDir, atomic_write_bytes, check_variant_name
+from opdcache.score.variant import VariantSpec
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    student: str = ""  # HF checkpoint (path or hub id already in the local cache) of round 0
+    teacher: str = ""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prompts: str = ""  # JSONL or Parquet with prompt_id, question, answer
+    template: str = "{question} Please reason step by step, and put your final answer within \\boxed{{}}."
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    k: int = 16  # top-k kept per position for student and teacher
+    n_samples: int = 8  # responses per prompt
+    prompts_per_round: int = 64
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.n_samples < 1 or self.prompts_per_round < 1 or self.temperature <= 0:
+            raise ConfigError(
+                f"rollout: k, n_samples, prompts_per_round must be >= 1, temperature > 0; got {self}"
+            )
+
+
+@dataclass(frozen=True)
+class ScoreConfig(VariantSpec):
+    """The variant that drives training and the budget (VariantSpec fields plus its name)."""
+
+    variant: str = "prune"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            check_variant_name(self.variant)
+        except Exception as e:
+            raise ConfigError(f"score.variant: {e}") from e
+
+    def spec(self) -> VariantSpec:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(VariantSpec)}
+        return VariantSpec(**fields)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        bool: isinstance(value, bool),
+    }.get(tp)
+    if ok is None:
+        raise TypeError(f"config type {tp} at {where} is not supported")
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{path}: unknown key{hint}")
+        kwargs[key] = _convert(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if where and not str(e).startswith(where) else str(e)) from e
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    node = raw
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    try:
+        return from_dict(RunConfig, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from e
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def write_run_config(root: str | Path, cfg: RunConfig) -> Path:
+    path = RunDir(root).config
+    atomic_write_bytes(path, to_yaml(cfg).encode())
+    return path
+
+
+def read_run_config(root: str | Path) -> RunConfig | None:
+    """The run's resolved config, or None when the run was never initialised with one."""
+    path = RunDir(root).config
+    return load_config(path) if path.exists() else None

@@ -1,0 +1,161 @@
+"""DuckDB views over a run directory, and the ``opdcache query`` entry point.
+
+Views (see docs/cache-format.md for columns):
+  rollouts  one row per cached response (all cache columns + round + response_len)
+  scores    one row per response per variant (variant, round, score columns)
+  tokens    one row per response position per scored variant: round, prompt_id, sample, variant,
+            pos (0-based), token_id, student_logprob, teacher_logprob, overlap, accept, bad, R, L
+  variants  one row per variant with its parameters (from the score files' metadata)
+  budget    the budget controller's decisions, one row per round
+
+``RUN/opdcache.duckdb`` holds the same views for any DuckDB client. Views use absolute paths;
+any ``opdcache`` command on the run refreshes them (after moving a run, run ``opdcache query``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from opdcache.budget import Decision
+from opdcache.cache.schema import CACHE_COLUMNS, SCORE_COLUMNS, Column
+from opdcache.rundir import RunDir
+
+_DUCK_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int32(): "INTEGER",
+    pa.list_(pa.int32()): "INTEGER[]",
+    pa.list_(pa.float32()): "FLOAT[]",
+    pa.list_(pa.bool_()): "BOOLEAN[]",
+}
+
+
+def _q(s: str | Path) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _empty(cols: list[tuple[str, str]]) -> str:
+    return "SELECT " + ", ".join(f"NULL::{t} AS {n}" for n, t in cols) + " WHERE false"
+
+
+def _typed(columns: tuple[Column, ...]) -> list[tuple[str, str]]:
+    return [(c.name, _DUCK_TYPES[c.type]) for c in columns]
+
+
+def view_statements(root: str | Path) -> list[str]:
+    run = RunDir(root)
+    cache_glob = run.cache / "round=*" / "*.parquet"
+    score_glob = run.scores / "*" / "round=*" / "*.parquet"
+    has_cache = any(run.shards(run.cache_round(r)) for r in run.rounds())
+    has_scores = any(
+        run.shards(run.variant(v) / f"round={r}") for v in run.variants() for r in run.rounds(run.variant(v))
+    )
+
+    if has_cache:
+        rollouts = (
+            f"SELECT round::INTEGER AS round, * EXCLUDE (round), len(response_ids) AS response_len "
+            f"FROM read_parquet({_q(cache_glob)}, hive_partitioning = true)"
+        )
+    else:
+        rollouts = _empty([("round", "INTEGER"), *_typed(CACHE_COLUMNS), ("response_len", "BIGINT")])
+    score_cols = [("variant", "VARCHAR"), ("round", "INTEGER"), *_typed(SCORE_COLUMNS)]
+    if has_scores:
+        scores = (
+            f"SELECT regexp_extract(filename, '/scores/([^/]+)/round=', 1) AS variant, "
+            f"round::INTEGER AS round, * EXCLUDE (round, filename) "
+            f"FROM read_parquet({_q(score_glob)}, hive_partitioning = true, union_by_name = true, filename = true) "
+            f"UNION ALL BY NAME {_empty(score_cols)}"  # so overlap and accept both always exist
+        )
+        variants = (
+            "SELECT DISTINCT regexp_extract(file_name, '/scores/([^/]+)/round=', 1) AS variant, "
+            "json_extract_string(decode(value), '$.metric') AS metric, decode(value) AS params "
+            f"FROM parquet_kv_metadata({_q(score_glob)}) WHERE decode(key) = 'opdcache.variant'"
+        )
+    else:
+        scores = _empty(score_cols)
+        variants = _empty([("variant", "VARCHAR"), ("metric", "VARCHAR"), ("params", "VARCHAR")])
+    tokens = """
+        SELECT r.round, r.prompt_id, r.sample, s.variant,
+               generate_subscripts(r.response_ids, 1) - 1 AS pos,
+               unnest(r.response_ids) AS token_id,
+               unnest(r.student_logprob) AS student_logprob,
+               unnest(r.teacher_logprob) AS teacher_logprob,
+               unnest(s.overlap) AS overlap, unnest(s.accept) AS accept, unnest(s.bad) AS bad,
+               unnest(s.reliability) AS R, unnest(s.weight) AS L
+        FROM rollouts r LEFT JOIN scores s USING (round, prompt_id, sample)"""
+    duck = {"int": "INTEGER", "float": "DOUBLE", "str": "VARCHAR"}
+    budget_cols = [(f.name, duck[str(f.type)]) for f in dataclasses.fields(Decision)]
+    history = json.loads(run.budget.read_text()).get("history", []) if run.budget.exists() else []
+    if history:
+        budget = (
+            "SELECT "
+            + ", ".join(f"h.{n}::{t} AS {n}" for n, t in budget_cols)
+            + f" FROM (SELECT unnest(history) AS h FROM read_json_auto({_q(run.budget)}))"
+        )
+    else:
+        budget = _empty(budget_cols)
+    views = {
+        "rollouts": rollouts,
+        "scores": scores,
+        "tokens": tokens,
+        "variants": variants,
+        "budget": budget,
+    }
+    return [f"CREATE OR REPLACE VIEW {name} AS {sql}" for name, sql in views.items()]
+
+
+def connect(root: str | Path, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the run's views defined."""
+    RunDir(root).require()
+    con = duckdb.connect(database)
+    for stmt in view_statements(root):
+        con.execute(stmt)
+    return con
+
+
+def refresh_duckdb_file(root: str | Path) -> Path | None:
+    """(Re)write RUN/opdcache.duckdb with current views; None if a client holds it open."""
+    run = RunDir(root)
+    tmp = run.root / f".opdcache.duckdb.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        connect(root, str(tmp)).close()
+        os.replace(tmp, run.duckdb)
+    except (duckdb.Error, OSError):
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+    return run.duckdb
+
+
+def run_sql(
+    root: str | Path, sql: str, params: dict[str, str] | None = None
+) -> duckdb.DuckDBPyRelation | None:
+    """Run ``sql`` (one or more statements) against the run's views; returns the last result."""
+    con = connect(root)
+    for name, value in (params or {}).items():
+        con.execute(f"SET VARIABLE {name} = ?", [_param_value(value)])
+    statements = [s for s in _split_statements(sql) if s.strip()]
+    for stmt in statements[:-1]:
+        con.execute(stmt)
+    return con.sql(statements[-1]) if statements else None
+
+
+def _param_value(value: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _split_statements(sql: str) -> list[str]:
+    con = duckdb.connect()
+    return [str(s.query) for s in con.extract_statements(sql)]

@@ -1,0 +1,312 @@
+"""The score stage: cache shards -> score shards of one variant (eqs. 6-12, App. A.10).
+
+    opdcache score RUN --variant NAME [--metric overlap|top_p|none|random] [--gamma 0.7] ...
+
+Every cache part ``cache/round=r/P.parquet`` gets a score part ``scores/NAME/round=r/P.parquet``
+with the same rows in the same order. The variant is built under ``RUN/.staging`` and swapped in
+with renames, so readers see the old variant or the new one, never a mix, and a crash leaves the
+old one untouched. Re-scoring only some rounds keeps the others (hard links), and is refused when
+the parameters differ from those the existing variant was scored with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from opdcache.cache.schema import SCORE_BY_NAME, VARIANT_META_KEY
+from opdcache.cache.shards import (
+    flat,
+    list_array,
+    open_parquet,
+    read_cache_meta,
+    read_cache_shard,
+    read_score_shard,
+    score_file_metadata,
+    write_parquet,
+)
+from opdcache.errors import CacheFormatError, OpdcacheError
+from opdcache.rundir import RunDir, recover_interrupted_swaps, replace_dir
+from opdcache.score import reliability as rl
+from opdcache.score.variant import VariantSpec
+
+
+@dataclass
+class ShardScores:
+    """Per-position score arrays of one shard (ragged layout, see reliability.py)."""
+
+    offsets: np.ndarray
+    metric_values: np.ndarray  # overlap (float32) or accept (bool)
+    bad: np.ndarray
+    rel: np.ndarray
+    weight: np.ndarray
+    effective_len: np.ndarray
+
+
+def _topk(table: pa.Table, name: str, k: int) -> np.ndarray:
+    return flat(table.column(name))[0].reshape(-1, k)
+
+
+def _columns_needed(spec: VariantSpec) -> list[str]:
+    base = ["prompt_id", "sample", "response_ids"]
+    if spec.metric == "top_p":
+        return base + ["teacher_topk_ids", "teacher_topk_logprobs"]
+    need = base + ["student_topk_ids", "teacher_topk_ids"]
+    if spec.metric == "random" and spec.match == "mass":
+        need += ["student_topk_logprobs", "teacher_logprob_on_student_topk"]
+    return need
+
+
+def score_shard(table: pa.Table, k: int, spec: VariantSpec, keep: np.ndarray | None = None) -> ShardScores:
+    """Score one cache table. ``keep`` (bool [N]) is the random arm's retained-position mask."""
+    tokens, offsets = flat(table.column("response_ids"))
+    if spec.metric == "top_p":
+        bad = rl.topp_bad_events(
+            tokens,
+            _topk(table, "teacher_topk_ids", k),
+            _topk(table, "teacher_topk_logprobs", k),
+            spec.top_p,
+        )
+        metric_values = ~bad
+    else:
+        metric_values = rl.topk_overlap(
+            _topk(table, "student_topk_ids", k), _topk(table, "teacher_topk_ids", k)
+        )
+        bad = rl.overlap_bad_events(metric_values, spec.gamma)
+    if spec.metric in ("overlap", "top_p"):
+        rel = rl.reliability(rl.cumulative_bad(bad, offsets), spec.w_drop)
+        weight = rl.loss_weight(rel, spec.w_base)
+    elif spec.metric == "none":
+        bad = np.zeros(len(tokens), dtype=bool)
+        rel = np.ones(len(tokens), dtype=np.float32)
+        weight = rel.copy()
+    else:
+        if keep is None or len(keep) != len(tokens):
+            raise ValueError("metric random needs a keep mask with one entry per position")
+        bad = ~keep
+        rel = keep.astype(np.float32)
+        weight = rl.loss_weight(rel, spec.w_base)
+    return ShardScores(offsets, metric_values, bad, rel, weight, rl.effective_length(rel, offsets, spec.eps))
+
+
+def _score_table(keys: pa.Table, s: ShardScores, metric: str) -> pa.Table:
+    col = "accept" if metric == "top_p" else "overlap"
+    arrays = {
+        "prompt_id": keys.column("prompt_id").combine_chunks(),
+        "sample": keys.column("sample").combine_chunks(),
+        col: list_array(s.metric_values, s.offsets, SCORE_BY_NAME[col].type),
+        "bad": list_array(s.bad, s.offsets, SCORE_BY_NAME["bad"].type),
+        "reliability": list_array(s.rel, s.offsets, SCORE_BY_NAME["reliability"].type),
+        "weight": list_array(s.weight, s.offsets, SCORE_BY_NAME["weight"].type),
+        "effective_len": pa.array(s.effective_len, pa.int32()),
+    }
+    return pa.table(arrays)
+
+
+def _random_keep_masks(
+    run: RunDir, r: int, parts: list[Path], k: int, spec: VariantSpec
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """Retained-position masks for one round, matched to the reference variant's retention."""
+    ref_dir = run.variant(spec.reference or "") / f"round={r}"
+    if not ref_dir.is_dir():
+        raise OpdcacheError(
+            f"random variant: reference variant {spec.reference!r} has no scores for round {r} "
+            f"({ref_dir}); score it first"
+        )
+    rel_col = [SCORE_BY_NAME["reliability"]]
+    masses, rels = [], []
+    for part in parts:
+        ref_path = ref_dir / part.name
+        if not ref_path.exists():
+            raise OpdcacheError(f"random variant: {ref_path} is missing; re-score {spec.reference!r}")
+        ref_table, ref_meta = read_score_shard(ref_path, rel_col)
+        if ref_meta.get("metric") == "random":
+            raise OpdcacheError(f"random variant: reference {spec.reference!r} is itself random")
+        rels.append(flat(ref_table.column("reliability"))[0])
+        if spec.match == "mass":
+            table, _ = read_cache_shard(part, ["student_topk_logprobs", "teacher_logprob_on_student_topk"])
+            reward = rl.opd_reward(
+                _topk(table, "student_topk_logprobs", k),
+                _topk(table, "teacher_logprob_on_student_topk", k),
+            )
+            masses.append(np.abs(reward).sum(axis=1))
+        else:
+            masses.append(np.ones(len(rels[-1]), dtype=np.float32))
+    rel = np.concatenate(rels) if rels else np.zeros(0, np.float32)
+    mass = np.concatenate(masses).astype(np.float64) if masses else np.zeros(0)
+    if len(mass) != len(rel):
+        raise OpdcacheError(
+            f"random variant: reference {spec.reference!r} round {r} does not match the cache"
+        )
+    if spec.match == "fraction":
+        target = float((rel > spec.eps).mean()) if len(rel) else 0.0
+    else:
+        target = float((rel * mass).sum() / mass.sum()) if mass.sum() > 0 else 0.0
+    rng = np.random.default_rng([spec.seed, r])
+    order = rng.permutation(len(mass))
+    cum = np.cumsum(mass[order])
+    n_keep = (
+        int(np.searchsorted(cum, target * cum[-1] - 1e-9, side="left")) + 1 if len(cum) and target > 0 else 0
+    )
+    keep = np.zeros(len(mass), dtype=bool)
+    keep[order[:n_keep]] = True
+    achieved = float(mass[keep].sum() / mass.sum()) if mass.sum() > 0 else 0.0
+    bounds = np.cumsum([0] + [len(m) for m in masses])
+    masks = [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return masks, {"target": target, "achieved": achieved}
+
+
+def _existing_params(run: RunDir, name: str) -> dict[str, Any] | None:
+    for r in run.rounds(run.variant(name)):
+        for part in run.shards(run.variant(name) / f"round={r}"):
+            kv = open_parquet(part).schema_arrow.metadata or {}
+            meta = json.loads(kv.get(VARIANT_META_KEY, b"{}"))
+            meta.pop("match_stats", None)
+            return meta
+    return None
+
+
+def _clean_stale_staging(run: RunDir, name: str) -> None:
+    for p in run.staging.glob(f"scores-{name}-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def score_run(
+    root: str | Path,
+    name: str,
+    spec: VariantSpec,
+    rounds: list[int] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Score the cached ``rounds`` (default: all) of a run as variant ``name``; one summary per round."""
+    run = RunDir(root).require()
+    final = run.variant(name)
+    available = run.rounds()
+    if not available:
+        raise OpdcacheError(f"{run.cache}: no cache rounds (expected round=<r>/ directories of shards)")
+    todo = available if rounds is None else sorted(set(rounds))
+    if missing := sorted(set(todo) - set(available)):
+        raise OpdcacheError(f"rounds {missing} are not in {run.cache} (have {available})")
+    if spec.metric == "random" and spec.reference == name:
+        raise OpdcacheError("random variant: the reference must be another variant")
+    recover_interrupted_swaps(run.scores)
+    old = _existing_params(run, name) if final.exists() else None
+    partial = set(todo) != set(available)
+    if old is not None and partial and old != spec.to_meta():
+        raise OpdcacheError(
+            f"variant {name!r} exists with parameters {old}; re-scoring only rounds {todo} with "
+            f"{spec.to_meta()} would mix settings. Re-score all rounds or use another variant name"
+        )
+
+    parts = {r: run.shards(run.cache_round(r)) for r in todo}
+    ks = {}
+    for r, paths in parts.items():
+        if not paths:
+            raise OpdcacheError(f"{run.cache_round(r)}: no shards")
+        for p in paths:
+            ks.setdefault(read_cache_meta(p).k, p)
+    if len(ks) > 1:
+        raise CacheFormatError(
+            "cache shards disagree on k: " + ", ".join(f"k={k} in {p}" for k, p in ks.items())
+        )
+    k = next(iter(ks))
+
+    _clean_stale_staging(run, name)
+    staged = run.staging / f"scores-{name}-{os.getpid()}"
+    shutil.rmtree(staged, ignore_errors=True)
+    summaries = []
+    try:
+        bar = tqdm(
+            total=sum(len(p) for p in parts.values()),
+            desc=f"score {name}",
+            unit="shard",
+            disable=not progress,
+        )
+        for r in todo:
+            masks, match = (
+                _random_keep_masks(run, r, parts[r], k, spec)
+                if spec.metric == "random"
+                else ([None] * len(parts[r]), {})
+            )
+            stats = _RoundStats(r)
+            for part, keep in zip(parts[r], masks, strict=True):
+                t0 = time.perf_counter()
+                table, _ = read_cache_shard(part, _columns_needed(spec))
+                scores = score_shard(table, k, spec, keep)
+                out = _score_table(table, scores, spec.metric)
+                meta = {**spec.to_meta(), **({"match_stats": match} if match else {})}
+                out = out.replace_schema_metadata(score_file_metadata(meta, part.name, out.num_rows))
+                write_parquet(staged / f"round={r}" / part.name, out, len(scores.rel))
+                stats.add(scores)
+                bar.update(1)
+                bar.set_postfix(pos_per_s=f"{len(scores.rel) / (time.perf_counter() - t0):.3g}")
+            summaries.append(stats.summary() | match)
+        bar.close()
+        if final.exists():  # keep rounds that were not re-scored
+            for r in sorted(set(run.rounds(final)) - set(todo)):
+                (staged / f"round={r}").mkdir(parents=True, exist_ok=True)
+                for f in run.shards(final / f"round={r}"):
+                    os.link(f, staged / f"round={r}" / f.name)
+        replace_dir(staged, final)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return summaries
+
+
+class _RoundStats:
+    def __init__(self, r: int):
+        self.r, self.responses, self.positions = r, 0, 0
+        self.metric_sum, self.kept, self.e = 0.0, 0, []
+
+    def add(self, s: ShardScores) -> None:
+        self.responses += len(s.effective_len)
+        self.positions += len(s.rel)
+        self.metric_sum += float(np.sum(s.metric_values, dtype=np.float64))
+        self.kept += int(s.effective_len.sum())
+        self.e.append(s.effective_len)
+
+    def summary(self) -> dict[str, Any]:
+        e = np.concatenate(self.e) if self.e else np.zeros(0)
+        n = max(self.positions, 1)
+        return {
+            "round": self.r,
+            "responses": self.responses,
+            "positions": self.positions,
+            "mean_metric": self.metric_sum / n,
+            "retained_fraction": self.kept / n,
+            "effective_len_mean": float(e.mean()) if len(e) else 0.0,
+        }
+
+
+def read_effective_lengths(root: str | Path, name: str, r: int) -> np.ndarray:
+    """E of every response of round ``r`` in variant ``name`` (input of the budget controller)."""
+    run = RunDir(root)
+    d = run.variant(name) / f"round={r}"
+    files = run.shards(d)
+    if not files:
+        raise OpdcacheError(f"{d}: no score shards; run `opdcache score {run.root} --variant {name}` first")
+    cols = [SCORE_BY_NAME["effective_len"]]
+    return np.concatenate(
+        [read_score_shard(f, cols, validate=False)[0].column("effective_len").to_numpy() for f in files]
+    )
