@@ -1,0 +1,74 @@
+"""YAML configs: typed, validated, with errors that name the file and key."""
+
+from pathlib import Path
+
+import pytest
+
+from opdcache.config import load_config, read_run_config, to_yaml, write_run_config
+from opdcache.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_load():
+    configs = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_defaults_are_the_papers():
+    cfg = load_config()
+    assert (cfg.score.gamma, cfg.score.top_p, cfg.score.w_drop, cfg.score.w_base, cfg.score.eps) == (
+        0.7,
+        0.95,
+        0.01,
+        0.5,
+        1e-8,
+    )
+    b = cfg.budget
+    assert (b.rho, b.step, b.margin, b.patience, b.min, b.max, b.initial) == (
+        0.1,
+        100,
+        100,
+        3,
+        1024,
+        12288,
+        1024,
+    )
+    assert cfg.rollout.k == 16
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("budget:\n  intial: 3\n", "budget.intial: unknown key; did you mean 'initial'"),
+        ("scor:\n  gamma: 0.5\n", "scor: unknown key; did you mean 'score'"),
+        ("score:\n  gamma: high\n", "score.gamma: expected float, got str 'high'"),
+        ("rollout:\n  k: 1.5\n", "rollout.k: expected int, got float"),
+        ("score:\n  metric: cosine\n", "score.metric: expected one of 'overlap'"),
+        ("score:\n  gamma: 1.5\n", "gamma must be in \\[0, 1\\]"),
+        ("budget:\n  initial: 100\n", "min <= initial <= max"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("score: [1\n", "not valid YAML"),
+        ("score:\n  variant: ../x\n", "score.variant"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+
+
+def test_overrides_and_resolved_round_trip(tmp_path):
+    cfg = load_config(None, ["budget.initial=2048", "score.gamma=0.8", "models.student=/m/s"])
+    assert cfg.budget.initial == 2048 and cfg.score.gamma == 0.8 and cfg.models.student == "/m/s"
+    write_run_config(tmp_path, cfg)
+    assert read_run_config(tmp_path) == cfg
+    assert "gamma: 0.8" in to_yaml(cfg)
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["gamma"])
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
