@@ -131,6 +131,39 @@ def _print_result(rel: duckdb.DuckDBPyRelation | None, fmt: str, max_rows: int) 
         rel.show(max_rows=max_rows, max_width=200)
 
 
+def _run_config(run: str):
+    from opdcache.config import read_run_config
+    from opdcache.rundir import RunDir
+
+    RunDir(run).require()
+    cfg = read_run_config(run)
+    if cfg is None:
+        raise OpdcacheError(f"{run}: no config.yaml; create the run with `opdcache init {run} --config FILE`")
+    return cfg
+
+
+def cmd_rollout(args: argparse.Namespace) -> None:
+    from opdcache.rollout.stage import rollout_round
+
+    s = rollout_round(args.run, args.round, _run_config(args.run), progress=not args.quiet)
+    print(
+        f"rollout round {s['round']}: budget {s['max_tokens']}, {s['parts']} parts ({s['skipped']} already done), "
+        f"{s['tokens']} tokens" + (f", {s['tokens_per_s']:.0f} tokens/s" if s["tokens"] else "")
+    )
+
+
+def cmd_teacher(args: argparse.Namespace) -> None:
+    from opdcache.query import refresh_duckdb_file
+    from opdcache.teacher.stage import teacher_round
+
+    s = teacher_round(args.run, args.round, _run_config(args.run), progress=not args.quiet)
+    refresh_duckdb_file(args.run)
+    print(
+        f"teacher round {s['round']}: {s['parts']} parts scored, {s['tokens']} positions"
+        + (f", {s['tokens_per_s']:.0f} positions/s" if s["tokens"] else "")
+    )
+
+
 def cmd_synth(args: argparse.Namespace) -> None:
     from opdcache.cache.synthetic import write_synthetic_run
     from opdcache.query import refresh_duckdb_file
@@ -180,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key",
     )
     s.set_defaults(func=cmd_init)
+
+    for name, func, text in (
+        ("rollout", cmd_rollout, "student rollouts with vLLM into RUN/rollouts/"),
+        ("teacher", cmd_teacher, "teacher top-k and gathered log-probs into RUN/cache/"),
+    ):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("run")
+        s.add_argument("--round", type=int, required=True)
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+        s.set_defaults(func=func)
 
     s = sub.add_parser("score", help="score cached rounds with one reliability variant (eqs. 6-12)")
     s.add_argument("run")

@@ -32,7 +32,9 @@ class ModelsConfig:
 @dataclass(frozen=True)
 class DataConfig:
     prompts: str = ""  # JSONL or Parquet with prompt_id, question, answer
+    # str.format template; {question} is the raw question (paper App. A.8, DAPO-Math template)
     template: str = "{question} Please reason step by step, and put your final answer within \\boxed{{}}."
+    chat_template: bool = False  # wrap the rendered prompt in the student tokenizer's chat template
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,35 @@ class RolloutConfig:
     prompts_per_round: int = 64
     temperature: float = 1.0
     seed: int = 0
+    part_size: int = 16  # prompts per cache part (the unit of resume)
+    dtype: str = "auto"  # vLLM dtype; "auto" = float32 on CPU, bfloat16 on GPU
+    kv_cache_gib: int = 2  # CPU only: VLLM_CPU_KVCACHE_SPACE (whole GiB)
+    gpu_memory_utilization: float = 0.85  # GPU only
+    max_model_len: int = 0  # 0: longest prompt + budget M_max
 
     def __post_init__(self) -> None:
-        if self.k < 1 or self.n_samples < 1 or self.prompts_per_round < 1 or self.temperature <= 0:
+        if (
+            self.k < 1
+            or self.n_samples < 1
+            or self.prompts_per_round < 1
+            or self.temperature <= 0
+            or self.part_size < 1
+        ):
             raise ConfigError(
                 f"rollout: k, n_samples, prompts_per_round must be >= 1, temperature > 0; got {self}"
             )
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    dtype: str = "auto"  # torch dtype; "auto" = float32 on CPU (bf16 changes top-k sets), bfloat16 on GPU
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    device_map: str = ""  # e.g. "auto" to shard a teacher too big for one device (accelerate)
+    chunk_positions: int = 1024  # log-softmax chunk: bounds memory to chunk x vocab floats
+
+    def __post_init__(self) -> None:
+        if self.chunk_positions < 1:
+            raise ConfigError(f"teacher.chunk_positions must be >= 1, got {self.chunk_positions}")
 
 
 @dataclass(frozen=True)
@@ -73,6 +98,7 @@ class RunConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
 

@@ -35,6 +35,10 @@ class RunDir:
         return self.root / "cache"
 
     @property
+    def rollouts(self) -> Path:
+        return self.root / "rollouts"
+
+    @property
     def scores(self) -> Path:
         return self.root / "scores"
 
@@ -56,6 +60,12 @@ class RunDir:
 
     def cache_round(self, r: int) -> Path:
         return self.cache / f"round={r}"
+
+    def rollout_round(self, r: int) -> Path:
+        return self.rollouts / f"round={r}"
+
+    def checkpoint(self, r: int) -> Path:
+        return self.root / "checkpoints" / f"round={r}"
 
     def variant(self, name: str) -> Path:
         return self.scores / check_variant_name(name)

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 CACHE_META_KEY = b"opdcache.cache"
+ROLLOUT_META_KEY = b"opdcache.rollout"
 SCORE_META_KEY = b"opdcache.score"
 VARIANT_META_KEY = b"opdcache.variant"
 LOGPROB_MANTISSA_BITS = 10
@@ -60,6 +61,10 @@ CACHE_COLUMNS: tuple[Column, ...] = (
     ),
 )
 
+# RUN/rollouts/ parts hold the student side only; the teacher stage completes them into cache parts
+ROLLOUT_COLUMNS = CACHE_COLUMNS[:9]
+assert ROLLOUT_COLUMNS[-1].name == "student_topk_logprobs"
+
 SCORE_KEY_COLUMNS = ("prompt_id", "sample")
 SCORE_COLUMNS: tuple[Column, ...] = (
     Column("prompt_id", pa.string(), "response", "as in the cache"),
@@ -98,9 +103,11 @@ class CacheMeta:
         return cls(**{key: v for key, v in data.items() if key in known})
 
 
-def cache_schema(meta: CacheMeta) -> pa.Schema:
-    return pa.schema([pa.field(c.name, c.type, nullable=False) for c in CACHE_COLUMNS]).with_metadata(
-        {CACHE_META_KEY: meta.to_json()}
+def cache_schema(
+    meta: CacheMeta, columns: tuple[Column, ...] = CACHE_COLUMNS, key: bytes = CACHE_META_KEY
+) -> pa.Schema:
+    return pa.schema([pa.field(c.name, c.type, nullable=False) for c in columns]).with_metadata(
+        {key: meta.to_json()}
     )
 
 

@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from opdcache.cache.schema import (
-    CACHE_BY_NAME,
     CACHE_COLUMNS,
     CACHE_META_KEY,
     LOGPROB_MANTISSA_BITS,
+    ROLLOUT_COLUMNS,
+    ROLLOUT_META_KEY,
     SCHEMA_VERSION,
     SCORE_META_KEY,
     VARIANT_META_KEY,
@@ -123,17 +124,21 @@ def write_parquet(path: Path, table: pa.Table, positions: int) -> None:
         raise
 
 
-def write_cache_shard(path: Path, columns: Mapping[str, Any], meta: CacheMeta) -> int:
-    """Validate and write one cache shard; returns the number of positions written."""
+def write_cache_shard(path: Path, columns: Mapping[str, Any], meta: CacheMeta, rollout: bool = False) -> int:
+    """Validate and write one cache shard (or, with ``rollout``, a student-only rollout part).
+
+    Returns the number of positions written.
+    """
     where = str(path)
-    missing = [c.name for c in CACHE_COLUMNS if c.name not in columns]
-    extra = sorted(set(columns) - set(CACHE_BY_NAME))
+    spec = ROLLOUT_COLUMNS if rollout else CACHE_COLUMNS
+    missing = [c.name for c in spec if c.name not in columns]
+    extra = sorted(set(columns) - {c.name for c in spec})
     if missing or extra:
         raise CacheFormatError(f"{where}: missing columns {missing}, unknown columns {extra}")
     if meta.k < 1:
         raise CacheFormatError(f"{where}: k must be >= 1, got {meta.k}")
     arrays = {}
-    for col in CACHE_COLUMNS:
+    for col in spec:
         arr = _as_column(columns[col.name], col)
         if arr.null_count:
             raise CacheFormatError(f"{where}: column {col.name!r} has {arr.null_count} nulls")
@@ -141,9 +146,10 @@ def write_cache_shard(path: Path, columns: Mapping[str, Any], meta: CacheMeta) -
             values, offsets = flat(arr)
             arr = list_array(round_mantissa(values), offsets, col.type)
         arrays[col.name] = arr
-    table = pa.table(arrays, schema=cache_schema(meta))
-    _check_lengths(table, CACHE_COLUMNS, meta.k, where)
-    _check_finite(table, CACHE_COLUMNS, where)
+    key = ROLLOUT_META_KEY if rollout else CACHE_META_KEY
+    table = pa.table(arrays, schema=cache_schema(meta, spec, key))
+    _check_lengths(table, spec, meta.k, where)
+    _check_finite(table, spec, where)
     positions = len(flat(table.column("response_ids"))[0])
     if positions * meta.k >= 2**31:
         raise CacheFormatError(f"{where}: {positions} positions x k={meta.k} exceeds one shard")
@@ -187,22 +193,26 @@ def _check_types(pf: pq.ParquetFile, wanted: Sequence[Column], path: Path) -> No
             )
 
 
-def read_cache_meta(path: Path) -> CacheMeta:
+def read_cache_meta(path: Path, rollout: bool = False) -> CacheMeta:
     pf = open_parquet(path)
-    return CacheMeta.from_json(json.dumps(_file_meta(pf, CACHE_META_KEY, path)).encode())
+    key = ROLLOUT_META_KEY if rollout else CACHE_META_KEY
+    return CacheMeta.from_json(json.dumps(_file_meta(pf, key, path)).encode())
 
 
 def read_cache_shard(
-    path: Path, columns: Sequence[str] | None = None, validate: bool = True
+    path: Path, columns: Sequence[str] | None = None, validate: bool = True, rollout: bool = False
 ) -> tuple[pa.Table, CacheMeta]:
-    """Read (some columns of) a cache shard, checking version, columns, types and list lengths."""
-    names = list(columns) if columns is not None else [c.name for c in CACHE_COLUMNS]
-    unknown = [n for n in names if n not in CACHE_BY_NAME]
+    """Read (some columns of) a cache shard (or rollout part), checking version, columns, types and list lengths."""
+    spec = ROLLOUT_COLUMNS if rollout else CACHE_COLUMNS
+    by_name = {c.name: c for c in spec}
+    names = list(columns) if columns is not None else list(by_name)
+    unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise CacheFormatError(f"unknown cache columns {unknown}")
+        raise CacheFormatError(f"unknown {'rollout' if rollout else 'cache'} columns {unknown}")
     pf = open_parquet(path)
-    meta = CacheMeta.from_json(json.dumps(_file_meta(pf, CACHE_META_KEY, path)).encode())
-    wanted = [CACHE_BY_NAME[n] for n in names]
+    key = ROLLOUT_META_KEY if rollout else CACHE_META_KEY
+    meta = CacheMeta.from_json(json.dumps(_file_meta(pf, key, path)).encode())
+    wanted = [by_name[n] for n in names]
     _check_types(pf, wanted, path)
     try:
         table = pf.read(columns=names)

