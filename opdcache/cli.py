@@ -29,12 +29,13 @@ def _rounds(text: str) -> list[int]:
 def cmd_init(args: argparse.Namespace) -> None:
     from opdcache.budget import BudgetController
     from opdcache.config import load_config, write_run_config
+    from opdcache.loop import plan
     from opdcache.query import refresh_duckdb_file
 
     cfg = load_config(args.config, args.set)
     Path(args.run).mkdir(parents=True, exist_ok=True)
     path = write_run_config(args.run, cfg)
-    BudgetController(args.run, cfg.budget).save()
+    BudgetController(args.run, plan(cfg).budget).save()
     refresh_duckdb_file(args.run)
     print(f"wrote {path}")
 
@@ -164,6 +165,73 @@ def cmd_teacher(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from opdcache.train.stage import train_round
+
+    cfg = _run_config(args.run)
+    s = train_round(args.run, args.round, cfg, args.variant or cfg.score.variant, progress=not args.quiet)
+    if s["skipped"]:
+        print(f"train round {args.round}: checkpoint for round {args.round + 1} exists, skipped")
+    else:
+        print(
+            f"train round {args.round}: {s['steps']} steps, {s['tokens']} tokens, {s['tokens_per_s']:.0f} tokens/s, "
+            f"loss {s['loss_first']:.4g} -> {s['loss_last']:.4g}"
+        )
+
+
+def _print_round(out: dict) -> None:
+    d = out["decision"]
+    t = out["train"]
+    trained = (
+        "skipped"
+        if t["skipped"]
+        else f"{t['steps']} steps, loss {t['loss_first']:.4g} -> {t['loss_last']:.4g}"
+    )
+    print(
+        f"round {out['round']}: M_t {d['max_tokens']}, E mean {d['effective_len_mean']:.1f}, hit {d['hit_ratio']:.2f} "
+        f"-> {d['action']} M_t+1 {d['next_max_tokens']}; train {trained}"
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from opdcache.budget import BudgetController
+    from opdcache.loop import plan, run_round, start_run
+
+    cfg = start_run(args.config, args.run, args.set)
+    start = BudgetController(args.run, plan(cfg).budget).state.next_round
+    for r in range(start, args.rounds):
+        _print_round(run_round(args.run, r, cfg, progress=not args.quiet))
+    print(
+        f"{args.run}: {args.rounds} rounds done; wall times: opdcache query {args.run} 'select * from stage_times'"
+    )
+
+
+def cmd_round(args: argparse.Namespace) -> None:
+    from opdcache.loop import run_round
+
+    _print_round(run_round(args.run, args.round, _run_config(args.run), progress=not args.quiet))
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    from opdcache.loop import replay
+
+    cfg = _run_config(args.run)
+    spec = cfg.score.spec().replace(
+        metric=args.metric,
+        gamma=args.gamma,
+        top_p=args.top_p,
+        w_drop=args.w_drop,
+        w_base=args.w_base,
+        eps=args.eps,
+    )
+    rounds = sorted({r for group in args.rounds for r in group}) if args.rounds else None
+    out = replay(args.run, args.variant, spec, rounds, progress=not args.quiet)
+    print(
+        f"replay written to {out}; compare: opdcache query {args.run} "
+        '"select run, stage, sum(seconds) from stage_times group by all order by all"'
+    )
+
+
 def cmd_synth(args: argparse.Namespace) -> None:
     from opdcache.cache.synthetic import write_synthetic_run
     from opdcache.query import refresh_duckdb_file
@@ -223,6 +291,44 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--round", type=int, required=True)
         s.add_argument("--quiet", action="store_true", help="no progress bar")
         s.set_defaults(func=func)
+
+    s = sub.add_parser("train", help="one round of OPD training under DeepSpeed → RUN/checkpoints/round=R+1")
+    s.add_argument("run")
+    s.add_argument("--round", type=int, required=True)
+    s.add_argument("--variant", help="variant whose weights L scale the rewards (default: score.variant)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("run", help="all rounds of Algorithm 1: rollout, teacher, score, train, budget")
+    s.add_argument("config")
+    s.add_argument("run")
+    s.add_argument(
+        "--rounds", type=int, required=True, help="total rounds (a rerun continues where it stopped)"
+    )
+    s.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key"
+    )
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("round", help="one round of Algorithm 1 on an initialised run")
+    s.add_argument("run")
+    s.add_argument("--round", type=int, required=True)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_round)
+
+    s = sub.add_parser("replay", help="re-score the cache and retrain from round 0, calling no teacher")
+    s.add_argument("run")
+    s.add_argument("--variant", required=True, help="name of the replay (RUN/replays/NAME)")
+    s.add_argument("--metric", choices=["overlap", "top_p", "none"])
+    s.add_argument("--gamma", type=float)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--w-drop", type=float)
+    s.add_argument("--w-base", type=float)
+    s.add_argument("--eps", type=float)
+    s.add_argument("--rounds", type=_rounds, nargs="+", help="cached rounds to replay (default: all)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("score", help="score cached rounds with one reliability variant (eqs. 6-12)")
     s.add_argument("run")

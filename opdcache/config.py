@@ -94,6 +94,46 @@ class ScoreConfig(VariantSpec):
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    epochs: int = 1  # passes over each round's cached rollouts
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # set explicitly: DeepSpeed's own default is also 1.0
+    zero_stage: int = 0
+    bf16: bool = False
+    ppo_clip: float = 0.2
+    dual_clip: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (
+            self.zero_stage not in (0, 1, 2, 3)
+            or self.micro_batch_size < 1
+            or self.grad_accum < 1
+            or self.epochs < 1
+        ):
+            raise ConfigError(
+                f"train: zero_stage in 0-3, micro_batch_size/grad_accum/epochs >= 1; got {self}"
+            )
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """Which comparison arm `opdcache run` executes (paper §4.1 baselines)."""
+
+    # prune:    score.* variant (overlap or top_p) weights the loss and drives the dynamic budget
+    # opd:      plain OPD (L = 1) at a fixed budget of budget.max tokens
+    # truncate: plain OPD at a fixed, shorter budget of arm.truncate_tokens
+    # random:   score.* is scored as the reference (and drives the budget); training uses a random
+    #           variant matched to its kept fraction or reward mass (arm.random_match)
+    name: Literal["prune", "opd", "truncate", "random"] = "prune"
+    truncate_tokens: int = 4096
+    random_match: Literal["fraction", "mass"] = "fraction"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -101,6 +141,8 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    arm: ArmConfig = field(default_factory=ArmConfig)
 
 
 def _type_name(tp: Any) -> str:

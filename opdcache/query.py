@@ -7,6 +7,7 @@ Views (see docs/cache-format.md for columns):
             pos (0-based), token_id, student_logprob, teacher_logprob, overlap, accept, bad, R, L
   variants  one row per variant with its parameters (from the score files' metadata)
   budget    the budget controller's decisions, one row per round
+  stage_times  wall time of every stage per round (run = "main" or "replay:<variant>")
 
 ``RUN/opdcache.duckdb`` holds the same views for any DuckDB client. Views use absolute paths;
 any ``opdcache`` command on the run refreshes them (after moving a run, run ``opdcache query``).
@@ -99,12 +100,35 @@ def view_statements(root: str | Path) -> list[str]:
         )
     else:
         budget = _empty(budget_cols)
+    time_files = [
+        p
+        for p in [run.root / "stage_times.jsonl", *run.root.glob("replays/*/stage_times.jsonl")]
+        if p.exists()
+    ]
+    time_cols = [
+        ("run", "VARCHAR"),
+        ("round", "INTEGER"),
+        ("stage", "VARCHAR"),
+        ("seconds", "DOUBLE"),
+        ("skipped", "BOOLEAN"),
+        ("host", "VARCHAR"),
+        ("finished_at", "DOUBLE"),
+    ]
+    if time_files:
+        cols = ", ".join(f"{n}: '{t}'" for n, t in time_cols)
+        stage_times = (
+            f"SELECT * FROM read_json([{', '.join(_q(p) for p in time_files)}], format = 'newline_delimited', "
+            f"columns = {{{cols}}}, ignore_errors = true) WHERE stage IS NOT NULL"
+        )
+    else:
+        stage_times = _empty(time_cols)
     views = {
         "rollouts": rollouts,
         "scores": scores,
         "tokens": tokens,
         "variants": variants,
         "budget": budget,
+        "stage_times": stage_times,
     }
     return [f"CREATE OR REPLACE VIEW {name} AS {sql}" for name, sql in views.items()]
 

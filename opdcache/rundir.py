@@ -135,6 +135,26 @@ def replace_dir(staged: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(run: RunDir, prefix: str) -> None:
+    """Remove RUN/.staging/<prefix>-...-<pid> entries whose process is gone (a killed stage)."""
+    if not run.staging.is_dir():
+        return
+    for p in run.staging.glob(f"{prefix}-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def recover_interrupted_swaps(parent: Path) -> None:
     """Undo what a crash between the two renames of :func:`replace_dir` left behind."""
     if not parent.is_dir():

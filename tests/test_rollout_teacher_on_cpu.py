@@ -1,7 +1,5 @@
 """Rollout (real vLLM) and teacher stages on tiny self-built checkpoints, checked against transformers."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -16,41 +14,15 @@ from opdcache.rollout import stage as rollout_stage
 from opdcache.rollout.stage import rollout_round
 from opdcache.teacher.compat import check_tokenizers, usable_vocab
 from opdcache.teacher.stage import teacher_round
+from tests.conftest import tiny_run_overrides
 
 pytest.importorskip("vllm")
 K = 8
 FP16_REL = 2.0**-11  # cache precision (docs/cache-format.md)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models")
-    build_tiny_model(d / "student", seed=1)
-    build_tiny_model(d / "teacher", seed=2, pad_vocab_to=128)  # padded output layer
-    with (d / "prompts.jsonl").open("w") as f:
-        for i in range(6):
-            f.write(
-                json.dumps({"prompt_id": f"q{i}", "question": f"{i}+{i + 1}=?", "answer": str(2 * i + 1)})
-                + "\n"
-            )
-    return d
-
-
 def _config(models, **over):
-    sets = [
-        f"models.student={models / 'student'}",
-        f"models.teacher={models / 'teacher'}",
-        f"data.prompts={models / 'prompts.jsonl'}",
-        f"rollout.k={K}",
-        "rollout.n_samples=2",
-        "rollout.prompts_per_round=6",
-        "rollout.part_size=4",
-        "rollout.kv_cache_gib=1",
-        "budget.initial=48",
-        "budget.min=32",
-        "budget.max=256",
-    ] + [f"{k}={v}" for k, v in over.items()]
-    return load_config(None, sets)
+    return load_config(None, tiny_run_overrides(models) + [f"{k}={v}" for k, v in over.items()])
 
 
 @pytest.fixture(scope="module")

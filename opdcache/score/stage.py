@@ -35,7 +35,7 @@ from opdcache.cache.shards import (
     write_parquet,
 )
 from opdcache.errors import CacheFormatError, OpdcacheError
-from opdcache.rundir import RunDir, recover_interrupted_swaps, replace_dir
+from opdcache.rundir import RunDir, clean_stale_staging, recover_interrupted_swaps, replace_dir
 from opdcache.score import reliability as rl
 from opdcache.score.variant import VariantSpec
 
@@ -175,23 +175,6 @@ def _existing_params(run: RunDir, name: str) -> dict[str, Any] | None:
     return None
 
 
-def _clean_stale_staging(run: RunDir, name: str) -> None:
-    for p in run.staging.glob(f"scores-{name}-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def score_run(
     root: str | Path,
     name: str,
@@ -232,7 +215,7 @@ def score_run(
         )
     k = next(iter(ks))
 
-    _clean_stale_staging(run, name)
+    clean_stale_staging(run, f"scores-{name}")
     staged = run.staging / f"scores-{name}-{os.getpid()}"
     shutil.rmtree(staged, ignore_errors=True)
     summaries = []
