@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
 from opdcache.rollout.stage import student_checkpoint
-from opdcache.rundir import RunDir, atomic_write_bytes, clean_stale_staging, replace_dir
+from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir
 from opdcache.train.data import collate, load_examples
 from opdcache.train.loss import opd_policy_loss
 
@@ -117,9 +117,11 @@ def train_round(
         tokens += int(batch["mask"].sum())
         metrics.append({"step": step, "loss": loss.item(), **{k: v.item() for k, v in stats.items()}})
 
-    clean_stale_staging(run, f"checkpoint-{r + 1}")
-    staged = run.staging / f"checkpoint-{r + 1}-{os.getpid()}"
-    shutil.rmtree(staged, ignore_errors=True)
+    # one staging path for all ranks (the engine checkpoint is written collectively)
+    staged = run.staging / f"checkpoint-{r + 1}"
+    if rank == 0:
+        shutil.rmtree(staged, ignore_errors=True)
+    deepspeed.comm.barrier()
     engine.save_checkpoint(str(staged / "deepspeed"))
     if rank == 0:
         if cfg.train.zero_stage == 3:
@@ -135,6 +137,7 @@ def train_round(
         replace_dir(staged / "deepspeed", run.root / "deepspeed" / f"round={r + 1}")
         replace_dir(staged / "hf", final)
         shutil.rmtree(staged, ignore_errors=True)
+    deepspeed.comm.barrier()
     seconds = time.perf_counter() - t0
     return {
         "round": r,

@@ -1,0 +1,126 @@
+"""Trained tokens/s under DeepSpeed vs a plain torch AdamW loop, same model, batch and loss.
+
+    .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--batch 4] [--tokens 256] [--hidden 256]
+
+Both loops run the OPD loss (opdcache/train/loss.py) on the same synthetic cached batch of a tiny
+self-built Qwen2; DeepSpeed runs ZeRO stage ``--zero`` in one process (CPU: gloo) with torch AdamW
+as the client optimizer. Prints tokens/s of each and the ratio, and the max |loss difference| of the
+two runs (fp32: they should agree). Figures only; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=256, help="response tokens per sequence")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--zero", type=int, default=0)
+    ap.add_argument("--k", type=int, default=16)
+    args = ap.parse_args()
+
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    from opdcache.models.tiny import build_tiny_model
+    from opdcache.train.data import Example, collate
+    from opdcache.train.loss import opd_policy_loss
+    from opdcache.train.stage import _init_distributed_env, sequence_logprobs
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_tiny_model(Path(tmp) / "m", hidden=args.hidden, layers=args.layers, extra_tokens=2000)
+        vocab = AutoModelForCausalLM.from_pretrained(path).config.vocab_size
+
+        def example() -> Example:
+            t = args.tokens
+            ids = np.stack([rng.choice(vocab, args.k, replace=False) for _ in range(t)])
+            old = np.log(rng.dirichlet(np.ones(args.k), size=t)).astype(np.float32) - 0.1
+            return Example(
+                rng.integers(3, 60, 24),
+                ids[:, 0].copy(),
+                ids,
+                old,
+                old + rng.normal(0, 0.5, old.shape).astype(np.float32),
+                np.full(t, 1.5, np.float32),
+            )
+
+        batches = [collate([example() for _ in range(args.batch)], pad_id=1) for _ in range(args.steps)]
+        tokens = sum(int(b["mask"].sum()) for b in batches)
+
+        def run(step_fn, model) -> tuple[float, list[float]]:
+            losses = []
+            step_fn(model, batches[0])  # warm-up, not timed
+            t0 = time.perf_counter()
+            for b in batches:
+                losses.append(step_fn(model, b))
+            return time.perf_counter() - t0, losses
+
+        torch.manual_seed(0)
+        plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        opt = torch.optim.AdamW(plain.parameters(), lr=1e-5)
+
+        def plain_step(model, b) -> float:
+            loss, _ = opd_policy_loss(
+                sequence_logprobs(model, b), b["old"], b["teacher"], b["weight"], b["mask"]
+            )
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            return loss.item()
+
+        t_plain, l_plain = run(plain_step, plain)
+
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _init_distributed_env()
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5),
+            config={
+                "train_micro_batch_size_per_gpu": args.batch,
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": 1.0,
+                "zero_optimization": {"stage": args.zero},
+                "steps_per_print": 1 << 30,
+            },
+        )
+
+        def ds_step(eng, b) -> float:
+            loss, _ = opd_policy_loss(
+                sequence_logprobs(eng, b), b["old"], b["teacher"], b["weight"], b["mask"]
+            )
+            eng.backward(loss)
+            eng.step()
+            return loss.item()
+
+        t_ds, l_ds = run(ds_step, engine)
+        print(
+            f"model: Qwen2 hidden={args.hidden} layers={args.layers} vocab={vocab}; {args.steps} steps x "
+            f"{args.batch} sequences x {args.tokens} response tokens (k={args.k}); ZeRO {args.zero}"
+        )
+        print(f"plain torch AdamW loop: {tokens / t_plain:8.0f} tokens/s")
+        print(f"DeepSpeed engine:       {tokens / t_ds:8.0f} tokens/s")
+        print(f"ratio DeepSpeed / plain: {t_plain / t_ds:7.2f}x")
+        print(
+            f"max |loss difference| over the steps: {max(abs(a - b) for a, b in zip(l_plain, l_ds, strict=True)):.3g}"
+        )
+
+
+if __name__ == "__main__":
+    main()
