@@ -135,3 +135,35 @@ def test_arms_plan(models):
     rnd = plan(load_config(None, tiny_run_overrides(models) + ["arm.name=random", "arm.random_match=mass"]))
     assert [n for n, _ in rnd.variants] == ["prune", "random"] and rnd.train_variant == "random"
     assert rnd.budget_variant == "prune" and rnd.variants[1][1].match == "mass"
+
+
+def test_training_under_the_launcher_with_two_processes(looped, tmp_path):
+    import shutil
+
+    root, *_ = looped
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy, symlinks=True, ignore=shutil.ignore_patterns("replays"))
+    shutil.rmtree(copy / "checkpoints" / "round=2")
+    shutil.rmtree(copy / "deepspeed" / "round=2")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    p = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "opdcache.cli",
+            "train",
+            str(copy),
+            "--round",
+            "1",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.count("train round 1:") == 2  # both ranks trained
+    assert (copy / "checkpoints" / "round=2" / "model.safetensors").exists()
+    assert (copy / "deepspeed" / "round=2" / "latest").exists()

@@ -50,11 +50,14 @@ def build_tiny_model(
     eos: str = "<|endoftext|>",
     extra_tokens: int = 0,
     max_positions: int = 2048,
+    embedding_scale: float = 8.0,
 ) -> Path:
     """A randomly initialised Qwen2 causal LM + tokenizer saved in HF format (fp32 safetensors).
 
     ``pad_vocab_to`` makes the embedding matrix larger than the tokenizer, as real checkpoints do
-    (e.g. 152064 rows for a 151936-token tokenizer).
+    (e.g. 152064 rows for a 151936-token tokenizer). ``embedding_scale`` sets how peaked the random
+    model is: 8 gives near one-hot next-token distributions (mostly copying the input token), ~1.5
+    gives spread-out ones.
     """
     out = Path(out_dir)
     tok = build_tokenizer(out, eos=eos, extra_tokens=extra_tokens)
@@ -76,7 +79,7 @@ def build_tiny_model(
         torch_dtype="float32",
     )
     model = Qwen2ForCausalLM(cfg)
-    with torch.no_grad():  # a sharper-than-init output distribution, so top-k sets differ across models
-        model.model.embed_tokens.weight.mul_(8.0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(embedding_scale)
     model.save_pretrained(out)
     return out
