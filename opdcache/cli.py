@@ -48,20 +48,9 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     cfg = read_run_config(args.run)
     base = cfg.score.spec() if cfg is not None else VariantSpec()
-    spec = base.replace(
-        metric=args.metric,
-        gamma=args.gamma,
-        top_p=args.top_p,
-        w_drop=args.w_drop,
-        w_base=args.w_base,
-        eps=args.eps,
-        reference=args.reference,
-        match=args.match,
-        seed=args.seed,
-    )
+    spec = _spec(base, args)
     name = args.variant or (cfg.score.variant if cfg is not None else "prune")
-    rounds = sorted({r for group in args.rounds for r in group}) if args.rounds else None
-    summaries = score_run(args.run, name, spec, rounds, progress=not args.quiet)
+    summaries = score_run(args.run, name, spec, _round_list(args), progress=not args.quiet)
     refresh_duckdb_file(args.run)
     metric = "accept" if spec.metric == "top_p" else "overlap"
     print(f"variant {name}: {json.dumps(spec.to_meta())}")
@@ -216,16 +205,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
     from opdcache.loop import replay
 
     cfg = _run_config(args.run)
-    spec = cfg.score.spec().replace(
-        metric=args.metric,
-        gamma=args.gamma,
-        top_p=args.top_p,
-        w_drop=args.w_drop,
-        w_base=args.w_base,
-        eps=args.eps,
-    )
-    rounds = sorted({r for group in args.rounds for r in group}) if args.rounds else None
-    out = replay(args.run, args.variant, spec, rounds, progress=not args.quiet)
+    spec = _spec(cfg.score.spec(), args)
+    out = replay(args.run, args.variant, spec, _round_list(args), progress=not args.quiet)
     print(
         f"replay written to {out}; compare: opdcache query {args.run} "
         '"select run, stage, sum(seconds) from stage_times group by all order by all"'
@@ -265,6 +246,43 @@ def _kv(item: str) -> tuple[str, str]:
     return key, value
 
 
+def _round_command(sub, name: str, func, text: str) -> argparse.ArgumentParser:
+    """A subcommand acting on one round of an initialised run."""
+    s = sub.add_parser(name, help=text)
+    s.add_argument("run")
+    s.add_argument("--round", type=int, required=True)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=func)
+    return s
+
+
+def _variant_args(s: argparse.ArgumentParser, metrics: list[str]) -> None:
+    s.add_argument("--metric", choices=metrics)
+    s.add_argument("--gamma", type=float, help="overlap threshold (eq. 7; default 0.7)")
+    s.add_argument("--top-p", type=float, help="nucleus mass for metric top_p (App. A.10; default 0.95)")
+    s.add_argument("--w-drop", type=float, help="penalty per bad event (eq. 9; default 0.01)")
+    s.add_argument("--w-base", type=float, help="base weight (eq. 10; default 0.5)")
+    s.add_argument("--eps", type=float, help="effective-length tolerance (eq. 12; default 1e-8)")
+    s.add_argument("--rounds", type=_rounds, nargs="+", help="rounds, e.g. 0-3 or 0,4-5 (default: all)")
+
+
+def _spec(base, args: argparse.Namespace):
+    extra = {k: getattr(args, k, None) for k in ("reference", "match", "seed")}
+    return base.replace(
+        metric=args.metric,
+        gamma=args.gamma,
+        top_p=args.top_p,
+        w_drop=args.w_drop,
+        w_base=args.w_base,
+        eps=args.eps,
+        **extra,
+    )
+
+
+def _round_list(args: argparse.Namespace) -> list[int] | None:
+    return sorted({r for group in args.rounds for r in group}) if args.rounds else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opdcache", description=__doc__)
     p.add_argument("--version", action="version", version=f"opdcache {__version__}")
@@ -282,22 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_init)
 
-    for name, func, text in (
-        ("rollout", cmd_rollout, "student rollouts with vLLM into RUN/rollouts/"),
-        ("teacher", cmd_teacher, "teacher top-k and gathered log-probs into RUN/cache/"),
-    ):
-        s = sub.add_parser(name, help=text)
-        s.add_argument("run")
-        s.add_argument("--round", type=int, required=True)
-        s.add_argument("--quiet", action="store_true", help="no progress bar")
-        s.set_defaults(func=func)
-
-    s = sub.add_parser("train", help="one round of OPD training under DeepSpeed → RUN/checkpoints/round=R+1")
-    s.add_argument("run")
-    s.add_argument("--round", type=int, required=True)
+    _round_command(sub, "rollout", cmd_rollout, "student rollouts with vLLM into RUN/rollouts/")
+    _round_command(sub, "teacher", cmd_teacher, "teacher top-k and gathered log-probs into RUN/cache/")
+    s = _round_command(
+        sub, "train", cmd_train, "one round of OPD training under DeepSpeed → RUN/checkpoints/round=R+1"
+    )
     s.add_argument("--variant", help="variant whose weights L scale the rewards (default: score.variant)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("run", help="all rounds of Algorithm 1: rollout, teacher, score, train, budget")
     s.add_argument("config")
@@ -311,40 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("round", help="one round of Algorithm 1 on an initialised run")
-    s.add_argument("run")
-    s.add_argument("--round", type=int, required=True)
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.set_defaults(func=cmd_round)
+    _round_command(sub, "round", cmd_round, "one round of Algorithm 1 on an initialised run")
 
     s = sub.add_parser("replay", help="re-score the cache and retrain from round 0, calling no teacher")
     s.add_argument("run")
     s.add_argument("--variant", required=True, help="name of the replay (RUN/replays/NAME)")
-    s.add_argument("--metric", choices=["overlap", "top_p", "none"])
-    s.add_argument("--gamma", type=float)
-    s.add_argument("--top-p", type=float)
-    s.add_argument("--w-drop", type=float)
-    s.add_argument("--w-base", type=float)
-    s.add_argument("--eps", type=float)
-    s.add_argument("--rounds", type=_rounds, nargs="+", help="cached rounds to replay (default: all)")
+    _variant_args(s, ["overlap", "top_p", "none"])
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("score", help="score cached rounds with one reliability variant (eqs. 6-12)")
     s.add_argument("run")
     s.add_argument("--variant", help="variant name (default: the run config's score.variant, else 'prune')")
-    s.add_argument("--metric", choices=["overlap", "top_p", "none", "random"])
-    s.add_argument("--gamma", type=float, help="overlap threshold (eq. 7; default 0.7)")
-    s.add_argument("--top-p", type=float, help="nucleus mass for metric top_p (App. A.10; default 0.95)")
-    s.add_argument("--w-drop", type=float, help="penalty per bad event (eq. 9; default 0.01)")
-    s.add_argument("--w-base", type=float, help="base weight (eq. 10; default 0.5)")
-    s.add_argument("--eps", type=float, help="effective-length tolerance (eq. 12; default 1e-8)")
+    _variant_args(s, ["overlap", "top_p", "none", "random"])
     s.add_argument("--reference", help="random: variant whose retention is matched")
     s.add_argument(
         "--match", choices=["fraction", "mass"], help="random: match token fraction or reward mass"
     )
     s.add_argument("--seed", type=int, help="random: seed")
-    s.add_argument("--rounds", type=_rounds, nargs="+", help="rounds to (re-)score, e.g. 0-3 (default: all)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_score)
 
