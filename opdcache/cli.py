@@ -27,9 +27,9 @@ def _rounds(text: str) -> list[int]:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
+    from opdcache.arms import plan
     from opdcache.budget import BudgetController
     from opdcache.config import load_config, write_run_config
-    from opdcache.loop import plan
     from opdcache.query import refresh_duckdb_file
 
     cfg = load_config(args.config, args.set)
@@ -65,6 +65,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_budget(args: argparse.Namespace) -> None:
+    from opdcache.arms import plan
     from opdcache.budget import BudgetController
     from opdcache.config import read_run_config
     from opdcache.query import refresh_duckdb_file
@@ -73,9 +74,9 @@ def cmd_budget(args: argparse.Namespace) -> None:
 
     RunDir(args.run).require()
     cfg = read_run_config(args.run)
-    ctl = BudgetController(args.run, cfg.budget if cfg is not None else None)
+    ctl = BudgetController(args.run, plan(cfg).budget if cfg is not None else None)
     if args.round is not None:
-        variant = args.variant or (cfg.score.variant if cfg is not None else "prune")
+        variant = args.variant or (plan(cfg).budget_variant if cfg is not None else "prune")
         ctl.update(args.round, read_effective_lengths(args.run, variant, args.round))
         refresh_duckdb_file(args.run)
     s = ctl.state
@@ -183,8 +184,9 @@ def _print_round(out: dict) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from opdcache.arms import plan
     from opdcache.budget import BudgetController
-    from opdcache.loop import plan, run_round, start_run
+    from opdcache.loop import run_round, start_run
 
     cfg = start_run(args.config, args.run, args.set)
     start = BudgetController(args.run, plan(cfg).budget).state.next_round

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from opdcache.arms import plan
 from opdcache.budget import BudgetController, decide
 from opdcache.config import load_config
-from opdcache.loop import plan, replay, run_round, start_run
+from opdcache.loop import replay, run_round, start_run
 from opdcache.query import connect
 from opdcache.rollout import engine
 from opdcache.score.stage import read_effective_lengths
@@ -167,3 +168,27 @@ def test_training_under_the_launcher_with_two_processes(looped, tmp_path):
     assert p.stdout.count("train round 1:") == 2  # both ranks trained
     assert (copy / "checkpoints" / "round=2" / "model.safetensors").exists()
     assert (copy / "deepspeed" / "round=2" / "latest").exists()
+
+
+@pytest.mark.parametrize("arm", ["opd", "truncate", "random"])
+def test_fixed_and_random_arms_reach_the_engine_with_their_budget(models, tmp_path, monkeypatch, arm):
+    """Every stage must use the arm's effective budget config (a fixed budget for opd/truncate)."""
+    from opdcache.rollout.stage import rollout_round
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(f"arm:\n  name: {arm}\n  truncate_tokens: 40\n")
+    cfg = start_run(cfg_path, tmp_path / "run", tiny_run_overrides(models))
+    seen = {}
+
+    class Reached(Exception):
+        pass
+
+    def fake_llm(*args, **kwargs):
+        seen["max_model_len"] = args[2]
+        raise Reached
+
+    monkeypatch.setattr(engine, "make_llm", fake_llm)
+    with pytest.raises(Reached):
+        rollout_round(tmp_path / "run", 0, cfg, progress=False)
+    expected = {"opd": 256, "truncate": 40, "random": 48}[arm]
+    assert BudgetController(tmp_path / "run").max_tokens_for(0) == expected

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from opdcache.arms import plan
 from opdcache.budget import BudgetController
 from opdcache.cache.schema import CacheMeta
 from opdcache.cache.shards import write_cache_shard
@@ -65,13 +66,13 @@ def rollout_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = Tru
     run = RunDir(root).require()
     rc = cfg.rollout
     prompts = round_prompts(load_prompts(cfg.data.prompts), r, rc.prompts_per_round, rc.seed)
-    max_tokens = BudgetController(run.root, cfg.budget).max_tokens_for(r)
+    max_tokens = BudgetController(run.root, plan(cfg).budget).max_tokens_for(r)
     student = student_checkpoint(run, cfg, r)
     tokenizer = AutoTokenizer.from_pretrained(student)
     encoded = encode_prompts(tokenizer, prompts, cfg.data.template, cfg.data.chat_template)
     model_limit = getattr(AutoConfig.from_pretrained(student), "max_position_embeddings", None) or 1 << 30
     longest = max(len(e) for e in encoded)
-    max_len = rc.max_model_len or min(model_limit, longest + cfg.budget.max)
+    max_len = rc.max_model_len or min(model_limit, longest + plan(cfg).budget.max)
     for pr, ids in zip(prompts, encoded, strict=True):
         if len(ids) + max_tokens > max_len:
             raise OpdcacheError(

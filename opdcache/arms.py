@@ -1,0 +1,32 @@
+"""Comparison arms (paper §4.1): which variants a round scores, trains on, and budgets by."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from opdcache.budget import BudgetConfig
+from opdcache.config import RunConfig
+from opdcache.score.variant import VariantSpec
+
+
+@dataclass(frozen=True)
+class ArmPlan:
+    variants: list[tuple[str, VariantSpec]]  # scored every round, in order
+    train_variant: str  # whose L scales the rewards
+    budget_variant: str  # whose E drives Alg. 1
+    budget: BudgetConfig
+
+
+def plan(cfg: RunConfig) -> ArmPlan:
+    arm, name, spec = cfg.arm, cfg.score.variant, cfg.score.spec()
+    if arm.name == "prune":
+        return ArmPlan([(name, spec)], name, name, cfg.budget)
+    if arm.name in ("opd", "truncate"):
+        m = cfg.budget.max if arm.name == "opd" else arm.truncate_tokens
+        fixed = dataclasses.replace(cfg.budget, initial=m, min=m, max=m)
+        return ArmPlan([("opd", VariantSpec(metric="none"))], "opd", "opd", fixed)
+    rnd = VariantSpec(
+        metric="random", reference=name, match=arm.random_match, w_base=spec.w_base, seed=cfg.rollout.seed
+    )
+    return ArmPlan([(name, spec), ("random", rnd)], "random", name, cfg.budget)
