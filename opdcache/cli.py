@@ -371,10 +371,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+READ_ONLY = {"query"}  # every other command writes to the run directory
+CREATES_RUN = {"init", "run", "synth"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from opdcache.lock import RunLock
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        if args.command in READ_ONLY:
+            args.func(args)
+        else:
+            if args.command in CREATES_RUN:
+                Path(args.run).mkdir(parents=True, exist_ok=True)
+            with RunLock(args.run):
+                args.func(args)
     except OpdcacheError as e:
         print(f"opdcache: error: {e}", file=sys.stderr)
         return 2
