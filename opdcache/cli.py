@@ -215,6 +215,22 @@ def cmd_replay(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    from opdcache.verify import verify_run
+
+    n, findings = verify_run(args.run, progress=not args.quiet)
+    errors = [f for f in findings if f.severity == "error"]
+    for f in findings:
+        print(
+            f"{f.severity}: {f.problem}"
+            if f.problem.startswith(f.path)
+            else f"{f.severity}: {f.path}: {f.problem}"
+        )
+    if errors:
+        raise OpdcacheError(f"verify: {len(errors)} of {n} parts failed")
+    print(f"verify: {n} parts OK" + (f" ({len(findings)} notes)" if findings else ""))
+
+
 def cmd_synth(args: argparse.Namespace) -> None:
     from opdcache.cache.synthetic import write_synthetic_run
     from opdcache.query import refresh_duckdb_file
@@ -357,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-rows", type=int, default=100)
     s.set_defaults(func=cmd_query)
 
+    s = sub.add_parser("verify", help="check every part against its integrity record and the contract")
+    s.add_argument("run")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_verify)
+
     s = sub.add_parser("synth", help="write a synthetic cache (no models) to try scoring and SQL")
     s.add_argument("run")
     s.add_argument("--rounds", type=int, default=2)
@@ -371,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-READ_ONLY = {"query"}  # every other command writes to the run directory
+READ_ONLY = {"query", "verify"}  # every other command writes to the run directory
 CREATES_RUN = {"init", "run", "synth"}
 
 

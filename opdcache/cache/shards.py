@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ from opdcache.cache.schema import (
     cache_schema,
 )
 from opdcache.errors import CacheFormatError
-from opdcache.rundir import temp_path_for
+from opdcache.rundir import atomic_write_bytes, temp_path_for
 
 ROW_GROUP_POSITIONS = 1 << 20  # ~1M positions per row group keeps decode buffers ~100 MB
 
@@ -93,8 +94,46 @@ def _check_finite(table: pa.Table, columns: Sequence[Column], where: str) -> Non
                 raise CacheFormatError(f"{where}: column {col.name!r} holds {v[i]} at value {i}")
 
 
+def manifest_path(path: Path) -> Path:
+    """The integrity record of a part: ``_<name>.json`` beside it (ignored by Parquet readers)."""
+    return path.with_name(f"_{path.name}.json")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_manifest(path: Path, full: bool = False) -> dict[str, Any]:
+    """Compare a part with the record written beside it: bytes and rows always, sha256 if ``full``."""
+    mpath = manifest_path(path)
+    try:
+        record = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise CacheFormatError(f"{path}: no integrity record {mpath.name}; not written by opdcache") from None
+    except (OSError, ValueError) as e:
+        raise CacheFormatError(f"{mpath}: unreadable integrity record ({e})") from e
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        raise CacheFormatError(
+            f"{path}: {size} bytes, but {record.get('bytes')} were written (truncated or replaced)"
+        )
+    rows = pq.ParquetFile(path).metadata.num_rows
+    if rows != record.get("rows"):
+        raise CacheFormatError(f"{path}: {rows} rows, but {record.get('rows')} were written")
+    if full and file_sha256(path) != record.get("sha256"):
+        raise CacheFormatError(f"{path}: sha256 differs from the one recorded at write time (corrupted)")
+    return record
+
+
 def write_parquet(path: Path, table: pa.Table, positions: int) -> None:
-    """Write ``table`` as zstd Parquet to a hidden temporary name, fsync, then rename into place."""
+    """Write ``table`` as zstd Parquet to a hidden temporary name, fsync, then rename into place.
+
+    Its integrity record (rows, positions, bytes, sha256) is renamed into place just before it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     numeric = [  # Parquet names a list's values "<name>.list.element"
@@ -118,6 +157,13 @@ def write_parquet(path: Path, table: pa.Table, positions: int) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        record = {
+            "rows": table.num_rows,
+            "positions": positions,
+            "bytes": tmp.stat().st_size,
+            "sha256": file_sha256(tmp),
+        }
+        atomic_write_bytes(manifest_path(path), json.dumps(record).encode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -220,6 +266,7 @@ def read_cache_shard(
         raise CacheFormatError(f"{path}: corrupt data ({e})") from e
     if validate:
         _check_lengths(table, wanted, meta.k, str(path))
+        check_manifest(path)
     return table, meta
 
 
@@ -237,6 +284,7 @@ def read_score_shard(
         raise CacheFormatError(f"{path}: corrupt data ({e})") from e
     if validate:
         _check_lengths(table, columns, 1, str(path))
+        check_manifest(path)
     return table, variant
 
 

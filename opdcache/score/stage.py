@@ -249,8 +249,9 @@ def score_run(
         if final.exists():  # keep rounds that were not re-scored
             for r in sorted(set(run.rounds(final)) - set(todo)):
                 (staged / f"round={r}").mkdir(parents=True, exist_ok=True)
-                for f in run.shards(final / f"round={r}"):
-                    os.link(f, staged / f"round={r}" / f.name)
+                for f in (final / f"round={r}").iterdir():  # parts and their integrity records
+                    if not f.name.startswith("."):
+                        os.link(f, staged / f"round={r}" / f.name)
         replace_dir(staged, final)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
@@ -293,3 +294,8 @@ def read_effective_lengths(root: str | Path, name: str, r: int) -> np.ndarray:
     return np.concatenate(
         [read_score_shard(f, cols, validate=False)[0].column("effective_len").to_numpy() for f in files]
     )
+
+
+def read_variant_params(path: Path) -> dict[str, Any]:
+    """The ``opdcache.variant`` parameters stored in a score part."""
+    return json.loads((open_parquet(path).schema_arrow.metadata or {}).get(VARIANT_META_KEY, b"{}"))
