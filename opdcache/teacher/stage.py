@@ -89,6 +89,16 @@ def teacher_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = Tru
         prompts = table.column("prompt_ids").to_numpy(zero_copy_only=False)
         resp_v, resp_off = flat(table.column("response_ids"))
         stud_v = flat(table.column("student_topk_ids"))[0].reshape(-1, meta.k)
+        for name, ids in (
+            ("prompt_ids", flat(table.column("prompt_ids"))[0]),
+            ("response_ids", resp_v),
+            ("student_topk_ids", stud_v),
+        ):
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                raise OpdcacheError(
+                    f"{part}: column {name!r} holds token id {int(ids.max())} (or {int(ids.min())}); "
+                    f"the teacher tokenizer has {vocab} tokens"
+                )
         topk_ids, topk_lp, sampled, on_s = [], [], [], []
         for i in range(table.num_rows):
             a, b = resp_off[i], resp_off[i + 1]

@@ -1,0 +1,226 @@
+"""Kill -9 at seeded random moments of each stage, then rerun: the suite of issue #6.
+
+After every kill: every Parquet part visible to readers is complete (its integrity record and full
+read check out), finished parts were not recomputed (same inode and mtime), and the budget
+controller never decided a round twice. Then the same command, rerun, completes.
+Trials per stage: OPDCACHE_FAULT_TRIALS (default 20; train a quarter, the vLLM rollout a tenth of it).
+"""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from opdcache.budget import BudgetController
+from opdcache.cache.schema import ROLLOUT_COLUMNS
+from opdcache.cache.shards import read_cache_shard, write_cache_shard
+from opdcache.cache.synthetic import write_synthetic_run
+from opdcache.config import load_config, write_run_config
+from opdcache.verify import verify_run
+from tests.conftest import tiny_run_overrides
+
+TRIALS = int(os.environ.get("OPDCACHE_FAULT_TRIALS", "20"))
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "opdcache.cli", *map(str, args)]
+
+
+def _kill_after(cmd, delay):
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.perf_counter()
+    while p.poll() is None and time.perf_counter() - t0 < delay:
+        time.sleep(0.01)
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    return p.returncode
+
+
+def _duration(cmd) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def _stamps(d: Path):
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in d.rglob("*.parquet")} if d.exists() else {}
+
+
+def _assert_consistent(root: Path):
+    n, findings = verify_run(root, progress=False)
+    assert [f for f in findings if f.severity == "error"] == [], findings
+
+
+def _trials(cmd, root, max_delay, trials, seed, watched):
+    rng = random.Random(seed)
+    killed = 0
+    for _ in range(trials):
+        before = _stamps(watched)
+        killed += _kill_after(cmd, rng.uniform(0.05, max_delay)) != 0
+        _assert_consistent(root)
+        after = _stamps(watched)
+        assert all(after.get(p) == s for p, s in before.items() if p in after), (
+            "a finished part was rewritten"
+        )
+        assert set(before) <= set(after), "a finished part disappeared"
+    return killed
+
+
+def test_score_stage_survives_kills(tmp_path):
+    run = write_synthetic_run(
+        tmp_path / "run",
+        rounds=2,
+        parts_per_round=6,
+        prompts_per_part=20,
+        mean_len=800,
+        max_tokens=2048,
+        k=16,
+        vocab=50_000,
+    )
+    rng = random.Random(1)
+    full = _duration(_cli("score", run.root, "--variant", "v", "--gamma", "0.7", "--quiet"))
+    killed = 0
+    for _ in range(TRIALS):  # alternate settings so every trial really rewrites the variant
+        cmd = _cli(
+            "score", run.root, "--variant", "v", "--gamma", f"{0.5 + 0.4 * rng.random():.3f}", "--quiet"
+        )
+        killed += _kill_after(cmd, rng.uniform(0.05, full)) != 0
+        _assert_consistent(run.root)
+        v = run.variant("v")
+        if v.exists():  # old or new, never a mix: one gamma across all parts, every cache part scored
+            from opdcache.score.stage import read_variant_params
+
+            gammas = {read_variant_params(p)["gamma"] for p in v.rglob("*.parquet")}
+            assert len(gammas) == 1
+            assert len(list(v.rglob("*.parquet"))) == 12
+    assert killed >= max(1, TRIALS // 4)
+    assert subprocess.run(_cli("score", run.root, "--variant", "v", "--quiet")).returncode == 0
+    assert not [p for p in run.staging.iterdir()] if run.staging.exists() else True
+
+
+def test_budget_is_never_decided_twice(tmp_path):
+    run = write_synthetic_run(
+        tmp_path / "run", rounds=3, parts_per_round=1, prompts_per_part=4, k=8, vocab=500
+    )
+    subprocess.run(_cli("score", run.root, "--quiet"), check=True)
+    full = _duration(_cli("budget", run.root))  # shows the state only; about the decision's time
+    rng = random.Random(2)
+    for r in range(3):
+        for _ in range(max(1, TRIALS // 3)):
+            _kill_after(_cli("budget", run.root, "--round", r), rng.uniform(0.05, full))
+            history = BudgetController(run.root).state.history
+            assert [d.round for d in history] == list(range(len(history)))  # no round twice, none skipped
+        subprocess.run(_cli("budget", run.root, "--round", r), check=True, capture_output=True)
+        assert len(BudgetController(run.root).state.history) == r + 1
+
+
+@pytest.fixture
+def teacher_run(models, tmp_path):
+    """A run whose rollouts/ holds student parts (copied from a synthetic cache) for the tiny teacher."""
+    src = write_synthetic_run(
+        tmp_path / "src",
+        rounds=1,
+        parts_per_round=8,
+        prompts_per_part=3,
+        mean_len=60,
+        max_tokens=128,
+        k=8,
+        vocab=80,
+    )
+    root = tmp_path / "run"
+    cfg = load_config(None, tiny_run_overrides(models))
+    root.mkdir()
+    write_run_config(root, cfg)
+    for part in src.shards(src.cache_round(0)):
+        table, meta = read_cache_shard(part)
+        cols = {c.name: table.column(c.name) for c in ROLLOUT_COLUMNS}
+        write_cache_shard(root / "rollouts" / "round=0" / part.name, cols, meta, rollout=True)
+    return root
+
+
+def test_token_ids_beyond_the_teacher_vocabulary_are_refused(models, tmp_path):
+    from opdcache.errors import OpdcacheError
+    from opdcache.teacher.stage import teacher_round
+
+    src = write_synthetic_run(
+        tmp_path / "src",
+        rounds=1,
+        parts_per_round=1,
+        prompts_per_part=2,
+        mean_len=20,
+        max_tokens=40,
+        k=8,
+        vocab=5000,
+    )
+    part = src.shards(src.cache_round(0))[0]
+    table, meta = read_cache_shard(part)
+    root = tmp_path / "run"
+    write_cache_shard(
+        root / "rollouts" / "round=0" / part.name,
+        {c.name: table.column(c.name) for c in ROLLOUT_COLUMNS},
+        meta,
+        rollout=True,
+    )
+    with pytest.raises(OpdcacheError, match="holds token id .* the teacher tokenizer has"):
+        teacher_round(root, 0, load_config(None, tiny_run_overrides(models)), progress=False)
+    assert not (root / "cache").exists()
+
+
+def test_teacher_stage_survives_kills(teacher_run):
+    root = teacher_run
+    probe = root.parent / "probe"
+    shutil.copytree(root, probe)
+    full = _duration(_cli("teacher", probe, "--round", 0, "--quiet"))
+    killed = _trials(_cli("teacher", root, "--round", 0, "--quiet"), root, full, TRIALS, 3, root / "cache")
+    subprocess.run(_cli("teacher", root, "--round", 0, "--quiet"), check=True, capture_output=True)
+    assert len(list((root / "cache" / "round=0").glob("*.parquet"))) == 8
+    assert not list((root / "rollouts" / "round=0").glob("*.parquet"))
+    _assert_consistent(root)
+    assert killed >= 1
+
+
+def test_train_stage_survives_kills(teacher_run):
+    root = teacher_run
+    subprocess.run(_cli("teacher", root, "--round", 0, "--quiet"), check=True, capture_output=True)
+    subprocess.run(_cli("score", root, "--quiet"), check=True, capture_output=True)
+    cache = _stamps(root / "cache")
+    rng = random.Random(4)
+    probe = root.parent / "probe"
+    shutil.copytree(root, probe)
+    full = _duration(_cli("train", probe, "--round", 0, "--quiet"))
+    trials = max(1, TRIALS // 4)
+    for _ in range(trials):
+        _kill_after(_cli("train", root, "--round", 0, "--quiet"), rng.uniform(0.05, full))
+        ckpt = root / "checkpoints" / "round=1"
+        assert not ckpt.exists() or (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
+        if ckpt.exists():  # finished despite the kill: start over so the next trial has work to do
+            shutil.rmtree(ckpt)
+            shutil.rmtree(root / "deepspeed" / "round=1", ignore_errors=True)
+    subprocess.run(_cli("train", root, "--round", 0, "--quiet"), check=True, capture_output=True)
+    assert (root / "checkpoints" / "round=1" / "model.safetensors").exists()
+    assert _stamps(root / "cache") == cache  # training never touches the cache
+
+
+def test_rollout_stage_survives_kills(models, tmp_path):
+    pytest.importorskip("vllm")
+    root = tmp_path / "run"
+    sets = tiny_run_overrides(models) + ["rollout.part_size=2"]
+    subprocess.run(
+        _cli("init", root, *[x for s in sets for x in ("--set", s)]), check=True, capture_output=True
+    )
+    probe = tmp_path / "probe"
+    shutil.copytree(root, probe)
+    full = _duration(_cli("rollout", probe, "--round", 0, "--quiet"))
+    trials = max(1, TRIALS // 10)
+    _trials(_cli("rollout", root, "--round", 0, "--quiet"), root, full, trials, 5, root / "rollouts")
+    subprocess.run(_cli("rollout", root, "--round", 0, "--quiet"), check=True, capture_output=True)
+    assert len(list((root / "rollouts" / "round=0").glob("*.parquet"))) == 3
+    _assert_consistent(root)
