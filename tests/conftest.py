@@ -52,3 +52,14 @@ def tiny_run_overrides(models) -> list[str]:
         "budget.min=32",
         "budget.max=256",
     ]
+
+
+def write_rollout_parts(parts, dest_dir):
+    """Student-only rollout parts (what `opdcache rollout` writes) made from existing cache parts."""
+    from opdcache.cache.schema import ROLLOUT_COLUMNS
+    from opdcache.cache.shards import read_cache_shard, write_cache_shard
+
+    for part in parts:
+        table, meta = read_cache_shard(part)
+        cols = {c.name: table.column(c.name) for c in ROLLOUT_COLUMNS}
+        write_cache_shard(dest_dir / part.name, cols, meta, rollout=True)

@@ -18,12 +18,10 @@ from pathlib import Path
 import pytest
 
 from opdcache.budget import BudgetController
-from opdcache.cache.schema import ROLLOUT_COLUMNS
-from opdcache.cache.shards import read_cache_shard, write_cache_shard
 from opdcache.cache.synthetic import write_synthetic_run
 from opdcache.config import load_config, write_run_config
 from opdcache.verify import verify_run
-from tests.conftest import tiny_run_overrides
+from tests.conftest import tiny_run_overrides, write_rollout_parts
 
 TRIALS = int(os.environ.get("OPDCACHE_FAULT_TRIALS", "20"))
 pytestmark = pytest.mark.slow
@@ -139,10 +137,7 @@ def teacher_run(models, tmp_path):
     cfg = load_config(None, tiny_run_overrides(models))
     root.mkdir()
     write_run_config(root, cfg)
-    for part in src.shards(src.cache_round(0)):
-        table, meta = read_cache_shard(part)
-        cols = {c.name: table.column(c.name) for c in ROLLOUT_COLUMNS}
-        write_cache_shard(root / "rollouts" / "round=0" / part.name, cols, meta, rollout=True)
+    write_rollout_parts(src.shards(src.cache_round(0)), root / "rollouts" / "round=0")
     return root
 
 
@@ -160,15 +155,8 @@ def test_token_ids_beyond_the_teacher_vocabulary_are_refused(models, tmp_path):
         k=8,
         vocab=5000,
     )
-    part = src.shards(src.cache_round(0))[0]
-    table, meta = read_cache_shard(part)
     root = tmp_path / "run"
-    write_cache_shard(
-        root / "rollouts" / "round=0" / part.name,
-        {c.name: table.column(c.name) for c in ROLLOUT_COLUMNS},
-        meta,
-        rollout=True,
-    )
+    write_rollout_parts(src.shards(src.cache_round(0)), root / "rollouts" / "round=0")
     with pytest.raises(OpdcacheError, match="holds token id .* the teacher tokenizer has"):
         teacher_round(root, 0, load_config(None, tiny_run_overrides(models)), progress=False)
     assert not (root / "cache").exists()

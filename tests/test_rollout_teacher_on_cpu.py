@@ -14,7 +14,7 @@ from opdcache.rollout import stage as rollout_stage
 from opdcache.rollout.stage import rollout_round
 from opdcache.teacher.compat import check_tokenizers, usable_vocab
 from opdcache.teacher.stage import teacher_round
-from tests.conftest import tiny_run_overrides
+from tests.conftest import tiny_run_overrides, write_rollout_parts
 
 pytest.importorskip("vllm")
 K = 8
@@ -124,15 +124,8 @@ def test_prompt_longer_than_context_fails_before_compute(models, tmp_path, monke
 def test_teacher_tokenizer_mismatch_fails_before_writing(rolled, models, tmp_path):
     run, cfg, _ = rolled
     build_tiny_model(tmp_path / "other", seed=3, extra_tokens=5)
-    (run / "rollouts" / "round=1").mkdir(parents=True)
     src = next((run / "cache" / "round=0").glob("*.parquet"))
-    # a rollout part for round 1 (student columns of a round-0 part)
-    from opdcache.cache.schema import ROLLOUT_COLUMNS
-    from opdcache.cache.shards import write_cache_shard
-
-    table, meta = read_cache_shard(src)
-    cols = {c.name: table.column(c.name) for c in ROLLOUT_COLUMNS}
-    write_cache_shard(run / "rollouts" / "round=1" / src.name, cols, meta, rollout=True)
+    write_rollout_parts([src], run / "rollouts" / "round=1")  # a rollout part for round 1
     bad = load_config(run / "config.yaml", [f"models.teacher={tmp_path / 'other'}"])
     with pytest.raises(OpdcacheError, match="tokenizer mismatch .* only in teacher \\['<w0>'"):
         teacher_round(run, 1, bad, progress=False)
