@@ -156,8 +156,13 @@ def test_student_checkpoint_prefers_trained_round(models, tmp_path):
 
     run = RunDir(tmp_path)
     assert rollout_stage.student_checkpoint(run, cfg, 1) == str(models / "student")
-    run.checkpoint(1).mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(models / "student", run.checkpoint(1))
     assert rollout_stage.student_checkpoint(run, cfg, 1) == str(run.checkpoint(1))
+    (run.checkpoint(1) / "model.safetensors").unlink()  # a damaged trained checkpoint is named, not skipped
+    with pytest.raises(OpdcacheError, match="round-1 student checkpoint .* missing weights"):
+        rollout_stage.student_checkpoint(run, cfg, 1)
 
 
 def test_teacher_padded_rows_would_otherwise_win(models):
@@ -168,3 +173,23 @@ def test_teacher_padded_rows_would_otherwise_win(models):
     with torch.no_grad():
         logits = model(torch.tensor([[3, 4, 5, 6]])).logits[0]
     assert (logits.topk(K).indices >= n_tok).any()
+
+
+def test_missing_checkpoint_files_are_named(models, tmp_path):
+    import shutil
+
+    from opdcache.models.checkpoint import require_checkpoint
+
+    broken = tmp_path / "student"
+    shutil.copytree(models / "student", broken)
+    (broken / "model.safetensors").unlink()
+    cfg = _config(models, **{"models.student": str(broken)})
+    (tmp_path / "run").mkdir()
+    with pytest.raises(OpdcacheError, match=f"student checkpoint {broken}: missing weights"):
+        rollout_round(tmp_path / "run", 0, cfg, progress=False)
+    with pytest.raises(OpdcacheError, match="no such directory"):
+        require_checkpoint(str(tmp_path / "nope"), "teacher")
+    (broken / "config.json").unlink()
+    with pytest.raises(OpdcacheError, match="missing config.json, weights"):
+        require_checkpoint(str(broken), "teacher")
+    assert require_checkpoint("Qwen/Qwen3-4B", "teacher") == "Qwen/Qwen3-4B"  # left to the HF cache

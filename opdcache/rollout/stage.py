@@ -23,6 +23,7 @@ from opdcache.cache.schema import CacheMeta
 from opdcache.cache.shards import write_cache_shard
 from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
+from opdcache.models.checkpoint import require_checkpoint
 from opdcache.models.fingerprint import model_fingerprint, tokenizer_fingerprint
 from opdcache.rollout import engine
 from opdcache.rollout.prompts import Prompt, load_prompts, render, round_prompts
@@ -33,10 +34,10 @@ def student_checkpoint(run: RunDir, cfg: RunConfig, r: int) -> str:
     """The checkpoint round ``r`` samples from: RUN/checkpoints/round=<r> if trained, else models.student."""
     ckpt = run.checkpoint(r)
     if ckpt.is_dir():
-        return str(ckpt)
+        return require_checkpoint(str(ckpt), f"round-{r} student")
     if not cfg.models.student:
         raise OpdcacheError("models.student is not set in the run config")
-    return cfg.models.student
+    return require_checkpoint(cfg.models.student, "student")
 
 
 def part_name(p: int) -> str:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from opdcache.cache.shards import flat, read_cache_meta, read_cache_shard, write_cache_shard
 from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
+from opdcache.models.checkpoint import require_checkpoint
 from opdcache.models.fingerprint import model_fingerprint
 from opdcache.rollout.stage import student_checkpoint
 from opdcache.rundir import RunDir
@@ -62,6 +63,7 @@ def teacher_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = Tru
     if not cfg.models.teacher:
         raise OpdcacheError("models.teacher is not set in the run config")
     student = student_checkpoint(run, cfg, r)
+    require_checkpoint(cfg.models.teacher, "teacher")
     s_tok, t_tok = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(cfg.models.teacher)
     for w in check_tokenizers(s_tok, t_tok, student, cfg.models.teacher):
         print(f"opdcache: warning: {w}", file=sys.stderr)
