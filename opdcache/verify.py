@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from opdcache.budget import BudgetController
 from opdcache.cache.schema import CACHE_COLUMNS, ROLLOUT_COLUMNS, score_columns
-from opdcache.cache.shards import _check_finite, check_manifest, flat, read_cache_shard, read_score_shard
+from opdcache.cache.shards import check_finite, check_manifest, flat, read_cache_shard, read_score_shard
 from opdcache.errors import OpdcacheError
 from opdcache.rundir import RunDir
 
@@ -48,7 +48,7 @@ def verify_run(root: str | Path, progress: bool = True) -> tuple[int, list[Findi
             else:
                 spec = CACHE_COLUMNS if kind == "cache" else ROLLOUT_COLUMNS
                 table, meta = read_cache_shard(path, rollout=kind == "rollout")
-                _check_finite(table, spec, str(path))
+                check_finite(table, spec, str(path))
                 if kind == "cache":
                     ks.setdefault(meta.k, str(path))
         except OpdcacheError as e:

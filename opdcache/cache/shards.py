@@ -85,7 +85,7 @@ def _check_lengths(table: pa.Table, columns: Sequence[Column], k: int, where: st
             )
 
 
-def _check_finite(table: pa.Table, columns: Sequence[Column], where: str) -> None:
+def check_finite(table: pa.Table, columns: Sequence[Column], where: str) -> None:
     for col in columns:
         if col.is_logprob:
             v = flat(table.column(col.name))[0]
@@ -195,7 +195,7 @@ def write_cache_shard(path: Path, columns: Mapping[str, Any], meta: CacheMeta, r
     key = ROLLOUT_META_KEY if rollout else CACHE_META_KEY
     table = pa.table(arrays, schema=cache_schema(meta, spec, key))
     _check_lengths(table, spec, meta.k, where)
-    _check_finite(table, spec, where)
+    check_finite(table, spec, where)
     positions = len(flat(table.column("response_ids"))[0])
     if positions * meta.k >= 2**31:
         raise CacheFormatError(f"{where}: {positions} positions x k={meta.k} exceeds one shard")
