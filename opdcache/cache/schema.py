@@ -97,8 +97,7 @@ class CacheMeta:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> CacheMeta:
-        data: dict[str, Any] = json.loads(raw)
+    def from_dict(cls, data: dict[str, Any]) -> CacheMeta:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: v for key, v in data.items() if key in known})
 

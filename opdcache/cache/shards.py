@@ -242,7 +242,7 @@ def _check_types(pf: pq.ParquetFile, wanted: Sequence[Column], path: Path) -> No
 def read_cache_meta(path: Path, rollout: bool = False) -> CacheMeta:
     pf = open_parquet(path)
     key = ROLLOUT_META_KEY if rollout else CACHE_META_KEY
-    return CacheMeta.from_json(json.dumps(_file_meta(pf, key, path)).encode())
+    return CacheMeta.from_dict(_file_meta(pf, key, path))
 
 
 def read_cache_shard(
@@ -257,7 +257,7 @@ def read_cache_shard(
         raise CacheFormatError(f"unknown {'rollout' if rollout else 'cache'} columns {unknown}")
     pf = open_parquet(path)
     key = ROLLOUT_META_KEY if rollout else CACHE_META_KEY
-    meta = CacheMeta.from_json(json.dumps(_file_meta(pf, key, path)).encode())
+    meta = CacheMeta.from_dict(_file_meta(pf, key, path))
     wanted = [by_name[n] for n in names]
     _check_types(pf, wanted, path)
     try:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from opdcache.arms import plan
 from opdcache.budget import BudgetController
-from opdcache.cache.schema import CacheMeta
+from opdcache.cache.schema import ROLLOUT_COLUMNS, CacheMeta
 from opdcache.cache.shards import write_cache_shard
 from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
@@ -136,20 +136,7 @@ def rollout_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = Tru
 def _columns(
     outs: list[Any], prompts: list[Prompt], encoded: list[list[int]], k: int, max_tokens: int
 ) -> dict:
-    cols: dict[str, list] = {
-        name: []
-        for name in (
-            "prompt_id",
-            "sample",
-            "prompt_ids",
-            "response_ids",
-            "finish_reason",
-            "max_tokens",
-            "student_logprob",
-            "student_topk_ids",
-            "student_topk_logprobs",
-        )
-    }
+    cols: dict[str, list] = {c.name: [] for c in ROLLOUT_COLUMNS}
     for out, pr, ids in zip(outs, prompts, encoded, strict=True):
         for s, completion in enumerate(out.outputs):
             arrays = engine.completion_arrays(completion, k)

@@ -168,8 +168,7 @@ def _random_keep_masks(
 def _existing_params(run: RunDir, name: str) -> dict[str, Any] | None:
     for r in run.rounds(run.variant(name)):
         for part in run.shards(run.variant(name) / f"round={r}"):
-            kv = open_parquet(part).schema_arrow.metadata or {}
-            meta = json.loads(kv.get(VARIANT_META_KEY, b"{}"))
+            meta = read_variant_params(part)
             meta.pop("match_stats", None)
             return meta
     return None
