@@ -11,6 +11,7 @@ from pathlib import Path
 import duckdb
 
 from opdcache import __version__
+from opdcache.config import DataConfig
 from opdcache.errors import OpdcacheError
 
 
@@ -184,14 +185,11 @@ def _print_round(out: dict) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from opdcache.arms import plan
-    from opdcache.budget import BudgetController
-    from opdcache.loop import run_round, start_run
+    from opdcache.loop import run_rounds, start_run
 
     cfg = start_run(args.config, args.run, args.set)
-    start = BudgetController(args.run, plan(cfg).budget).state.next_round
-    for r in range(start, args.rounds):
-        _print_round(run_round(args.run, r, cfg, progress=not args.quiet))
+    for out in run_rounds(args.run, args.rounds, cfg, progress=not args.quiet):
+        _print_round(out)
     print(
         f"{args.run}: {args.rounds} rounds done; wall times: opdcache query {args.run} 'select * from stage_times'"
     )
@@ -208,7 +206,9 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
     cfg = _run_config(args.run)
     spec = _spec(cfg.score.spec(), args)
-    out = replay(args.run, args.variant, spec, _round_list(args), progress=not args.quiet)
+    out = replay(
+        args.run, args.variant, spec, _round_list(args), progress=not args.quiet, train=not args.no_train
+    )
     print(
         f"replay written to {out}; compare: opdcache query {args.run} "
         '"select run, stage, sum(seconds) from stage_times group by all order by all"'
@@ -248,6 +248,46 @@ def cmd_synth(args: argparse.Namespace) -> None:
     )
     refresh_duckdb_file(args.run)
     print(f"wrote a synthetic cache of {args.rounds} rounds under {Path(args.run) / 'cache'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from opdcache.evaluation import evaluate
+
+    res = evaluate(
+        args.checkpoint,
+        args.data,
+        args.n,
+        args.temperature,
+        args.max_tokens,
+        args.checker,
+        args.template,
+        args.chat_template,
+        args.seed,
+        args.kv_cache_gib,
+        args.enforce_eager,
+        args.out,
+    )
+    print(
+        f"{args.checkpoint} on {args.data}: Avg@{res.n} = {res.accuracy:.4f}, pass@{res.n} = "
+        f"{res.pass_at_n:.4f} over {res.prompts} prompts; mean length {res.mean_response_tokens:.0f} tokens, "
+        f"{res.truncated:.1%} truncated ({res.seconds:.0f} s)"
+        + (f"; written to {args.out}" if args.out else "")
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from opdcache.report import make_report
+
+    path = make_report(args.runs, args.out, args.band_scale, args.bucket, args.every, args.sql_dir)
+    print(f"wrote {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from opdcache.demo import run_demo
+
+    res = run_demo(args.out, args.smoke, args.rounds, tuple(args.seeds), progress=not args.quiet)
+    print(res["table"])
+    print(f"\ndemo finished in {res['seconds']:.0f} s; summary {res['summary']}, report {res['report']}")
 
 
 def _read_text(path: str) -> str:
@@ -343,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.add_argument("--variant", required=True, help="name of the replay (RUN/replays/NAME)")
     _variant_args(s, ["overlap", "top_p", "none"])
+    s.add_argument(
+        "--no-train", action="store_true", help="score and decide budgets only (e.g. a gamma sweep)"
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_replay)
 
@@ -378,6 +421,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_verify)
 
+    s = sub.add_parser("eval", help="Avg@n accuracy of a checkpoint on a prompt file (vLLM)")
+    s.add_argument("checkpoint")
+    s.add_argument("--data", required=True, help="JSONL/Parquet with prompt_id, question, answer")
+    s.add_argument("--n", type=int, default=16, help="samples per prompt (default 16)")
+    s.add_argument("--temperature", type=float, default=0.6)
+    s.add_argument("--max-tokens", type=int, default=4096)
+    s.add_argument(
+        "--checker",
+        choices=["math", "exact"],
+        default="math",
+        help="math: math-verify equivalence (real data); exact: boxed string match (toy)",
+    )
+    s.add_argument("--template", default=DataConfig.template, help="prompt template (default: DAPO-Math)")
+    s.add_argument("--chat-template", action="store_true", help="wrap prompts in the chat template")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--kv-cache-gib", type=int, default=2, help="CPU only: vLLM KV cache size")
+    s.add_argument("--enforce-eager", action="store_true", help="vLLM without graph capture")
+    s.add_argument("--out", help="write the result (JSON) here")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("report", help="Markdown + PNG report of runs from the analysis/ SQL")
+    s.add_argument("runs", nargs="+")
+    s.add_argument("--out", required=True, help="report directory")
+    s.add_argument("--band-scale", type=int, default=1000, help="depth band unit for overlap_by_depth")
+    s.add_argument("--bucket", type=int, default=256, help="position bucket for weight_by_position")
+    s.add_argument("--every", type=int, default=2, help="plot every Nth round")
+    s.add_argument("--sql-dir", help="folder of the analysis queries (default: the project's analysis/)")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("demo", help="Prune-OPD vs OPD vs truncation on the toy task, end to end")
+    s.add_argument("--out", default="demo", help="demo directory (default ./demo)")
+    s.add_argument("--smoke", action="store_true", help="tiny sizes (what the tests run)")
+    s.add_argument("--rounds", type=int, help="rounds per arm (default 4; smoke 1)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0], help="rollout/train seeds to repeat over")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_demo)
+
     s = sub.add_parser("synth", help="write a synthetic cache (no models) to try scoring and SQL")
     s.add_argument("run")
     s.add_argument("--rounds", type=int, default=2)
@@ -393,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 READ_ONLY = {"query", "verify"}  # every other command writes to the run directory
+NO_RUN = {"eval", "report", "demo"}  # no RUN argument (demo locks each of its runs itself)
 CREATES_RUN = {"init", "run", "synth"}
 
 
@@ -401,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        if args.command in READ_ONLY:
+        if args.command in READ_ONLY or args.command in NO_RUN:
             args.func(args)
         else:
             if args.command in CREATES_RUN:

@@ -49,6 +49,7 @@ class RolloutConfig:
     kv_cache_gib: int = 2  # CPU only: VLLM_CPU_KVCACHE_SPACE (whole GiB)
     gpu_memory_utilization: float = 0.85  # GPU only
     max_model_len: int = 0  # 0: longest prompt + budget M_max
+    enforce_eager: bool = False  # vLLM without graph capture: faster start-up, slower decoding
 
     def __post_init__(self) -> None:
         if (
@@ -134,6 +135,22 @@ class ArmConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Avg@n of the student checkpoints during `opdcache run` (off while ``data`` is empty)."""
+
+    data: str = ""  # JSONL/Parquet with prompt_id, question, answer
+    every: int = 1  # evaluate checkpoints of rounds 0, every, 2*every, ... and the last one
+    n: int = 16
+    temperature: float = 0.6
+    max_tokens: int = 0  # 0: budget.max
+    checker: Literal["math", "exact"] = "math"
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.n < 1 or self.temperature < 0 or self.max_tokens < 0:
+            raise ConfigError(f"eval: every, n >= 1, temperature, max_tokens >= 0; got {self}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -143,6 +160,7 @@ class RunConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     arm: ArmConfig = field(default_factory=ArmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _type_name(tp: Any) -> str:

@@ -62,6 +62,48 @@ def _scored(run: RunDir, variant: str, r: int) -> bool:
     return bool(have) and have == {p.name for p in run.shards(run.cache_round(r))}
 
 
+def eval_round(root: str | Path, r: int, cfg: RunConfig, label: str = "main") -> dict[str, Any] | None:
+    """Avg@n of the checkpoint round r samples from -> RUN/eval/round=r.json (skipped when present)."""
+    from opdcache.evaluation import evaluate, read_eval
+    from opdcache.rollout.stage import student_checkpoint
+
+    run = RunDir(root).require()
+    ec = cfg.eval
+    if not ec.data:
+        return None
+    out = run.eval_result(r)
+    with StageTimes(run.root, label).stage(r, "eval") as info:
+        info["skipped"] = out.exists()
+        if not info["skipped"]:
+            evaluate(
+                student_checkpoint(run, cfg, r),
+                ec.data,
+                ec.n,
+                ec.temperature,
+                ec.max_tokens or cfg.budget.max,
+                ec.checker,
+                cfg.data.template,
+                cfg.data.chat_template,
+                cfg.rollout.seed,
+                cfg.rollout.kv_cache_gib,
+                cfg.rollout.enforce_eager,
+                out,
+            )
+    return dataclasses.asdict(read_eval(out))
+
+
+def run_rounds(root: str | Path, rounds: int, cfg: RunConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Rounds from the controller's next round up to ``rounds``, evaluating every ``eval.every``."""
+    start = BudgetController(root, plan(cfg).budget).state.next_round
+    out = []
+    for r in range(start, rounds):
+        if r % cfg.eval.every == 0:
+            eval_round(root, r, cfg)
+        out.append(run_round(root, r, cfg, progress))
+    eval_round(root, rounds, cfg)
+    return out
+
+
 def run_round(
     root: str | Path,
     r: int,
@@ -69,6 +111,7 @@ def run_round(
     progress: bool = True,
     generate: bool = True,
     label: str = "main",
+    train: bool = True,
 ) -> dict[str, Any]:
     """One round of Algorithm 1. With ``generate=False`` (replay) the cache must already hold round r."""
     from opdcache.query import refresh_duckdb_file
@@ -94,10 +137,11 @@ def run_round(
             info["skipped"] = _scored(run, name, r)
             if not info["skipped"]:
                 score_run(run.root, name, spec, rounds=[r], progress=progress)
-    with times.stage(r, "train") as info:
-        t = train_round(run.root, r, cfg, p.train_variant, progress)
-        info["skipped"] = t["skipped"]
-        out["train"] = t
+    if train:
+        with times.stage(r, "train") as info:
+            t = train_round(run.root, r, cfg, p.train_variant, progress)
+            info["skipped"] = t["skipped"]
+            out["train"] = t
     with times.stage(r, "budget"):
         d = ctl.update(r, read_effective_lengths(run.root, p.budget_variant, r))
     out["decision"] = dataclasses.asdict(d)
@@ -124,11 +168,17 @@ def start_run(config_path: str | Path, root: str | Path, overrides: list[str] | 
 
 
 def replay(
-    root: str | Path, variant: str, spec: VariantSpec, rounds: list[int] | None = None, progress: bool = True
+    root: str | Path,
+    variant: str,
+    spec: VariantSpec,
+    rounds: list[int] | None = None,
+    progress: bool = True,
+    train: bool = True,
 ) -> Path:
     """Re-score the cached rounds as ``variant`` and retrain from the round-0 student, calling no model
-    but the student being trained. Output: RUN/replays/<variant>/ (its own scores, checkpoints, budget
-    and stage times; the cache is the parent's, linked)."""
+    but the student being trained (``train=False``: scores and budget decisions only). Output:
+    RUN/replays/<variant>/ (its own scores, checkpoints, budget and stage times; the cache is the
+    parent's, linked)."""
     run = RunDir(root).require()
     cfg = read_run_config(run.root)
     if cfg is None:
@@ -150,5 +200,5 @@ def replay(
         write_run_config(sub.root, rcfg)
     # the replay trains on the original rollouts, so its budget merely records what Alg. 1 would decide
     for r in todo:
-        run_round(sub.root, r, rcfg, progress, generate=False, label=f"replay:{variant}")
+        run_round(sub.root, r, rcfg, progress, generate=False, label=f"replay:{variant}", train=train)
     return sub.root

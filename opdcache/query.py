@@ -122,6 +122,24 @@ def view_statements(root: str | Path) -> list[str]:
         )
     else:
         stage_times = _empty(time_cols)
+    eval_cols = [
+        ("round", "INTEGER"),
+        ("accuracy", "DOUBLE"),
+        ("pass_at_n", "DOUBLE"),
+        ("n", "INTEGER"),
+        ("prompts", "INTEGER"),
+        ("mean_response_tokens", "DOUBLE"),
+        ("truncated", "DOUBLE"),
+        ("seconds", "DOUBLE"),
+    ]
+    if any(run.root.glob("eval/round=*.json")):
+        cols = ", ".join(f"{n}: '{t}'" for n, t in eval_cols[1:])
+        evals = (
+            f"SELECT regexp_extract(filename, 'round=([0-9]+)', 1)::INTEGER AS round, * EXCLUDE (filename) "
+            f"FROM read_json({_q(run.root / 'eval' / 'round=*.json')}, columns = {{{cols}}}, filename = true)"
+        )
+    else:
+        evals = _empty(eval_cols)
     views = {
         "rollouts": rollouts,
         "scores": scores,
@@ -129,6 +147,7 @@ def view_statements(root: str | Path) -> list[str]:
         "variants": variants,
         "budget": budget,
         "stage_times": stage_times,
+        "evals": evals,
     }
     return [f"CREATE OR REPLACE VIEW {name} AS {sql}" for name, sql in views.items()]
 

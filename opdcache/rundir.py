@@ -67,6 +67,10 @@ class RunDir:
     def checkpoint(self, r: int) -> Path:
         return self.root / "checkpoints" / f"round={r}"
 
+    def eval_result(self, r: int) -> Path:
+        """Avg@n of the round-r checkpoint (the student round r samples from)."""
+        return self.root / "eval" / f"round={r}.json"
+
     def variant(self, name: str) -> Path:
         return self.scores / check_variant_name(name)
 

@@ -65,7 +65,11 @@ def test_tokens_with_no_scores_yet(synth_run):
 @pytest.mark.parametrize("sql_file", sorted(ANALYSIS.glob("*.sql")), ids=lambda p: p.name)
 def test_analysis_sql_runs(scored, sql_file):
     rows = run_sql(scored.root, sql_file.read_text(), {"band_scale": "100", "bucket": "64"}).fetchall()
-    assert rows
+    # the fixture has no evaluations (tests/test_report_on_cpu.py has)
+    if sql_file.name == "accuracy_vs_time.sql":
+        assert rows == []
+    else:
+        assert rows
 
 
 def test_overlap_by_depth_shows_drift(scored):

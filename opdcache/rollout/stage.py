@@ -98,7 +98,14 @@ def rollout_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = Tru
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
     )
     llm = engine.make_llm(
-        student, rc.k, max_len, rc.seed, rc.dtype, rc.kv_cache_gib, rc.gpu_memory_utilization
+        student,
+        rc.k,
+        max_len,
+        rc.seed,
+        rc.dtype,
+        rc.kv_cache_gib,
+        rc.gpu_memory_utilization,
+        rc.enforce_eager,
     )
     bar = tqdm(
         total=len(prompts),

@@ -1,0 +1,14 @@
+-- Avg@n accuracy of each evaluated checkpoint against the wall time spent producing it: every
+-- stage of the rounds before it, evaluation excluded (paper Fig. 1 / Fig. 4).
+--   opdcache query RUN --file analysis/accuracy_vs_time.sql [--param run_label=main]
+WITH per_round AS (
+    SELECT round, sum(seconds) AS seconds
+    FROM stage_times
+    WHERE run = coalesce(getvariable('run_label'), 'main') AND stage <> 'eval'
+    GROUP BY round
+)
+SELECT e.round,
+       coalesce((SELECT sum(p.seconds) FROM per_round p WHERE p.round < e.round), 0) AS wall_seconds,
+       e.accuracy, e.pass_at_n, e.n, e.prompts, e.mean_response_tokens, e.truncated
+FROM evals e
+ORDER BY e.round;

@@ -1,0 +1,191 @@
+"""``opdcache demo``: Prune-OPD end to end on the embedded toy task, with the real engines.
+
+    opdcache demo [--out demo] [--smoke] [--rounds 4] [--seeds 0 1]
+
+1. builds (or reuses) the toy teacher and the low- and high-compatibility students (``toy/models.py``);
+2. writes the toy prompt and eval files;
+3. runs, on both pairs, the arms OPD (fixed budget M_max), Prune-OPD (overlap, dynamic budget) and
+   fixed truncation, for a few rounds each (vLLM rollouts, gathering teacher forward, DeepSpeed);
+4. evaluates Avg@n every other round, replays a gamma sweep (score-only) from each Prune-OPD cache;
+5. writes ``OUT/report/report.md`` (+ PNGs) and ``OUT/summary.md``, and prints the summary table.
+
+Everything lands in OUT (models/, data/, runs/<pair>-<arm>-s<seed>/, report/); a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from opdcache.lock import RunLock
+from opdcache.loop import replay, run_rounds, start_run
+from opdcache.query import run_sql
+from opdcache.rundir import RunDir, atomic_write_bytes
+from opdcache.toy.models import build_toy_models
+from opdcache.toy.task import sample_problems, write_prompts
+
+PAIRS = {"low": "student_low", "high": "student_high"}
+ARMS = ("opd", "prune", "truncate")
+GAMMAS = (0.6, 0.7, 0.8)
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    rounds: int
+    prompts_per_round: int
+    n_samples: int
+    eval_prompts: int
+    eval_n: int
+    eval_every: int
+    train_prompts: int = 1024
+
+    @staticmethod
+    def of(smoke: bool, rounds: int | None = None) -> DemoSize:
+        size = DemoSize(1, 4, 2, 4, 2, 1) if smoke else DemoSize(4, 16, 4, 32, 4, 2)
+        return dataclasses.replace(size, rounds=rounds) if rounds else size
+
+
+def toy_overrides(
+    models: dict[str, Path], student: str, data: Path, size: DemoSize, seed: int, arm: str
+) -> list[str]:
+    """The toy's run config: budget bounds scaled to ~100-500-token solutions (M in [64, 768])."""
+    return [
+        f"models.student={models[student]}",
+        f"models.teacher={models['teacher']}",
+        f"data.prompts={data / 'train.jsonl'}",
+        "data.template={question}",
+        "rollout.k=16",
+        f"rollout.n_samples={size.n_samples}",
+        f"rollout.prompts_per_round={size.prompts_per_round}",
+        f"rollout.part_size={max(1, size.prompts_per_round // 2)}",
+        f"rollout.seed={seed}",
+        "rollout.kv_cache_gib=1",
+        "rollout.enforce_eager=true",
+        "budget.initial=256",
+        "budget.min=64",
+        "budget.max=768",
+        "budget.step=64",
+        "budget.margin=32",
+        "budget.patience=2",
+        "train.lr=2e-4",
+        "train.micro_batch_size=8",
+        f"train.seed={seed}",
+        f"arm.name={arm}",
+        "arm.truncate_tokens=256",
+        f"eval.data={data / 'eval.jsonl'}",
+        f"eval.every={size.eval_every}",
+        f"eval.n={size.eval_n}",
+        "eval.temperature=0.6",
+        "eval.checker=exact",
+    ]
+
+
+def write_toy_data(data: Path, size: DemoSize) -> None:
+    data.mkdir(parents=True, exist_ok=True)
+    if not (data / "train.jsonl").exists():
+        write_prompts(data / "train.jsonl", sample_problems(size.train_prompts, seed=101), "train-")
+    if not (data / "eval.jsonl").exists():
+        write_prompts(data / "eval.jsonl", sample_problems(size.eval_prompts, seed=202), "eval-")
+
+
+def run_summary(root: Path) -> dict[str, Any]:
+    """Final accuracy, training wall time (evaluation excluded), last E and budget of one run."""
+
+    def q(sql: str) -> tuple | None:
+        rows = run_sql(root, sql).fetchall()
+        return rows[0] if rows else None
+
+    (train_s,) = q("SELECT sum(seconds) FROM stage_times WHERE run = 'main' AND stage <> 'eval'")
+    acc0 = q("SELECT accuracy FROM evals ORDER BY round LIMIT 1")
+    acc = q("SELECT accuracy, round FROM evals ORDER BY round DESC LIMIT 1")
+    gen = q("SELECT sum(response_len), avg(response_len) FROM rollouts")
+    last = q("SELECT effective_len_mean, max_tokens, next_max_tokens FROM budget ORDER BY round DESC LIMIT 1")
+    return {
+        "run": root.name,
+        "accuracy_start": acc0[0] if acc0 else None,
+        "accuracy_final": acc[0] if acc else None,
+        "train_seconds": train_s or 0.0,
+        "generated_tokens": int(gen[0] or 0),
+        "mean_response_len": float(gen[1] or 0),
+        "last_mean_effective_len": last[0] if last else None,
+        "last_budget": last[1] if last else None,
+        "next_budget": last[2] if last else None,
+    }
+
+
+def summary_markdown(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| pair | arm | seed | acc. round 0 | acc. final | train wall (s) | x OPD | generated tokens "
+        "| last mean E | last M_t -> M_t+1 |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+        lines.append(
+            f"| {r['pair']} | {r['arm']} | {r['seed']} | {f(r['accuracy_start'])} | {f(r['accuracy_final'])} "
+            f"| {r['train_seconds']:.0f} | {f(r['time_vs_opd'], 2)} | {r['generated_tokens']} "
+            f"| {f(r['last_mean_effective_len'], 0)} | {r['last_budget']} -> {r['next_budget']} |"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(
+    out: str | Path = "demo",
+    smoke: bool = False,
+    rounds: int | None = None,
+    seeds: tuple[int, ...] = (0,),
+    progress: bool = True,
+) -> dict[str, Any]:
+    from opdcache.report import make_report
+
+    t0 = time.perf_counter()
+    outd = Path(out).resolve()
+    size = DemoSize.of(smoke, rounds)
+    models = build_toy_models(outd / "models", seed=0, smoke=smoke, progress=progress)
+    t_models = time.perf_counter() - t0
+    data = outd / "data"
+    write_toy_data(data, size)
+    rows, roots = [], []
+    jobs = [(pair, arm, seed) for seed in seeds for pair in PAIRS for arm in ARMS]
+    for pair, arm, seed in tqdm(jobs, desc="demo runs", unit="run", disable=not progress):
+        root = outd / "runs" / f"{pair}-{arm}-s{seed}"
+        root.mkdir(parents=True, exist_ok=True)
+        with RunLock(root, "demo"):
+            cfg = start_run(None, root, toy_overrides(models, PAIRS[pair], data, size, seed, arm))
+            first = outd / "runs" / f"{pair}-{ARMS[0]}-s{seed}"
+            shared = RunDir(first).eval_result(0)
+            if first != root and shared.exists() and not RunDir(root).eval_result(0).exists():
+                # round 0 is the same checkpoint, data and seed in every arm: evaluate it once
+                RunDir(root).eval_result(0).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(shared, RunDir(root).eval_result(0))
+            run_rounds(root, size.rounds, cfg, progress)
+            if arm == "prune":
+                for g in GAMMAS:
+                    replay(
+                        root, f"gamma{g:g}", cfg.score.spec().replace(gamma=g), progress=progress, train=False
+                    )
+        roots.append(root)
+        rows.append({"pair": pair, "arm": arm, "seed": seed, **run_summary(root)})
+    for r in rows:
+        opd = next(x for x in rows if (x["pair"], x["seed"], x["arm"]) == (r["pair"], r["seed"], "opd"))
+        r["time_vs_opd"] = r["train_seconds"] / opd["train_seconds"] if opd["train_seconds"] else None
+    report = make_report(roots, outd / "report", band_scale=64, bucket=32, every=max(1, size.rounds // 2))
+    table = summary_markdown(rows)
+    total = time.perf_counter() - t0
+    text = (
+        f"# opdcache demo{' (smoke)' if smoke else ''}\n\n{table}\n\nModels built/reused in {t_models:.0f} s; "
+        f"whole demo {total:.0f} s. Report: {report}\n"
+    )
+    atomic_write_bytes(outd / "summary.md", text.encode())
+    atomic_write_bytes(
+        outd / "summary.json",
+        json.dumps({"rows": rows, "seconds": total, "models_seconds": t_models}, indent=1).encode(),
+    )
+    return {"rows": rows, "table": table, "report": report, "seconds": total, "summary": outd / "summary.md"}

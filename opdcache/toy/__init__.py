@@ -1,0 +1,1 @@
+"""The embedded long-horizon toy task and the teacher/student pairs the project builds itself."""

@@ -1,0 +1,94 @@
+"""A synthetic long-horizon arithmetic task with exactly checkable ``\\boxed{}`` answers.
+
+A problem ``start x add a steps n solve`` asks for x + n·a (mod 100), worked one step at a time. The
+solution in the teacher's format ("compact") is n lines of 8 tokens, then ``\\boxed{ y }``::
+
+    1 : 17 + 7 = 24 ; 2 : 24 + 7 = 31 ; ... ; \\boxed{ 3 }
+
+The low-compatibility student was pre-trained on the "drift" format: it starts compact and after a
+geometric number of steps (mean ``1/switch_p``) switches for good to a verbose notation the teacher
+never saw (``then 24 plus 7 gives 31 .``) -- the toy's version of a Base model drifting into its own
+style on long outputs. With n up to 60, solutions run to ~500 tokens.
+
+Every number 0-99 is one token, so next-number positions choose among 100 candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+MOD = 100
+NUMBERS = [str(i) for i in range(MOD)]
+WORDS = ["start", "add", "steps", "solve", ":", "+", "=", ";", "\\boxed{", "}", "then", "plus", "gives", "."]
+VOCAB = NUMBERS + WORDS
+BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
+
+Format = Literal["compact", "drift"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    start: int
+    add: int
+    steps: int
+
+    @property
+    def answer(self) -> int:
+        return (self.start + self.steps * self.add) % MOD
+
+    @property
+    def question(self) -> str:
+        return f"start {self.start} add {self.add} steps {self.steps} solve"
+
+
+def sample_problems(n: int, seed: int, min_steps: int = 8, max_steps: int = 60) -> list[Problem]:
+    rng = np.random.default_rng(seed)
+    return [
+        Problem(int(rng.integers(MOD)), int(rng.integers(1, 10)), int(rng.integers(min_steps, max_steps + 1)))
+        for _ in range(n)
+    ]
+
+
+def solution(
+    p: Problem, fmt: Format = "compact", rng: np.random.Generator | None = None, switch_p: float = 0.125
+) -> str:
+    """A correct worked solution; ``drift`` switches to the verbose notation at a geometric step."""
+    switch = p.steps + 1
+    if fmt == "drift":
+        switch = int((rng or np.random.default_rng()).geometric(switch_p))
+    parts, x = [], p.start
+    for i in range(1, p.steps + 1):
+        y = (x + p.add) % MOD
+        if i < switch:
+            parts.append(f"{i} : {x} + {p.add} = {y} ;")
+        else:
+            parts.append(f"then {x} plus {p.add} gives {y} .")
+        x = y
+    parts.append(f"\\boxed{{ {x} }}")
+    return " ".join(parts)
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}``, whitespace-trimmed, or None."""
+    found = BOXED.findall(text)
+    return found[-1].strip() if found else None
+
+
+def write_prompts(path: str | Path, problems: list[Problem], prefix: str) -> Path:
+    """JSONL with prompt_id, question, answer (the format every stage and ``opdcache eval`` read)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        for i, p in enumerate(problems):
+            f.write(
+                json.dumps({"prompt_id": f"{prefix}{i}", "question": p.question, "answer": str(p.answer)})
+                + "\n"
+            )
+    tmp.replace(path)
+    return path

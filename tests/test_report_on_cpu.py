@@ -1,0 +1,82 @@
+import json
+
+from opdcache.cli import main
+from opdcache.report import make_report
+from opdcache.rundir import RunDir
+
+
+def _eval(run, r, acc):
+    p = RunDir(run).eval_result(r)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(
+        json.dumps(
+            {
+                "accuracy": acc,
+                "pass_at_n": acc,
+                "n": 4,
+                "prompts": 8,
+                "mean_response_tokens": 100.0,
+                "truncated": 0.0,
+                "seconds": 1.0,
+            }
+        )
+    )
+
+
+def test_report_writes_every_figure_from_the_sql(synth_run, tmp_path):
+    run = synth_run.root
+    assert main(["init", str(run), "--set", "budget.initial=256", "--set", "budget.min=64"]) == 0
+    assert main(["score", str(run), "--quiet"]) == 0
+    for r in (0, 1):
+        assert main(["budget", str(run), "--round", str(r)]) == 0
+    with (RunDir(run).root / "stage_times.jsonl").open("w") as f:
+        for r, s in [(0, 10.0), (1, 30.0)]:
+            f.write(
+                json.dumps(
+                    {
+                        "run": "main",
+                        "round": r,
+                        "stage": "train",
+                        "seconds": s,
+                        "skipped": False,
+                        "host": "h",
+                        "finished_at": 0.0,
+                    }
+                )
+                + "\n"
+            )
+        f.write(
+            json.dumps(
+                {
+                    "run": "main",
+                    "round": 0,
+                    "stage": "eval",
+                    "seconds": 99.0,
+                    "skipped": False,
+                    "host": "h",
+                    "finished_at": 0.0,
+                }
+            )
+            + "\n"
+        )
+    _eval(run, 0, 0.25)
+    _eval(run, 2, 0.5)
+    assert main(["replay", str(run), "--variant", "g0.8", "--gamma", "0.8", "--no-train", "--quiet"]) == 0
+    assert main(["replay", str(run), "--variant", "g0.6", "--gamma", "0.6", "--no-train", "--quiet"]) == 0
+    out = tmp_path / "rep"
+    md = make_report([run], out, band_scale=64, bucket=64)
+    text = md.read_text()
+    for stem in ("accuracy_vs_time", "budget", "weight_by_position", "overlap_by_depth", "gamma_sweep"):
+        assert (out / f"{stem}.png").stat().st_size > 1000
+        assert f"({stem}.png)" in text
+    acc = (out / "accuracy_vs_time.csv").read_text().splitlines()
+    # checkpoint 2 was produced by rounds 0 and 1 (40 s); evaluation time is not training time
+    assert acc[1].split(",")[1:4] == ["0", "0.0", "0.25"] and acc[2].split(",")[1:4] == ["2", "40.0", "0.5"]
+    sweep = (out / "gamma_sweep.csv").read_text().splitlines()[1:]
+    e = {float(line.split(",")[2]): float(line.split(",")[4]) for line in sweep if line.split(",")[3] == "0"}
+    assert set(e) == {0.6, 0.8} and e[0.8] <= e[0.6]  # a stricter gamma never lengthens E
+
+
+def test_report_cli_names_a_missing_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope" in capsys.readouterr().err

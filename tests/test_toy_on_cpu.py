@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from opdcache.evaluation import is_correct
+from opdcache.toy.models import build_toy_tokenizer, confusion_matrix
+from opdcache.toy.task import MOD, Problem, extract_boxed, sample_problems, solution
+
+
+def test_solutions_are_correct_chains_in_both_formats():
+    rng = np.random.default_rng(0)
+    for p in sample_problems(50, seed=3):
+        for fmt in ("compact", "drift"):
+            text = solution(p, fmt, rng)
+            assert extract_boxed(text) == str(p.answer)
+            # every step's result is the previous one plus `add` (mod 100)
+            nums = [int(t) for t in text.replace("=", " = ").split() if t.isdigit()]
+            assert len(text.split()) >= 6 * p.steps
+            assert p.answer == (p.start + p.steps * p.add) % MOD
+            assert nums[-1] == p.answer
+    drift = solution(Problem(5, 3, 60), "drift", np.random.default_rng(1))
+    assert drift.startswith("1 : 5 + 3 = 8 ;") and "then" in drift
+
+
+def test_toy_tokenizer_is_one_token_per_word_and_round_trips(tmp_path):
+    tok = build_toy_tokenizer(tmp_path)
+    text = solution(Problem(17, 7, 12), "compact")
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) == len(text.split())
+    assert tok.decode(ids) == text
+    from transformers import AutoTokenizer
+
+    # saved and reloaded the way vLLM and the stages load it (the model type decides the class)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text, add_special_tokens=False).input_ids == ids
+
+
+def test_confusion_rows_are_distributions_without_eos():
+    q = confusion_matrix(116)
+    rows = q.sum(1)
+    assert np.allclose(rows[2:].numpy(), 1.0, atol=1e-5)
+    assert float(q[:, 0].abs().sum()) == 0.0  # nothing is a near miss of EOS
+    assert int(q[2 + 50].argmax()) == 2 + 51  # a number's nearest miss is the next number
+
+
+@pytest.mark.parametrize(
+    ("response", "answer", "checker", "ok"),
+    [
+        ("... ; \\boxed{ 42 }", "42", "exact", True),
+        ("\\boxed{ 4 } then \\boxed{ 42 }", "42", "exact", True),
+        ("no box 42", "42", "exact", False),
+        ("\\boxed{ 420 }", "42", "exact", False),
+        ("so the answer is \\boxed{\\frac{1}{2}}", "0.5", "math", True),
+        ("so the answer is \\boxed{\\frac{2}{4}}", "\\frac{1}{2}", "math", True),
+        ("\\boxed{3}", "\\frac{1}{2}", "math", False),
+    ],
+)
+def test_answer_checkers(response, answer, checker, ok):
+    assert is_correct(response, answer, checker) is ok
