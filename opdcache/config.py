@@ -188,6 +188,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-6 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, int | float) and not isinstance(value, bool),

@@ -60,7 +60,7 @@ def toy_overrides(
         f"models.student={models[student]}",
         f"models.teacher={models['teacher']}",
         f"data.prompts={data / 'train.jsonl'}",
-        "data.template={question}",
+        "data.template='{question}'",
         "rollout.k=16",
         f"rollout.n_samples={size.n_samples}",
         f"rollout.prompts_per_round={size.prompts_per_round}",

@@ -72,3 +72,11 @@ def test_overrides_and_resolved_round_trip(tmp_path):
         load_config(None, ["gamma"])
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_float_keys_accept_exponent_notation_that_yaml_reads_as_text():
+    from opdcache.config import load_config
+
+    assert load_config(None, ["train.lr=2e-4"]).train.lr == 2e-4
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=fast"])

@@ -1,8 +1,8 @@
 """The toy teacher and the two toy students, pre-trained here on CPU (deterministic from a seed).
 
     teacher        hidden 128, 3 layers, compact format, 700 steps
-    student_high   hidden 128, 2 layers, compact format, 300 steps  -> high compatibility
-    student_low    hidden 128, 2 layers, drift format, 300 steps    -> low compatibility
+    student_high   hidden 128, 2 layers, compact format, 500 steps  -> high compatibility
+    student_low    hidden 128, 2 layers, drift format, 500 steps    -> low compatibility
 
 Each is a Qwen3 HF checkpoint with a word-level `tokenizers` tokenizer over the toy vocabulary,
 saved with ``toy_model.json`` (its spec and training record); a directory whose spec matches is
@@ -40,7 +40,7 @@ class ToyModelSpec:
     lr: float = 3e-3
     seed: int = 0
     max_steps: int = 40  # longest problem (solution steps) in the training data
-    smoothing: float = 0.05  # target mass spread over the token's confusion neighbours (see below)
+    smoothing: float = 0.02  # target mass spread over the token's confusion neighbours (see below)
 
 
 def toy_specs(seed: int = 0, smoke: bool = False) -> dict[str, ToyModelSpec]:
@@ -48,8 +48,8 @@ def toy_specs(seed: int = 0, smoke: bool = False) -> dict[str, ToyModelSpec]:
     n = lambda s: max(20, int(s * scale))  # noqa: E731
     return {
         "teacher": ToyModelSpec("compact", 128, 3, n(700), seed=seed),
-        "student_high": ToyModelSpec("compact", 128, 2, n(300), seed=seed + 1),
-        "student_low": ToyModelSpec("drift", 128, 2, n(300), seed=seed + 2),
+        "student_high": ToyModelSpec("compact", 128, 2, n(500), seed=seed + 1),
+        "student_low": ToyModelSpec("drift", 128, 2, n(500), seed=seed + 2),
     }
 
 

@@ -1,0 +1,61 @@
+"""`opdcache demo --smoke` end to end: toy models built here, real vLLM, teacher forward, DeepSpeed."""
+
+import json
+
+import pytest
+
+from opdcache.cli import main
+from opdcache.query import run_sql
+from opdcache.rundir import RunDir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--smoke", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_smoke_demo_runs_every_pair_and_arm(demo):
+    summary = json.loads((demo / "summary.json").read_text())
+    rows = {(r["pair"], r["arm"]): r for r in summary["rows"]}
+    assert set(rows) == {(p, a) for p in ("low", "high") for a in ("opd", "prune", "truncate")}
+    for (pair, arm), r in rows.items():
+        run = RunDir(demo / "runs" / f"{pair}-{arm}-s0")
+        assert run.checkpoint(1).is_dir(), (pair, arm)
+        assert run.eval_result(0).exists() and run.eval_result(1).exists()
+        assert 0.0 <= r["accuracy_final"] <= 1.0 and r["train_seconds"] > 0
+        # each arm sampled under its own budget: OPD at M_max, truncation at 256, Prune-OPD at M_0
+        m0 = run_sql(run.root, "select max_tokens from budget where round = 0").fetchall()[0][0]
+        assert m0 == {"opd": 768, "truncate": 256, "prune": 256}[arm]
+        longest = run_sql(run.root, "select max(response_len) from rollouts").fetchall()[0][0]
+        assert longest <= m0
+    assert rows[("low", "opd")]["time_vs_opd"] == 1.0
+
+
+def test_smoke_demo_sweeps_gamma_and_reports(demo):
+    for pair in ("low", "high"):
+        run = demo / "runs" / f"{pair}-prune-s0"
+        e = {}
+        for g in (0.6, 0.7, 0.8):
+            rows = run_sql(
+                run / "replays" / f"gamma{g:g}", "select avg(effective_len) from scores"
+            ).fetchall()
+            e[g] = rows[0][0]
+        assert e[0.6] >= e[0.7] >= e[0.8]  # a stricter overlap threshold never lengthens E
+    report = (demo / "report" / "report.md").read_text()
+    for png in ("accuracy_vs_time", "budget", "weight_by_position", "overlap_by_depth", "gamma_sweep"):
+        assert (demo / "report" / f"{png}.png").stat().st_size > 1000
+        assert f"({png}.png)" in report
+    assert "| low | prune |" in (demo / "summary.md").read_text()
+
+
+def test_demo_rerun_resumes_without_recomputing(demo):
+    before = (demo / "runs" / "low-prune-s0" / "stage_times.jsonl").read_text().count("\n")
+    stamp = (demo / "runs" / "low-prune-s0" / "checkpoints" / "round=1").stat().st_mtime
+    assert main(["demo", "--smoke", "--out", str(demo), "--quiet"]) == 0
+    assert (demo / "runs" / "low-prune-s0" / "checkpoints" / "round=1").stat().st_mtime == stamp
+    after = (demo / "runs" / "low-prune-s0" / "stage_times.jsonl").read_text()
+    assert all(json.loads(line)["skipped"] for line in after.splitlines()[before:])
