@@ -1,14 +1,16 @@
 -- Avg@n accuracy of each evaluated checkpoint against the wall time spent producing it: every
--- stage of the rounds before it, evaluation excluded (paper Fig. 1 / Fig. 4).
+-- stage of the rounds before it, evaluation excluded (paper Fig. 1 / Fig. 4). work_seconds leaves
+-- out the vLLM engine start-up of each rollout (a fixed cost that dominates tiny CPU rounds).
 --   opdcache query RUN --file analysis/accuracy_vs_time.sql [--param run_label=main]
 WITH per_round AS (
-    SELECT round, sum(seconds) AS seconds
+    SELECT round, sum(seconds) AS seconds, sum(coalesce(work_seconds, seconds)) AS work_seconds
     FROM stage_times
     WHERE run = coalesce(getvariable('run_label'), 'main') AND stage <> 'eval'
     GROUP BY round
 )
 SELECT e.round,
        coalesce((SELECT sum(p.seconds) FROM per_round p WHERE p.round < e.round), 0) AS wall_seconds,
+       coalesce((SELECT sum(p.work_seconds) FROM per_round p WHERE p.round < e.round), 0) AS work_seconds,
        e.accuracy, e.pass_at_n, e.n, e.prompts, e.mean_response_tokens, e.truncated
 FROM evals e
 ORDER BY e.round;

@@ -74,7 +74,7 @@ def toy_overrides(
         "budget.step=64",
         "budget.margin=32",
         "budget.patience=2",
-        "train.lr=2e-4",
+        "train.lr=3e-5",
         "train.micro_batch_size=8",
         f"train.seed={seed}",
         f"arm.name={arm}",
@@ -102,7 +102,10 @@ def run_summary(root: Path) -> dict[str, Any]:
         rows = run_sql(root, sql).fetchall()
         return rows[0] if rows else None
 
-    (train_s,) = q("SELECT sum(seconds) FROM stage_times WHERE run = 'main' AND stage <> 'eval'")
+    train_s, work_s = q(
+        "SELECT sum(seconds), sum(coalesce(work_seconds, seconds)) FROM stage_times "
+        "WHERE run = 'main' AND stage <> 'eval'"
+    )
     acc0 = q("SELECT accuracy FROM evals ORDER BY round LIMIT 1")
     acc = q("SELECT accuracy, round FROM evals ORDER BY round DESC LIMIT 1")
     gen = q("SELECT sum(response_len), avg(response_len) FROM rollouts")
@@ -112,6 +115,7 @@ def run_summary(root: Path) -> dict[str, Any]:
         "accuracy_start": acc0[0] if acc0 else None,
         "accuracy_final": acc[0] if acc else None,
         "train_seconds": train_s or 0.0,
+        "work_seconds": work_s or 0.0,
         "generated_tokens": int(gen[0] or 0),
         "mean_response_len": float(gen[1] or 0),
         "last_mean_effective_len": last[0] if last else None,
@@ -122,15 +126,16 @@ def run_summary(root: Path) -> dict[str, Any]:
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| pair | arm | seed | acc. round 0 | acc. final | train wall (s) | x OPD | generated tokens "
-        "| last mean E | last M_t -> M_t+1 |"
+        "| pair | arm | seed | acc. round 0 | acc. final | wall (s) | x OPD | work (s) | x OPD "
+        "| generated tokens | last mean E | last M_t -> M_t+1 |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
         lines.append(
             f"| {r['pair']} | {r['arm']} | {r['seed']} | {f(r['accuracy_start'])} | {f(r['accuracy_final'])} "
-            f"| {r['train_seconds']:.0f} | {f(r['time_vs_opd'], 2)} | {r['generated_tokens']} "
+            f"| {r['train_seconds']:.0f} | {f(r['time_vs_opd'], 2)} | {r['work_seconds']:.0f} "
+            f"| {f(r['work_vs_opd'], 2)} | {r['generated_tokens']} "
             f"| {f(r['last_mean_effective_len'], 0)} | {r['last_budget']} -> {r['next_budget']} |"
         )
     return "\n".join(lines)
@@ -176,6 +181,7 @@ def run_demo(
     for r in rows:
         opd = next(x for x in rows if (x["pair"], x["seed"], x["arm"]) == (r["pair"], r["seed"], "opd"))
         r["time_vs_opd"] = r["train_seconds"] / opd["train_seconds"] if opd["train_seconds"] else None
+        r["work_vs_opd"] = r["work_seconds"] / opd["work_seconds"] if opd["work_seconds"] else None
     report = make_report(roots, outd / "report", band_scale=64, bucket=32, every=max(1, size.rounds // 2))
     table = summary_markdown(rows)
     total = time.perf_counter() - t0

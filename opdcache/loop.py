@@ -41,11 +41,14 @@ class StageTimes:
         info: dict[str, Any] = {"skipped": False}
         t0 = time.perf_counter()
         yield info
+        seconds = time.perf_counter() - t0
         row = {
             "run": self.label,
             "round": r,
             "stage": name,
-            "seconds": time.perf_counter() - t0,
+            "seconds": seconds,
+            # seconds less fixed start-up costs (vLLM engine start), where a stage reports them
+            "work_seconds": seconds - info.get("startup_seconds", 0.0),
             "skipped": info["skipped"],
             "host": socket.gethostname(),
             "finished_at": time.time(),
@@ -127,7 +130,9 @@ def run_round(
     out: dict[str, Any] = {"round": r, "max_tokens": ctl.max_tokens_for(r)}
     if generate:
         with times.stage(r, "rollout") as info:
-            info["skipped"] = rollout_round(run.root, r, cfg, progress)["tokens"] == 0
+            ro = rollout_round(run.root, r, cfg, progress)
+            info["skipped"] = ro["tokens"] == 0
+            info["startup_seconds"] = ro.get("engine_start_seconds", 0.0)
         with times.stage(r, "teacher") as info:
             info["skipped"] = teacher_round(run.root, r, cfg, progress)["parts"] == 0
     elif not run.shards(run.cache_round(r)):

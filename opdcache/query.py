@@ -110,6 +110,7 @@ def view_statements(root: str | Path) -> list[str]:
         ("round", "INTEGER"),
         ("stage", "VARCHAR"),
         ("seconds", "DOUBLE"),
+        ("work_seconds", "DOUBLE"),  # seconds less engine start-up (absent in older files: NULL)
         ("skipped", "BOOLEAN"),
         ("host", "VARCHAR"),
         ("finished_at", "DOUBLE"),

@@ -212,3 +212,69 @@ def test_rollout_stage_survives_kills(models, tmp_path):
     subprocess.run(_cli("rollout", root, "--round", 0, "--quiet"), check=True, capture_output=True)
     assert len(list((root / "rollouts" / "round=0").glob("*.parquet"))) == 3
     _assert_consistent(root)
+
+
+def _report_run(tmp_path):
+    import json
+
+    from opdcache.cli import main
+    from opdcache.rundir import RunDir
+
+    run = write_synthetic_run(
+        tmp_path / "run",
+        rounds=3,
+        parts_per_round=2,
+        prompts_per_part=6,
+        mean_len=300,
+        max_tokens=512,
+        k=8,
+        vocab=5000,
+    )
+    assert main(["init", str(run.root), "--set", "budget.initial=256", "--set", "budget.min=64"]) == 0
+    assert main(["score", str(run.root), "--quiet"]) == 0
+    for r in range(3):
+        assert main(["budget", str(run.root), "--round", str(r)]) == 0
+        p = RunDir(run.root).eval_result(r)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(
+            json.dumps(
+                {
+                    "accuracy": 0.1 * r,
+                    "pass_at_n": 0.2,
+                    "n": 2,
+                    "prompts": 4,
+                    "mean_response_tokens": 9.0,
+                    "truncated": 0.0,
+                    "seconds": 1.0,
+                }
+            )
+        )
+    assert (
+        main(["replay", str(run.root), "--variant", "g0.8", "--gamma", "0.8", "--no-train", "--quiet"]) == 0
+    )
+    return run.root
+
+
+def test_report_survives_kills(tmp_path):
+    root = _report_run(tmp_path)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    full = _duration(_cli("report", root, "--out", ref, "--band-scale", 64, "--bucket", 64))
+    expected = {p.name: p.read_bytes() for p in ref.iterdir()}
+    assert "report.md" in expected and sum(n.endswith(".png") for n in expected) == 5
+    cmd = _cli("report", root, "--out", out, "--band-scale", 64, "--bucket", 64)
+    rng = random.Random(5)
+    killed = 0
+    for _ in range(TRIALS):
+        shutil.rmtree(out, ignore_errors=True)
+        killed += _kill_after(cmd, rng.uniform(0.05, full)) != 0
+        visible = [p for p in out.iterdir() if not p.name.startswith(".")] if out.exists() else []
+        for p in visible:  # every file a reader can see is complete
+            assert p.name in expected, p
+            if p.suffix == ".png":
+                data = p.read_bytes()
+                assert data.startswith(b"\x89PNG") and data.endswith(b"IEND\xaeB`\x82"), p
+            else:
+                assert p.read_bytes() == expected[p.name], p
+        assert subprocess.run(cmd, capture_output=True).returncode == 0  # the rerun completes
+        assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == set(expected)
+    assert killed >= max(1, TRIALS // 4)

@@ -1,3 +1,4 @@
+import csv
 import json
 
 from opdcache.cli import main
@@ -69,9 +70,13 @@ def test_report_writes_every_figure_from_the_sql(synth_run, tmp_path):
     for stem in ("accuracy_vs_time", "budget", "weight_by_position", "overlap_by_depth", "gamma_sweep"):
         assert (out / f"{stem}.png").stat().st_size > 1000
         assert f"({stem}.png)" in text
-    acc = (out / "accuracy_vs_time.csv").read_text().splitlines()
+    acc = list(csv.DictReader((out / "accuracy_vs_time.csv").open()))
     # checkpoint 2 was produced by rounds 0 and 1 (40 s); evaluation time is not training time
-    assert acc[1].split(",")[1:4] == ["0", "0.0", "0.25"] and acc[2].split(",")[1:4] == ["2", "40.0", "0.5"]
+    got = [
+        (int(a["round"]), float(a["wall_seconds"]), float(a["work_seconds"]), float(a["accuracy"]))
+        for a in acc
+    ]
+    assert got == [(0, 0.0, 0.0, 0.25), (2, 40.0, 40.0, 0.5)]
     sweep = (out / "gamma_sweep.csv").read_text().splitlines()[1:]
     e = {float(line.split(",")[2]): float(line.split(",")[4]) for line in sweep if line.split(",")[3] == "0"}
     assert set(e) == {0.6, 0.8} and e[0.8] <= e[0.6]  # a stricter gamma never lengthens E

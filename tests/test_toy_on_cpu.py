@@ -35,10 +35,13 @@ def test_toy_tokenizer_is_one_token_per_word_and_round_trips(tmp_path):
 
 
 def test_confusion_rows_are_distributions_without_eos():
-    q = confusion_matrix(116)
+    from opdcache.toy.task import VOCAB
+
+    q = confusion_matrix(len(VOCAB) + 2)
     rows = q.sum(1)
     assert np.allclose(rows[2:].numpy(), 1.0, atol=1e-5)
-    assert float(q[:, 0].abs().sum()) == 0.0  # nothing is a near miss of EOS
+    for ender in (0, 2 + VOCAB.index("\\boxed{"), 2 + VOCAB.index("}")):
+        assert float(q[:, ender].sum()) == 0.0  # nothing near-misses into ending the answer
     assert int(q[2 + 50].argmax()) == 2 + 51  # a number's nearest miss is the next number
 
 

@@ -97,6 +97,7 @@ def rollout_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = Tru
         student_fingerprint=model_fingerprint(student),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
     )
+    t_start = time.perf_counter()
     llm = engine.make_llm(
         student,
         rc.k,
@@ -115,6 +116,7 @@ def rollout_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = Tru
         disable=not progress,
     )
     t0, tokens = time.perf_counter(), 0
+    summary["engine_start_seconds"] = t0 - t_start
     try:
         for p, idx in enumerate(parts):
             if done[p]:

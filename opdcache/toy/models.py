@@ -40,6 +40,7 @@ class ToyModelSpec:
     lr: float = 3e-3
     seed: int = 0
     max_steps: int = 40  # longest problem (solution steps) in the training data
+    task_version: int = 3  # bump when the task's text or vocabulary changes: forces a rebuild
     smoothing: float = 0.02  # target mass spread over the token's confusion neighbours (see below)
 
 
@@ -59,8 +60,9 @@ def confusion_matrix(vocab_size: int, seed: int = 1234) -> torch.Tensor:
     A deterministic task has one right next token, so a model's top-16 beyond rank 1 would be
     arbitrary and two models' top-k sets would overlap by chance only. Training targets therefore
     put ``smoothing`` mass on Q[y]: for a number, the numbers y±1..±10 (weight 0.7^|d|, a little
-    less below); for a word, the other words in a fixed seeded order (weight 0.7^rank); EOS has no near misses. Models that
-    share the language then share their top-k ranking, as real LMs trained on similar data do.
+    less below); for a word, the other words in a fixed seeded order (weight 0.7^rank). Nothing that
+    ends an answer (EOS, ``\\boxed{``, ``}``) is a near miss. Models that share the language then
+    share their top-k ranking, as real LMs trained on similar data do.
     """
     q = torch.zeros(vocab_size, vocab_size)
     first_num = 2  # ids 0, 1 are EOS and PAD (build_toy_tokenizer's order)
@@ -68,10 +70,12 @@ def confusion_matrix(vocab_size: int, seed: int = 1234) -> torch.Tensor:
         for d in range(1, 11):
             q[first_num + y, first_num + (y + d) % 100] = 0.7**d
             q[first_num + y, first_num + (y - d) % 100] = 0.7**d * 0.8
-    words = list(range(first_num + 100, vocab_size))  # not EOS: near-miss EOS would cut samples short
+    words = list(range(first_num + 100, vocab_size))
+    # no near misses that end an answer (EOS, the box): sampled at T = 1 they would cut it short
+    enders = {first_num + VOCAB.index("\\boxed{"), first_num + VOCAB.index("}")}
     order = np.random.default_rng(seed).permutation(len(words))
     for y in words:
-        ranked = [words[i] for i in order if words[i] != y]
+        ranked = [words[i] for i in order if words[i] != y and words[i] not in enders]
         for rank, j in enumerate(ranked):
             q[y, j] = 0.7**rank
     return q / q.sum(1, keepdim=True).clamp_min(1e-12)

@@ -7,8 +7,9 @@ solution in the teacher's format ("compact") is n lines of 8 tokens, then ``\\bo
 
 The low-compatibility student was pre-trained on the "drift" format: it starts compact and after a
 geometric number of steps (mean ``1/switch_p``) switches for good to a verbose notation the teacher
-never saw (``then 24 plus 7 gives 31 .``) -- the toy's version of a Base model drifting into its own
-style on long outputs. With n up to 60, solutions run to ~500 tokens.
+never saw (``then 24 plus 7 gives 31 .``), then re-checks those steps backwards (``check 31 minus 7
+gives 24 .``) -- the toy's version of a Base model drifting into its own long-winded style. With n
+up to 40, compact solutions run to ~330 tokens, drift ones to ~490.
 
 Every number 0-99 is one token, so next-number positions choose among 100 candidates.
 """
@@ -25,7 +26,24 @@ import numpy as np
 
 MOD = 100
 NUMBERS = [str(i) for i in range(MOD)]
-WORDS = ["start", "add", "steps", "solve", ":", "+", "=", ";", "\\boxed{", "}", "then", "plus", "gives", "."]
+WORDS = [
+    "start",
+    "add",
+    "steps",
+    "solve",
+    ":",
+    "+",
+    "=",
+    ";",
+    "\\boxed{",
+    "}",
+    "then",
+    "plus",
+    "gives",
+    ".",
+    "check",
+    "minus",
+]
 VOCAB = NUMBERS + WORDS
 BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
 
@@ -47,7 +65,7 @@ class Problem:
         return f"start {self.start} add {self.add} steps {self.steps} solve"
 
 
-def sample_problems(n: int, seed: int, min_steps: int = 8, max_steps: int = 60) -> list[Problem]:
+def sample_problems(n: int, seed: int, min_steps: int = 8, max_steps: int = 40) -> list[Problem]:
     rng = np.random.default_rng(seed)
     return [
         Problem(int(rng.integers(MOD)), int(rng.integers(1, 10)), int(rng.integers(min_steps, max_steps + 1)))
@@ -70,6 +88,11 @@ def solution(
         else:
             parts.append(f"then {x} plus {p.add} gives {y} .")
         x = y
+    # the drift format re-checks every verbose step backwards before answering: long, like a
+    # Base model's rambling, and still correct
+    for i in range(p.steps, switch - 1, -1):
+        y = (p.start + i * p.add) % MOD
+        parts.append(f"check {y} minus {p.add} gives {(y - p.add) % MOD} .")
     parts.append(f"\\boxed{{ {x} }}")
     return " ".join(parts)
 
