@@ -59,3 +59,39 @@ def test_demo_rerun_resumes_without_recomputing(demo):
     assert (demo / "runs" / "low-prune-s0" / "checkpoints" / "round=1").stat().st_mtime == stamp
     after = (demo / "runs" / "low-prune-s0" / "stage_times.jsonl").read_text()
     assert all(json.loads(line)["skipped"] for line in after.splitlines()[before:])
+
+
+def test_eval_command_on_a_demo_checkpoint(demo, tmp_path):
+    out = tmp_path / "eval.json"
+    args = [
+        "eval",
+        str(demo / "models" / "teacher"),
+        "--data",
+        str(demo / "data" / "eval.jsonl"),
+        "--n",
+        "3",
+        "--checker",
+        "exact",
+        "--template",
+        "{question}",
+        "--max-tokens",
+        "400",
+        "--kv-cache-gib",
+        "1",
+        "--enforce-eager",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    res = json.loads(out.read_text())
+    ids = [json.loads(line)["prompt_id"] for line in (demo / "data" / "eval.jsonl").read_text().splitlines()]
+    assert sorted(res["per_prompt"]) == sorted(ids) and res["n"] == 3
+    assert all(v in (0, 1 / 3, 2 / 3, 1) for v in res["per_prompt"].values())
+    assert res["accuracy"] == pytest.approx(sum(res["per_prompt"].values()) / len(ids))
+
+
+def test_eval_refuses_bad_data_before_starting_an_engine(demo, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt_id": "a", "question": "start 1 add 2 steps 9 solve"}\n')
+    assert main(["eval", str(demo / "models" / "teacher"), "--data", str(bad)]) == 2
+    assert "missing field(s) answer" in capsys.readouterr().err

@@ -85,3 +85,16 @@ def test_report_writes_every_figure_from_the_sql(synth_run, tmp_path):
 def test_report_cli_names_a_missing_run(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from opdcache.rundir import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "x.md", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.md").stat().st_mode & 0o777 == 0o666 & ~old

@@ -2,7 +2,7 @@
 
     teacher        hidden 128, 3 layers, compact format, 700 steps
     student_high   hidden 128, 2 layers, compact format, 500 steps  -> high compatibility
-    student_low    hidden 128, 2 layers, drift format, 500 steps    -> low compatibility
+    student_low    hidden 128, 2 layers, drift format (rambling), 500 steps -> low compatibility
 
 Each is a Qwen3 HF checkpoint with a word-level `tokenizers` tokenizer over the toy vocabulary,
 saved with ``toy_model.json`` (its spec and training record); a directory whose spec matches is
@@ -40,6 +40,8 @@ class ToyModelSpec:
     lr: float = 3e-3
     seed: int = 0
     max_steps: int = 40  # longest problem (solution steps) in the training data
+    ramble: float = 0.0  # drift only: mean extra check lines (task.solution)
+    max_len: int = 1000  # training sequences are cut here (rambling ones run longer)
     task_version: int = 3  # bump when the task's text or vocabulary changes: forces a rebuild
     smoothing: float = 0.02  # target mass spread over the token's confusion neighbours (see below)
 
@@ -50,7 +52,7 @@ def toy_specs(seed: int = 0, smoke: bool = False) -> dict[str, ToyModelSpec]:
     return {
         "teacher": ToyModelSpec("compact", 128, 3, n(700), seed=seed),
         "student_high": ToyModelSpec("compact", 128, 2, n(500), seed=seed + 1),
-        "student_low": ToyModelSpec("drift", 128, 2, n(500), seed=seed + 2),
+        "student_low": ToyModelSpec("drift", 128, 2, n(500), seed=seed + 2, ramble=60.0),
     }
 
 
@@ -99,7 +101,8 @@ def _batches(tok: PreTrainedTokenizerFast, spec: ToyModelSpec, rng: np.random.Ge
         seqs = []
         for p in probs:
             q = tok(p.question, add_special_tokens=False).input_ids
-            a = tok(solution(p, spec.fmt, rng), add_special_tokens=False).input_ids + [tok.eos_token_id]
+            text = solution(p, spec.fmt, rng, ramble=spec.ramble)
+            a = (tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id])[: spec.max_len - len(q)]
             seqs.append((q, a))
         width = max(len(q) + len(a) for q, a in seqs)
         ids = torch.full((len(seqs), width), tok.pad_token_id)

@@ -74,12 +74,21 @@ def sample_problems(n: int, seed: int, min_steps: int = 8, max_steps: int = 40) 
 
 
 def solution(
-    p: Problem, fmt: Format = "compact", rng: np.random.Generator | None = None, switch_p: float = 0.125
+    p: Problem,
+    fmt: Format = "compact",
+    rng: np.random.Generator | None = None,
+    switch_p: float = 0.125,
+    ramble: float = 0.0,
 ) -> str:
-    """A correct worked solution; ``drift`` switches to the verbose notation at a geometric step."""
+    """A correct worked solution; ``drift`` switches to the verbose notation at a geometric step.
+
+    ``ramble`` > 0 (drift only): the backward checks run on past the start for a geometric number of
+    extra lines with that mean -- the student cannot know when to stop, like a Base model looping.
+    """
+    rng = rng or np.random.default_rng()
     switch = p.steps + 1
     if fmt == "drift":
-        switch = int((rng or np.random.default_rng()).geometric(switch_p))
+        switch = int(rng.geometric(switch_p))
     parts, x = [], p.start
     for i in range(1, p.steps + 1):
         y = (x + p.add) % MOD
@@ -90,7 +99,8 @@ def solution(
         x = y
     # the drift format re-checks every verbose step backwards before answering: long, like a
     # Base model's rambling, and still correct
-    for i in range(p.steps, switch - 1, -1):
+    extra = int(rng.geometric(1 / ramble)) - 1 if fmt == "drift" and ramble > 0 else 0
+    for i in range(p.steps, switch - 1 - extra, -1):
         y = (p.start + i * p.add) % MOD
         parts.append(f"check {y} minus {p.add} gives {(y - p.add) % MOD} .")
     parts.append(f"\\boxed{{ {x} }}")
