@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opdcache.toy.models import build_toy_models
 from opdcache.toy.task import sample_problems
 
-BANDS = [(0, 64), (64, 128), (128, 256), (256, 512)]
+BANDS = [(0, 64), (64, 128), (128, 256), (256, 512), (512, 768)]
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         with torch.no_grad():
             seq = student.generate(
                 **enc,
-                max_new_tokens=512,
+                max_new_tokens=768,
                 do_sample=True,
                 temperature=1.0,
                 top_k=0,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from opdcache.lock import RunLock
@@ -141,6 +142,30 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def seed_means_markdown(rows: list[dict[str, Any]]) -> str:
+    """Mean and spread over seeds per pair and arm (accuracy: mean ± s.d. of the seeds' Avg@n)."""
+    keys = ("accuracy_final", "time_vs_opd", "work_vs_opd", "last_mean_effective_len")
+    lines = [
+        "| pair | arm | seeds | acc. final (mean ± s.d.) | wall x OPD | work x OPD | last mean E |",
+        "|" + "---|" * 7,
+    ]
+    for pair in PAIRS:
+        for arm in ARMS:
+            group = [r for r in rows if (r["pair"], r["arm"]) == (pair, arm)]
+            if not group:
+                continue
+            v = {k: np.array([r[k] for r in group if r[k] is not None], dtype=float) for k in keys}
+            m = {k: f"{x.mean():.2f}" if len(x) else "-" for k, x in v.items()}
+            acc = v["accuracy_final"]
+            sd = acc.std(ddof=1) if len(acc) > 1 else 0.0
+            acc_s = f"{acc.mean():.3f} ± {sd:.3f}" if len(acc) else "-"
+            e = f"{v['last_mean_effective_len'].mean():.0f}" if len(v["last_mean_effective_len"]) else "-"
+            lines.append(
+                f"| {pair} | {arm} | {len(group)} | {acc_s} | {m['time_vs_opd']} | {m['work_vs_opd']} | {e} |"
+            )
+    return "\n".join(lines)
+
+
 def run_demo(
     out: str | Path = "demo",
     smoke: bool = False,
@@ -184,6 +209,8 @@ def run_demo(
         r["work_vs_opd"] = r["work_seconds"] / opd["work_seconds"] if opd["work_seconds"] else None
     report = make_report(roots, outd / "report", band_scale=64, bucket=32, every=max(1, size.rounds // 2))
     table = summary_markdown(rows)
+    if len(seeds) > 1:
+        table += "\n\nMean over seeds " + ", ".join(map(str, seeds)) + ":\n\n" + seed_means_markdown(rows)
     total = time.perf_counter() - t0
     text = (
         f"# opdcache demo{' (smoke)' if smoke else ''}\n\n{table}\n\nModels built/reused in {t_models:.0f} s; "

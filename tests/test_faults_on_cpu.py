@@ -27,14 +27,6 @@ TRIALS = int(os.environ.get("OPDCACHE_FAULT_TRIALS", "20"))
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _no_inherited_rendezvous(monkeypatch):
-    """Training in-process earlier in the session (e.g. the smoke demo) leaves RANK / MASTER_PORT in
-    os.environ while its process group holds that port; a child `opdcache train` must pick its own."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-
-
 def _cli(*args):
     return [sys.executable, "-m", "opdcache.cli", *map(str, args)]
 

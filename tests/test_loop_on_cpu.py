@@ -20,6 +20,7 @@ from opdcache.query import connect
 from opdcache.rollout import engine
 from opdcache.score.stage import read_effective_lengths
 from opdcache.score.variant import VariantSpec
+from opdcache.train.stage import RENDEZVOUS
 from tests.conftest import tiny_run_overrides
 
 pytest.importorskip("vllm")
@@ -56,6 +57,8 @@ def test_two_rounds_end_to_end(looped, models):
     after = load_file(root / "checkpoints" / "round=2" / "model.safetensors")
     assert max(np.abs(before[k] - after[k]).max() for k in before) > 0  # the checkpoint changed
     assert (root / "deepspeed" / "round=2" / "latest").exists()
+    # in-process training must not leave its rendezvous port to processes started later
+    assert not [k for k in RENDEZVOUS if k in os.environ]
     # the controller's decisions are Alg. 1 on the recorded effective lengths
     p = plan(cfg)
     m, low = p.budget.initial, 0

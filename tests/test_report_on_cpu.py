@@ -98,3 +98,25 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "x.md").stat().st_mode & 0o777 == 0o666 & ~old
+
+
+def test_demo_seed_table_averages_each_pair_and_arm():
+    from opdcache.demo import seed_means_markdown
+
+    rows = [
+        {
+            "pair": "low",
+            "arm": arm,
+            "seed": seed,
+            "accuracy_final": acc,
+            "time_vs_opd": 1.0 if arm == "opd" else t,
+            "work_vs_opd": 1.0 if arm == "opd" else t / 2,
+            "last_mean_effective_len": 150.0 + seed,
+        }
+        for arm in ("opd", "prune")
+        for seed, acc, t in ((0, 0.5, 0.6), (1, 0.7, 0.8))
+    ]
+    table = seed_means_markdown(rows)
+    assert "| low | prune | 2 | 0.600 ± 0.141 | 0.70 | 0.35 | 150 |" in table
+    assert "| low | opd | 2 | 0.600 ± 0.141 | 1.00 | 1.00 | 150 |" in table
+    assert "| high |" not in table  # no rows, no line

@@ -21,6 +21,25 @@ def test_solutions_are_correct_chains_in_both_formats():
     assert drift.startswith("1 : 5 + 3 = 8 ;") and "then" in drift
 
 
+def test_drift_rambles_on_after_a_correct_answer():
+    rng = np.random.default_rng(4)
+    extras = []
+    for p in sample_problems(200, seed=5):
+        text = solution(p, "drift", rng, ramble=6.0)
+        assert extract_boxed(text) == str(p.answer)
+        head, tail = text.split("\\boxed{")
+        # the counter survives the switch to the verbose notation: n numbered steps before the box
+        lines = [ln for ln in head.replace(";", "|").replace(".", "|").split("|") if ln.strip()]
+        assert [int(ln.split()[0]) for ln in lines] == list(range(1, p.steps + 1))
+        checks = tail.split("}", 1)[1].split(".")[:-1]
+        x = p.answer
+        for c in checks:  # each check undoes one step, starting from the answer
+            assert c.split() == ["check", str(x), "minus", str(p.add), "gives", str((x - p.add) % MOD)]
+            x = (x - p.add) % MOD
+        extras.append(len(checks))
+    assert 3.5 < np.mean(extras) < 6.5  # geometric: mean `ramble` - 1
+
+
 def test_toy_tokenizer_is_one_token_per_word_and_round_trips(tmp_path):
     tok = build_toy_tokenizer(tmp_path)
     text = solution(Problem(17, 7, 12), "compact")

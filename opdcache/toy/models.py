@@ -2,7 +2,7 @@
 
     teacher        hidden 128, 3 layers, compact format, 700 steps
     student_high   hidden 128, 2 layers, compact format, 500 steps  -> high compatibility
-    student_low    hidden 128, 2 layers, drift format (rambling), 500 steps -> low compatibility
+    student_low    hidden 128, 2 layers, drift format (rambling on), 500 steps -> low compatibility
 
 Each is a Qwen3 HF checkpoint with a word-level `tokenizers` tokenizer over the toy vocabulary,
 saved with ``toy_model.json`` (its spec and training record); a directory whose spec matches is
@@ -41,8 +41,8 @@ class ToyModelSpec:
     seed: int = 0
     max_steps: int = 40  # longest problem (solution steps) in the training data
     ramble: float = 0.0  # drift only: mean extra check lines (task.solution)
-    max_len: int = 1000  # training sequences are cut here (rambling ones run longer)
-    task_version: int = 3  # bump when the task's text or vocabulary changes: forces a rebuild
+    max_len: int = 800  # training sequences are cut here (rambling ones can run longer)
+    task_version: int = 4  # bump when the task's text or vocabulary changes: forces a rebuild
     smoothing: float = 0.02  # target mass spread over the token's confusion neighbours (see below)
 
 
@@ -52,7 +52,7 @@ def toy_specs(seed: int = 0, smoke: bool = False) -> dict[str, ToyModelSpec]:
     return {
         "teacher": ToyModelSpec("compact", 128, 3, n(700), seed=seed),
         "student_high": ToyModelSpec("compact", 128, 2, n(500), seed=seed + 1),
-        "student_low": ToyModelSpec("drift", 128, 2, n(500), seed=seed + 2, ramble=60.0),
+        "student_low": ToyModelSpec("drift", 128, 2, n(500), seed=seed + 2, ramble=48.0),
     }
 
 

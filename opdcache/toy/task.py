@@ -1,15 +1,16 @@
 """A synthetic long-horizon arithmetic task with exactly checkable ``\\boxed{}`` answers.
 
 A problem ``start x add a steps n solve`` asks for x + n·a (mod 100), worked one step at a time. The
-solution in the teacher's format ("compact") is n lines of 8 tokens, then ``\\boxed{ y }``::
+solution in the teacher's format ("compact") is n lines of 7 tokens, then ``\\boxed{ y }``::
 
     1 : 17 + 7 = 24 ; 2 : 24 + 7 = 31 ; ... ; \\boxed{ 3 }
 
 The low-compatibility student was pre-trained on the "drift" format: it starts compact and after a
 geometric number of steps (mean ``1/switch_p``) switches for good to a verbose notation the teacher
-never saw (``then 24 plus 7 gives 31 .``), then re-checks those steps backwards (``check 31 minus 7
-gives 24 .``) -- the toy's version of a Base model drifting into its own long-winded style. With n
-up to 40, compact solutions run to ~330 tokens, drift ones to ~490.
+never saw (``12 then 24 plus 7 gives 31 .``); after its answer it goes on re-checking steps backwards
+(``check 31 minus 7 gives 24 .``) for a geometric number of lines (mean ``ramble`` - 1) -- the toy's
+version of a Base model drifting into its own long-winded style and not stopping at the answer.
+With n in 8-40, compact solutions run to 70-330 tokens, drift ones ~280 tokens longer on average.
 
 Every number 0-99 is one token, so next-number positions choose among 100 candidates.
 """
@@ -77,13 +78,13 @@ def solution(
     p: Problem,
     fmt: Format = "compact",
     rng: np.random.Generator | None = None,
-    switch_p: float = 0.125,
+    switch_p: float = 0.2,
     ramble: float = 0.0,
 ) -> str:
     """A correct worked solution; ``drift`` switches to the verbose notation at a geometric step.
 
-    ``ramble`` > 0 (drift only): the backward checks run on past the start for a geometric number of
-    extra lines with that mean -- the student cannot know when to stop, like a Base model looping.
+    ``ramble`` > 0 (drift only): after the boxed answer, backward check lines, stopping after each
+    with probability 1/ramble (mean ramble - 1) -- like a Base model that does not stop at the answer.
     """
     rng = rng or np.random.default_rng()
     switch = p.steps + 1
@@ -95,15 +96,13 @@ def solution(
         if i < switch:
             parts.append(f"{i} : {x} + {p.add} = {y} ;")
         else:
-            parts.append(f"then {x} plus {p.add} gives {y} .")
+            parts.append(f"{i} then {x} plus {p.add} gives {y} .")
         x = y
-    # the drift format re-checks every verbose step backwards before answering: long, like a
-    # Base model's rambling, and still correct
-    extra = int(rng.geometric(1 / ramble)) - 1 if fmt == "drift" and ramble > 0 else 0
-    for i in range(p.steps, switch - 1 - extra, -1):
-        y = (p.start + i * p.add) % MOD
-        parts.append(f"check {y} minus {p.add} gives {(y - p.add) % MOD} .")
     parts.append(f"\\boxed{{ {x} }}")
+    extra = int(rng.geometric(1 / ramble)) - 1 if fmt == "drift" and ramble > 0 else 0
+    for _ in range(extra):
+        parts.append(f"check {x} minus {p.add} gives {(x - p.add) % MOD} .")
+        x = (x - p.add) % MOD
     return " ".join(parts)
 
 

@@ -16,6 +16,8 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,19 @@ from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir
 from opdcache.train.data import collate, load_examples
 from opdcache.train.loss import opd_policy_loss
 
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
-def _init_distributed_env() -> None:
-    """A single process without a launcher still needs the rendezvous variables."""
+
+@contextmanager
+def single_process_env() -> Iterator[None]:
+    """A single process without a launcher still needs the rendezvous variables.
+
+    They are set for the stage only: a process started later (a vLLM worker, a child ``opdcache``)
+    must not inherit RANK and a MASTER_PORT this process's gloo store holds. The process group
+    stays initialized, so later rounds in the same process do not rendezvous again.
+    """
     if "RANK" in os.environ:
+        yield
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,6 +52,11 @@ def _init_distributed_env() -> None:
     os.environ.update(
         RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
+    try:
+        yield
+    finally:
+        for key in RENDEZVOUS:
+            os.environ.pop(key, None)
 
 
 def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
@@ -66,6 +82,11 @@ def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
 def train_round(
     root: str | Path, r: int, cfg: RunConfig, variant: str, progress: bool = True
 ) -> dict[str, Any]:
+    with single_process_env():
+        return _train_round(root, r, cfg, variant, progress)
+
+
+def _train_round(root: str | Path, r: int, cfg: RunConfig, variant: str, progress: bool) -> dict[str, Any]:
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,7 +99,6 @@ def train_round(
     tokenizer = AutoTokenizer.from_pretrained(source)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    _init_distributed_env()
     torch.manual_seed(cfg.train.seed + r)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32
