@@ -40,7 +40,7 @@ class ToyModelSpec:
     lr: float = 3e-3
     seed: int = 0
     max_steps: int = 40  # longest problem (solution steps) in the training data
-    ramble: float = 0.0  # drift only: mean extra check lines (task.solution)
+    ramble: float = 0.0  # drift only: check lines after the answer stop w.p. 1/ramble each (task.solution)
     max_len: int = 800  # training sequences are cut here (rambling ones can run longer)
     task_version: int = 4  # bump when the task's text or vocabulary changes: forces a rebuild
     smoothing: float = 0.02  # target mass spread over the token's confusion neighbours (see below)
