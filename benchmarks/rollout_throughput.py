@@ -1,6 +1,7 @@
 """Rollout and teacher-scoring throughput on a self-built checkpoint (no downloads).
 
     .venv/bin/python benchmarks/rollout_throughput.py [--prompts 16] [--n 4] [--tokens 256] [--hidden 256]
+    .venv/bin/python benchmarks/rollout_throughput.py --tiny   # what the test suite runs
 
 Prints generated tokens/s of vLLM (the rollout engine, with k log-probs per position) and of
 transformers ``generate`` (with per-step scores) on the same checkpoint, prompts and lengths (EOS
@@ -29,7 +30,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab-extra", type=int, default=2000, help="extra word tokens (vocabulary size)")
     ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--tiny", action="store_true", help="CI size: 2 prompts x 2 samples x 16 tokens")
     args = ap.parse_args()
+    if args.tiny:
+        vars(args).update(prompts=2, n=2, tokens=16, hidden=64, layers=1, vocab_extra=200)
 
     from transformers import AutoModelForCausalLM
 

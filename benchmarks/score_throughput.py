@@ -1,6 +1,7 @@
 """Scoring throughput and cache size on a worst-case synthetic cache.
 
     .venv/bin/python benchmarks/score_throughput.py [--positions 5000000] [--threads 1] [--dir DIR]
+    .venv/bin/python benchmarks/score_throughput.py --tiny   # 20k positions; what the test suite runs
 
 Prints, for >= 5 M positions over a 152k vocabulary (k = 16, ~70 % overlap, uniform random ids):
   - positions/s of the scoring math (eqs. 6-12 on the ragged layout) and of a straightforward torch
@@ -46,7 +47,10 @@ def main() -> None:
     ap.add_argument("--mean-len", type=int, default=4000)
     ap.add_argument("--threads", type=int, default=1, help="threads for torch and Arrow")
     ap.add_argument("--dir", help="where to write the synthetic run (default: a temporary directory)")
+    ap.add_argument("--tiny", action="store_true", help="CI size: 20,000 positions")
     args = ap.parse_args()
+    if args.tiny:
+        vars(args).update(positions=20_000, mean_len=200)
     torch.set_num_threads(args.threads)
     pa.set_cpu_count(args.threads)
     pa.set_io_thread_count(args.threads)
@@ -135,7 +139,7 @@ def main() -> None:
                 read_cache_shard(f, _columns_needed(spec), validate=False)
 
         t_decode = best_of(decode)
-        t_stage = best_of(lambda: score_run(run.root, "bench", spec, progress=False), repeat=2)
+        t_stage = best_of(lambda: score_run(run, "bench", spec, progress=False), repeat=2)
         print(f"parquet decode (needed cols): {n / t_decode / 1e6:6.2f} M positions/s")
         print(f"score stage (read+score+write): {n / t_stage / 1e6:4.2f} M positions/s")
         print(f"stage time / decode time:      {t_stage / t_decode:4.2f}")

@@ -1,6 +1,7 @@
 """Top-k overlap by depth for the toy pairs, for several k (the measurement behind the toy's k=16).
 
     python benchmarks/toy_overlap.py [--models demo/models] [--prompts 24] [--k 4 8 16]
+    python benchmarks/toy_overlap.py --tiny --models DIR   # smoke models; what the test suite runs
 
 Samples each student at T=1 (transformers, no vLLM needed), runs student and teacher on the same
 prefixes, and prints mean overlap |TopK_S ∩ TopK_T| / k and the bad-event rate [O < 0.7] per depth
@@ -26,9 +27,16 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--k", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--gamma", type=float, default=0.7)
+    ap.add_argument("--max-new-tokens", type=int, default=768)
+    ap.add_argument(
+        "--smoke", action="store_true", help="the smoke-size toy models (`opdcache demo --smoke`)"
+    )
+    ap.add_argument("--tiny", action="store_true", help="CI size: smoke models, 2 prompts, 48 tokens, k=16")
     args = ap.parse_args()
+    if args.tiny:
+        vars(args).update(smoke=True, prompts=2, max_new_tokens=48, k=[16])
     torch.manual_seed(0)
-    paths = build_toy_models(args.models)
+    paths = build_toy_models(args.models, smoke=args.smoke, progress=False)
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
     print(f"{'pair':6} {'k':>3} " + " ".join(f"{f'{lo}-{hi}':>13}" for lo, hi in BANDS) + "   (overlap/bad)")
     for pair, name in (("high", "student_high"), ("low", "student_low")):
@@ -40,7 +48,7 @@ def main() -> None:
         with torch.no_grad():
             seq = student.generate(
                 **enc,
-                max_new_tokens=768,
+                max_new_tokens=args.max_new_tokens,
                 do_sample=True,
                 temperature=1.0,
                 top_k=0,

@@ -1,6 +1,7 @@
 """Trained tokens/s under DeepSpeed vs a plain torch AdamW loop, same model, batch and loss.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--batch 4] [--tokens 256] [--hidden 256]
+    .venv/bin/python benchmarks/train_throughput.py --tiny   # seconds; what the test suite runs
 
 Both loops run the OPD loss (opdcache/train/loss.py) on the same synthetic cached batch of a tiny
 self-built Qwen2; DeepSpeed runs ZeRO stage ``--zero`` in one process (CPU: gloo) with torch AdamW
@@ -29,7 +30,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--zero", type=int, default=0)
     ap.add_argument("--k", type=int, default=16)
+    ap.add_argument(
+        "--tiny", action="store_true", help="CI size: 3 steps of 2 x 16 tokens on a 1-layer model"
+    )
     args = ap.parse_args()
+    if args.tiny:
+        vars(args).update(steps=3, batch=2, tokens=16, hidden=64, layers=1)
 
     import deepspeed
     from transformers import AutoModelForCausalLM
@@ -37,7 +43,7 @@ def main() -> None:
     from opdcache.models.tiny import build_tiny_model
     from opdcache.train.data import Example, collate
     from opdcache.train.loss import opd_policy_loss
-    from opdcache.train.stage import _init_distributed_env, sequence_logprobs
+    from opdcache.train.stage import sequence_logprobs, single_process_env
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -86,20 +92,20 @@ def main() -> None:
         t_plain, l_plain = run(plain_step, plain)
 
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        _init_distributed_env()
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        engine, *_ = deepspeed.initialize(
-            model=model,
-            optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5),
-            config={
-                "train_micro_batch_size_per_gpu": args.batch,
-                "gradient_accumulation_steps": 1,
-                "gradient_clipping": 1.0,
-                "zero_optimization": {"stage": args.zero},
-                "steps_per_print": 1 << 30,
-            },
-        )
+        with single_process_env():
+            engine, *_ = deepspeed.initialize(
+                model=model,
+                optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5),
+                config={
+                    "train_micro_batch_size_per_gpu": args.batch,
+                    "gradient_accumulation_steps": 1,
+                    "gradient_clipping": 1.0,
+                    "zero_optimization": {"stage": args.zero},
+                    "steps_per_print": 1 << 30,
+                },
+            )
 
         def ds_step(eng, b) -> float:
             loss, _ = opd_policy_loss(

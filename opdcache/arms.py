@@ -19,7 +19,7 @@ class ArmPlan:
 
 
 def plan(cfg: RunConfig) -> ArmPlan:
-    arm, name, spec = cfg.arm, cfg.score.variant, cfg.score.spec()
+    arm, name, spec = cfg.arm, cfg.score.variant, cfg.score.spec
     if arm.name == "prune":
         return ArmPlan([(name, spec)], name, name, cfg.budget)
     if arm.name in ("opd", "truncate"):

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from opdcache.errors import ConfigError, OpdcacheError
+from opdcache.errors import OpdcacheError
+from opdcache.fields import fail, setting, validate
 from opdcache.rundir import RunDir, atomic_write_json
 
 
@@ -25,21 +26,20 @@ from opdcache.rundir import RunDir, atomic_write_json
 class BudgetConfig:
     """Algorithm 1 hyper-parameters (paper App. A.9 defaults)."""
 
-    initial: int = 1024  # M_1 (the paper uses 6144 for its high-compatibility pair)
-    min: int = 1024  # M_min
-    max: int = 12288  # M_max
-    step: int = 100  # Delta
-    margin: int = 100  # m
-    rho: float = 0.1  # hit-ratio threshold
-    patience: int = 3  # P
+    initial: int = setting(1024, "M_1, the first round's budget (the paper: 6144 for its high pair)", gt=0)
+    min: int = setting(1024, "M_min", gt=0)
+    max: int = setting(12288, "M_max", gt=0)
+    step: int = setting(100, "Delta: budget change per decision", ge=0)
+    margin: int = setting(100, "m: a response hits when E >= max(M_min, M_t - m)", ge=0)
+    rho: float = setting(0.1, "hit-ratio threshold for expanding", ge=0, le=1)
+    patience: int = setting(3, "P: low-hit rounds in a row before shrinking", ge=1)
 
     def __post_init__(self) -> None:
-        if not (0 < self.min <= self.initial <= self.max):
-            raise ConfigError(
-                f"budget: need 0 < min <= initial <= max, got {self.min}, {self.initial}, {self.max}"
+        validate(self, "budget")
+        if not self.min <= self.initial <= self.max:
+            fail(
+                "budget", "initial", f"min <= initial <= max ({self.min} <= ... <= {self.max})", self.initial
             )
-        if self.step < 0 or self.margin < 0 or self.patience < 1 or not 0.0 <= self.rho <= 1.0:
-            raise ConfigError(f"budget: need step, margin >= 0, patience >= 1, rho in [0, 1]; got {self}")
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ class BudgetState:
 class BudgetController:
     """Algorithm 1's budget state for one run directory."""
 
-    def __init__(self, root: str | Path, config: BudgetConfig | None = None):
-        self.path = RunDir(root).budget
+    def __init__(self, run: RunDir | str | Path, config: BudgetConfig | None = None):
+        self.path = RunDir.of(run).budget
         if self.path.exists():
             self.state = self._load()
             if config is not None and config != self.state.config:

@@ -19,135 +19,128 @@ import yaml
 
 from opdcache.budget import BudgetConfig
 from opdcache.errors import ConfigError
+from opdcache.fields import help_rows, setting, validate
 from opdcache.rundir import RunDir, atomic_write_bytes, check_variant_name
 from opdcache.score.variant import VariantSpec
 
 
 @dataclass(frozen=True)
 class ModelsConfig:
-    student: str = ""  # HF checkpoint (path or hub id already in the local cache) of round 0
-    teacher: str = ""
+    student: str = setting(
+        "", "round-0 student: HF checkpoint directory (or hub id already in the local cache)"
+    )
+    teacher: str = setting("", "teacher: HF checkpoint directory; must share the student's tokenizer")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    prompts: str = ""  # JSONL or Parquet with prompt_id, question, answer
-    # str.format template; {question} is the raw question (paper App. A.8, DAPO-Math template)
-    template: str = "{question} Please reason step by step, and put your final answer within \\boxed{{}}."
-    chat_template: bool = False  # wrap the rendered prompt in the student tokenizer's chat template
+    prompts: str = setting("", "training prompts: JSONL or Parquet with prompt_id, question, answer")
+    template: str = setting(
+        "{question} Please reason step by step, and put your final answer within \\boxed{{}}.",
+        "str.format template; {question} is the raw question (paper App. A.8, DAPO-Math template)",
+    )
+    chat_template: bool = setting(False, "wrap the rendered prompt in the student tokenizer's chat template")
+
+    def __post_init__(self) -> None:
+        validate(self, "data")
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    k: int = 16  # top-k kept per position for student and teacher
-    n_samples: int = 8  # responses per prompt
-    prompts_per_round: int = 64
-    temperature: float = 1.0
-    seed: int = 0
-    part_size: int = 16  # prompts per cache part (the unit of resume)
-    dtype: str = "auto"  # vLLM dtype; "auto" = float32 on CPU, bfloat16 on GPU
-    kv_cache_gib: int = 2  # CPU only: VLLM_CPU_KVCACHE_SPACE (whole GiB)
-    gpu_memory_utilization: float = 0.85  # GPU only
-    max_model_len: int = 0  # 0: longest prompt + budget M_max
-    enforce_eager: bool = False  # vLLM without graph capture: faster start-up, slower decoding
+    k: int = setting(16, "top-k kept per position for student and teacher", ge=1)
+    n_samples: int = setting(8, "responses per prompt", ge=1)
+    prompts_per_round: int = setting(64, "prompts sampled per round", ge=1)
+    temperature: float = setting(1.0, "sampling temperature", gt=0)
+    seed: int = setting(0, "prompt shuffle and sampling seed")
+    part_size: int = setting(16, "prompts per cache part (the unit of resume)", ge=1)
+    dtype: str = setting("auto", 'vLLM dtype; "auto" = float32 on CPU, bfloat16 on GPU')
+    kv_cache_gib: int = setting(2, "CPU only: VLLM_CPU_KVCACHE_SPACE in whole GiB", ge=1)
+    gpu_memory_utilization: float = setting(0.85, "GPU only: vLLM's share of GPU memory", gt=0, le=1)
+    max_model_len: int = setting(0, "vLLM context length; 0 = longest prompt + budget.max", ge=0)
+    enforce_eager: bool = setting(False, "vLLM without graph capture: faster start-up, slower decoding")
 
     def __post_init__(self) -> None:
-        if (
-            self.k < 1
-            or self.n_samples < 1
-            or self.prompts_per_round < 1
-            or self.temperature <= 0
-            or self.part_size < 1
-        ):
-            raise ConfigError(
-                f"rollout: k, n_samples, prompts_per_round must be >= 1, temperature > 0; got {self}"
-            )
+        validate(self, "rollout")
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    dtype: str = "auto"  # torch dtype; "auto" = float32 on CPU (bf16 changes top-k sets), bfloat16 on GPU
-    device: str = "auto"  # "auto" = cuda if available else cpu
-    device_map: str = ""  # e.g. "auto" to shard a teacher too big for one device (accelerate)
-    chunk_positions: int = 1024  # log-softmax chunk: bounds memory to chunk x vocab floats
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", 'torch dtype; "auto" = float32 on CPU (bf16 changes top-k sets), bfloat16 on GPU'
+    )
+    device: str = setting("auto", '"auto" = cuda if available, else cpu')
+    device_map: str = setting("", 'e.g. "auto" to shard a teacher too big for one device (accelerate)')
+    chunk_positions: int = setting(1024, "log-softmax chunk: bounds memory to chunk x vocab floats", ge=1)
 
     def __post_init__(self) -> None:
-        if self.chunk_positions < 1:
-            raise ConfigError(f"teacher.chunk_positions must be >= 1, got {self.chunk_positions}")
+        validate(self, "teacher")
 
 
 @dataclass(frozen=True)
-class ScoreConfig(VariantSpec):
-    """The variant that drives training and the budget (VariantSpec fields plus its name)."""
+class ScoreConfig:
+    """The variant that drives training and the budget: its name and its VariantSpec (keys inline)."""
 
-    variant: str = "prune"
+    variant: str = setting("prune", "name of the variant under RUN/scores/")
+    spec: VariantSpec = setting(default_factory=VariantSpec, inline=True)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         try:
             check_variant_name(self.variant)
         except Exception as e:
             raise ConfigError(f"score.variant: {e}") from e
 
-    def spec(self) -> VariantSpec:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(VariantSpec)}
-        return VariantSpec(**fields)
-
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    epochs: int = 1  # passes over each round's cached rollouts
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    grad_clip: float = 1.0  # set explicitly: DeepSpeed's own default is also 1.0
-    zero_stage: int = 0
-    bf16: bool = False
-    ppo_clip: float = 0.2
-    dual_clip: float = 3.0
-    seed: int = 0
+    lr: float = setting(1e-6, "AdamW learning rate", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    epochs: int = setting(1, "passes over each round's cached rollouts", ge=1)
+    micro_batch_size: int = setting(4, "responses per forward/backward", ge=1)
+    grad_accum: int = setting(1, "DeepSpeed gradient accumulation steps", ge=1)
+    grad_clip: float = setting(
+        1.0, "gradient norm clip (set explicitly; DeepSpeed's default is also 1.0)", ge=0
+    )
+    zero_stage: int = setting(0, "DeepSpeed ZeRO stage", ge=0, le=3)
+    bf16: bool = setting(False, "train in bfloat16")
+    ppo_clip: float = setting(0.2, "PPO ratio clip epsilon", ge=0)
+    dual_clip: float = setting(3.0, "dual clip c for negative advantages", gt=1)
+    seed: int = setting(0, "data order and dropout seed")
 
     def __post_init__(self) -> None:
-        if (
-            self.zero_stage not in (0, 1, 2, 3)
-            or self.micro_batch_size < 1
-            or self.grad_accum < 1
-            or self.epochs < 1
-        ):
-            raise ConfigError(
-                f"train: zero_stage in 0-3, micro_batch_size/grad_accum/epochs >= 1; got {self}"
-            )
+        validate(self, "train")
 
 
 @dataclass(frozen=True)
 class ArmConfig:
     """Which comparison arm `opdcache run` executes (paper §4.1 baselines)."""
 
-    # prune:    score.* variant (overlap or top_p) weights the loss and drives the dynamic budget
-    # opd:      plain OPD (L = 1) at a fixed budget of budget.max tokens
-    # truncate: plain OPD at a fixed, shorter budget of arm.truncate_tokens
-    # random:   score.* is scored as the reference (and drives the budget); training uses a random
-    #           variant matched to its kept fraction or reward mass (arm.random_match)
-    name: Literal["prune", "opd", "truncate", "random"] = "prune"
-    truncate_tokens: int = 4096
-    random_match: Literal["fraction", "mass"] = "fraction"
+    name: Literal["prune", "opd", "truncate", "random"] = setting(
+        "prune",
+        "prune: score.* weights the loss and drives the budget; opd: L = 1 at budget.max; "
+        "truncate: L = 1 at arm.truncate_tokens; random: random positions matched to score.*'s retention",
+    )
+    truncate_tokens: int = setting(4096, "the truncate arm's fixed budget", ge=1)
+    random_match: Literal["fraction", "mass"] = setting(
+        "fraction", "random arm: match the kept token fraction or the kept |reward| mass"
+    )
+
+    def __post_init__(self) -> None:
+        validate(self, "arm")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """Avg@n of the student checkpoints during `opdcache run` (off while ``data`` is empty)."""
 
-    data: str = ""  # JSONL/Parquet with prompt_id, question, answer
-    every: int = 1  # evaluate checkpoints of rounds 0, every, 2*every, ... and the last one
-    n: int = 16
-    temperature: float = 0.6
-    max_tokens: int = 0  # 0: budget.max
-    checker: Literal["math", "exact"] = "math"
+    data: str = setting("", "eval prompts (JSONL/Parquet); empty = no evaluation during `opdcache run`")
+    every: int = setting(1, "evaluate the checkpoints of rounds 0, every, 2*every, ... and the last", ge=1)
+    n: int = setting(16, "samples per prompt (Avg@n)", ge=1)
+    temperature: float = setting(0.6, "sampling temperature", ge=0)
+    max_tokens: int = setting(0, "response budget; 0 = budget.max", ge=0)
+    checker: Literal["math", "exact"] = setting("math", "math: math-verify equivalence; exact: boxed string")
 
     def __post_init__(self) -> None:
-        if self.every < 1 or self.n < 1 or self.temperature < 0 or self.max_tokens < 0:
-            raise ConfigError(f"eval: every, n >= 1, temperature, max_tokens >= 0; got {self}")
+        validate(self, "eval")
 
 
 @dataclass(frozen=True)
@@ -207,25 +200,50 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+
+    The keys of an ``inline`` field's dataclass are read at this level (fields.py)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    inline = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("inline")}
+    owner = {f.name: None for f in dataclasses.fields(cls) if f.name not in inline}
+    for name, sub in inline.items():
+        owner.update({f.name: name for f in dataclasses.fields(sub)})
+    kwargs: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {name: {} for name in inline}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(names)}"
+        if key not in owner:
+            near = difflib.get_close_matches(str(key), list(owner), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(owner)}"
             raise ConfigError(f"{path}: unknown key{hint}")
-        kwargs[key] = _convert(value, hints[key], path)
+        if owner[key] is None:
+            kwargs[key] = _convert(value, hints[key], path)
+        else:
+            nested[owner[key]][key] = value
     try:
+        for name, sub in inline.items():
+            kwargs[name] = from_dict(sub, nested[name], where)
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}" if where and not str(e).startswith(where) else str(e)) from e
+
+
+def to_dict(obj: Any) -> Any:
+    """The YAML shape of a config dataclass (inline fields flattened into their section)."""
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = to_dict(getattr(obj, f.name))
+        if f.metadata.get("inline"):
+            out.update(value)
+        else:
+            out[f.name] = value
+    return out
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -261,16 +279,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def write_run_config(root: str | Path, cfg: RunConfig) -> Path:
-    path = RunDir(root).config
+def write_run_config(run: RunDir | str | Path, cfg: RunConfig) -> Path:
+    path = RunDir.of(run).config
     atomic_write_bytes(path, to_yaml(cfg).encode())
     return path
 
 
-def read_run_config(root: str | Path) -> RunConfig | None:
+def read_run_config(run: RunDir | str | Path) -> RunConfig | None:
     """The run's resolved config, or None when the run was never initialised with one."""
-    path = RunDir(root).config
+    path = RunDir.of(run).config
     return load_config(path) if path.exists() else None
+
+
+def _show(value: Any) -> str:
+    return (
+        '""'
+        if value == ""
+        else "null"
+        if value is None
+        else str(value).lower()
+        if isinstance(value, bool)
+        else str(value)
+    )
+
+
+def config_help() -> str:
+    """Every config key with its default and help (``opdcache init --help``)."""
+    rows = list(help_rows(RunConfig))
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["config keys (YAML sections, or --set SECTION.KEY=VALUE):"]
+    lines += [f"  {k:<{width}}  {h} [default: {_show(d)}]" for k, d, h in rows]
+    return "\n".join(lines)
+
+
+def config_markdown() -> str:
+    """docs/config.md: the same table, generated (a test keeps the file in step with the code)."""
+    lines = [
+        "# Run configuration keys",
+        "",
+        "Generated from the field definitions in `opdcache/config.py`, `opdcache/budget.py` and",
+        "`opdcache/score/variant.py` (`python -m opdcache.config > docs/config.md`). Set them in the YAML",
+        "file given to `opdcache init` / `opdcache run`, or with `--set section.key=value`.",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+    ]
+    pipe = "\\|"
+    lines += [f"| `{k}` | `{_show(d)}` | {h.replace('|', pipe)} |" for k, d, h in help_rows(RunConfig)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_markdown(), end="")

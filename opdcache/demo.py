@@ -185,24 +185,23 @@ def run_demo(
     rows, roots = [], []
     jobs = [(pair, arm, seed) for seed in seeds for pair in PAIRS for arm in ARMS]
     for pair, arm, seed in tqdm(jobs, desc="demo runs", unit="run", disable=not progress):
-        root = outd / "runs" / f"{pair}-{arm}-s{seed}"
-        root.mkdir(parents=True, exist_ok=True)
-        with RunLock(root, "demo"):
-            cfg = start_run(None, root, toy_overrides(models, PAIRS[pair], data, size, seed, arm))
-            first = outd / "runs" / f"{pair}-{ARMS[0]}-s{seed}"
-            shared = RunDir(first).eval_result(0)
-            if first != root and shared.exists() and not RunDir(root).eval_result(0).exists():
+        run = RunDir(outd / "runs" / f"{pair}-{arm}-s{seed}")
+        run.root.mkdir(parents=True, exist_ok=True)
+        with RunLock(run, "demo"):
+            cfg = start_run(None, run, toy_overrides(models, PAIRS[pair], data, size, seed, arm))
+            shared = RunDir(outd / "runs" / f"{pair}-{ARMS[0]}-s{seed}").eval_result(0)
+            if shared != run.eval_result(0) and shared.exists() and not run.done("eval", 0):
                 # round 0 is the same checkpoint, data and seed in every arm: evaluate it once
-                RunDir(root).eval_result(0).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(shared, RunDir(root).eval_result(0))
-            run_rounds(root, size.rounds, cfg, progress)
+                run.evals.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(shared, run.eval_result(0))
+            run_rounds(run, size.rounds, cfg, progress)
             if arm == "prune":
                 for g in GAMMAS:
                     replay(
-                        root, f"gamma{g:g}", cfg.score.spec().replace(gamma=g), progress=progress, train=False
+                        run, f"gamma{g:g}", cfg.score.spec.replace(gamma=g), progress=progress, train=False
                     )
-        roots.append(root)
-        rows.append({"pair": pair, "arm": arm, "seed": seed, **run_summary(root)})
+        roots.append(run.root)
+        rows.append({"pair": pair, "arm": arm, "seed": seed, **run_summary(run.root)})
     for r in rows:
         opd = next(x for x in rows if (x["pair"], x["seed"], x["arm"]) == (r["pair"], r["seed"], "opd"))
         r["time_vs_opd"] = r["train_seconds"] / opd["train_seconds"] if opd["train_seconds"] else None

@@ -10,50 +10,22 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from opdcache.config import DataConfig
 from opdcache.errors import OpdcacheError
+from opdcache.grading import Checker, is_correct
 from opdcache.models.checkpoint import require_checkpoint
+from opdcache.results import EvalResult
 from opdcache.rollout import engine
-from opdcache.rollout.prompts import load_prompts
+from opdcache.rollout.prompts import encode_prompts, load_prompts
 from opdcache.rundir import atomic_write_bytes
-from opdcache.toy.task import extract_boxed
 
-Checker = Literal["math", "exact"]
 DAPO_TEMPLATE = DataConfig.template
-
-
-@dataclass
-class EvalResult:
-    checkpoint: str
-    data: str
-    n: int
-    temperature: float
-    max_tokens: int
-    checker: str
-    prompts: int
-    accuracy: float  # Avg@n: mean over prompts and samples
-    pass_at_n: float
-    mean_response_tokens: float
-    truncated: float  # fraction of samples that hit max_tokens
-    seconds: float
-    per_prompt: dict[str, float]
-
-
-def is_correct(response: str, answer: str, checker: Checker) -> bool:
-    if checker == "exact":
-        return extract_boxed(response) == answer.strip()
-    try:
-        from math_verify import parse, verify
-    except ImportError as e:
-        raise OpdcacheError("--checker math needs math-verify (pip install math-verify)") from e
-    gold = parse(answer if "\\boxed" in answer or "$" in answer else f"${answer}$")
-    return bool(gold) and bool(verify(gold, parse(response)))
 
 
 def evaluate_with(
@@ -70,8 +42,6 @@ def evaluate_with(
     checkpoint: str = "",
 ) -> EvalResult:
     """Evaluate with an engine already holding the checkpoint."""
-    from opdcache.rollout.stage import encode_prompts
-
     prompts = load_prompts(data)
     encoded = encode_prompts(tokenizer, prompts, template, chat)
     t0 = time.perf_counter()
@@ -124,8 +94,6 @@ def evaluate(
     require_checkpoint(checkpoint, "eval")
     load_prompts(data)  # fail on bad data before the engine starts
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    from opdcache.rollout.stage import encode_prompts
-
     longest = max(len(e) for e in encode_prompts(tokenizer, load_prompts(data), template, chat))
     llm = engine.make_llm(
         checkpoint, 1, longest + max_tokens, seed, kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager

@@ -17,11 +17,12 @@ from pathlib import Path
 from types import TracebackType
 
 from opdcache.errors import OpdcacheError
+from opdcache.rundir import RunDir
 
 
 class RunLock:
-    def __init__(self, root: str | Path, command: str = ""):
-        self.path = Path(root) / ".lock"
+    def __init__(self, run: RunDir | str | Path, command: str = ""):
+        self.path = RunDir.of(run).lock
         self.command = command or " ".join(sys.argv)
         self.fd: int | None = None
         self.stale: dict | None = None  # the previous holder's record, if it died holding the lock

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from opdcache.budget import Decision
 from opdcache.cache.schema import CACHE_COLUMNS, SCORE_COLUMNS, Column
-from opdcache.rundir import RunDir
+from opdcache.rundir import RunDir, round_dir
 
 _DUCK_TYPES = {
     pa.string(): "VARCHAR",
@@ -48,13 +48,13 @@ def _typed(columns: tuple[Column, ...]) -> list[tuple[str, str]]:
     return [(c.name, _DUCK_TYPES[c.type]) for c in columns]
 
 
-def view_statements(root: str | Path) -> list[str]:
-    run = RunDir(root)
-    cache_glob = run.cache / "round=*" / "*.parquet"
-    score_glob = run.scores / "*" / "round=*" / "*.parquet"
+def view_statements(root: RunDir | str | Path) -> list[str]:
+    run = RunDir.of(root)
+    cache_glob = run.cache / round_dir("*") / "*.parquet"
+    score_glob = run.scores / "*" / round_dir("*") / "*.parquet"
     has_cache = any(run.shards(run.cache_round(r)) for r in run.rounds())
     has_scores = any(
-        run.shards(run.variant(v) / f"round={r}") for v in run.variants() for r in run.rounds(run.variant(v))
+        run.shards(run.score_round(v, r)) for v in run.variants() for r in run.rounds(run.variant(v))
     )
 
     if has_cache:
@@ -100,11 +100,7 @@ def view_statements(root: str | Path) -> list[str]:
         )
     else:
         budget = _empty(budget_cols)
-    time_files = [
-        p
-        for p in [run.root / "stage_times.jsonl", *run.root.glob("replays/*/stage_times.jsonl")]
-        if p.exists()
-    ]
+    time_files = [p for p in [run.stage_times, *(rep.stage_times for rep in run.replay_runs())] if p.exists()]
     time_cols = [
         ("run", "VARCHAR"),
         ("round", "INTEGER"),
@@ -133,11 +129,12 @@ def view_statements(root: str | Path) -> list[str]:
         ("truncated", "DOUBLE"),
         ("seconds", "DOUBLE"),
     ]
-    if any(run.root.glob("eval/round=*.json")):
+    eval_glob = run.eval_result("*")
+    if any(eval_glob.parent.glob(eval_glob.name)):
         cols = ", ".join(f"{n}: '{t}'" for n, t in eval_cols[1:])
         evals = (
             f"SELECT regexp_extract(filename, 'round=([0-9]+)', 1)::INTEGER AS round, * EXCLUDE (filename) "
-            f"FROM read_json({_q(run.root / 'eval' / 'round=*.json')}, columns = {{{cols}}}, filename = true)"
+            f"FROM read_json({_q(eval_glob)}, columns = {{{cols}}}, filename = true)"
         )
     else:
         evals = _empty(eval_cols)
@@ -153,18 +150,18 @@ def view_statements(root: str | Path) -> list[str]:
     return [f"CREATE OR REPLACE VIEW {name} AS {sql}" for name, sql in views.items()]
 
 
-def connect(root: str | Path, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+def connect(root: RunDir | str | Path, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the run's views defined."""
-    RunDir(root).require()
+    RunDir.of(root).require()
     con = duckdb.connect(database)
     for stmt in view_statements(root):
         con.execute(stmt)
     return con
 
 
-def refresh_duckdb_file(root: str | Path) -> Path | None:
+def refresh_duckdb_file(root: RunDir | str | Path) -> Path | None:
     """(Re)write RUN/opdcache.duckdb with current views; None if a client holds it open."""
-    run = RunDir(root)
+    run = RunDir.of(root)
     tmp = run.root / f".opdcache.duckdb.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
     try:
@@ -179,7 +176,7 @@ def refresh_duckdb_file(root: str | Path) -> Path | None:
 
 
 def run_sql(
-    root: str | Path, sql: str, params: dict[str, str] | None = None
+    root: RunDir | str | Path, sql: str, params: dict[str, str] | None = None
 ) -> duckdb.DuckDBPyRelation | None:
     """Run ``sql`` (one or more statements) against the run's views; returns the last result."""
     con = connect(root)

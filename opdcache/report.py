@@ -56,7 +56,11 @@ class Table:
 
 
 def sql_table(
-    root: Path, name: str, sql_dir: Path, params: dict[str, str] | None = None, label: str | None = None
+    root: RunDir | Path,
+    name: str,
+    sql_dir: Path,
+    params: dict[str, str] | None = None,
+    label: str | None = None,
 ) -> Table:
     """Run ``sql_dir/name.sql`` on one run; ``label`` prepends a ``run`` column."""
     path = sql_dir / f"{name}.sql"
@@ -133,8 +137,8 @@ def make_report(
         [
             sql_table(rep, "gamma_sweep", sqld, label=lb)
             for r, lb in zip(roots, labels, strict=True)
-            for rep in sorted((r / "replays").glob("*"))
-            if (rep / "scores").is_dir() and not any(rep.glob("checkpoints/round=*"))
+            for rep in RunDir(r).replay_runs()
+            if rep.variants() and not rep.rounds(rep.checkpoints)
         ]
     )
 

@@ -1,11 +1,22 @@
 """Run-directory layout (the only channel between stages) and atomic file writes.
 
-RUN/config.yaml                          resolved run config
-RUN/cache/round=<r>/<part>.parquet       rollout + teacher columns (docs/cache-format.md)
-RUN/scores/<variant>/round=<r>/<part>.parquet   score columns for one reliability setting
-RUN/budget.json                          budget-controller state and history (Alg. 1)
-RUN/opdcache.duckdb                      DuckDB views over all of the above
-RUN/.staging/                            work in progress; never read by anything else
+RunDir is the one place that knows where things live; every stage is handed one.
+
+RUN/
+  config.yaml                                 resolved run config (config.py)
+  budget.json                                 Alg. 1 controller state and every decision (budget.py)
+  rollouts/round=<r>/part-<p>.parquet         student columns, waiting for the teacher
+  cache/round=<r>/part-<p>.parquet            rollout + teacher columns (docs/cache-format.md)
+  scores/<variant>/round=<r>/part-<p>.parquet score columns of one reliability setting, same rows
+  (each part beside its integrity record _part-<p>.parquet.json)
+  checkpoints/round=<r>/                      HF student that round r samples from (r >= 1)
+  deepspeed/round=<r>/                        DeepSpeed engine state saved with checkpoints/round=<r>
+  eval/round=<r>.json                         Avg@n of the round-r student
+  stage_times.jsonl                           wall time of every stage run (view stage_times)
+  replays/<name>/                             a run directory of its own whose cache/ links to RUN/cache
+  opdcache.duckdb                             DuckDB views over all of the above (query.py)
+  .staging/                                   work in progress; never read by anything else
+  .lock                                       the run lock (lock.py)
 """
 
 from __future__ import annotations
@@ -16,19 +27,39 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from opdcache.errors import OpdcacheError
 
 _VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ROUND_RE = re.compile(r"^round=(\d+)$")
 
+Stage = Literal["rollout", "teacher", "score", "train", "eval"]
+
+
+def round_dir(r: int | str) -> str:
+    """The hive partition directory name of round ``r`` (``"*"``: a glob over rounds)."""
+    return f"round={r}"
+
 
 class RunDir:
-    """Paths inside one run directory."""
+    """Paths inside one run directory, and whether a stage is done for a round."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
+
+    @classmethod
+    def of(cls, run: RunDir | str | os.PathLike) -> RunDir:
+        return run if isinstance(run, RunDir) else cls(run)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
 
     @property
     def cache(self) -> Path:
@@ -58,18 +89,64 @@ class RunDir:
     def duckdb(self) -> Path:
         return self.root / "opdcache.duckdb"
 
+    @property
+    def stage_times(self) -> Path:
+        return self.root / "stage_times.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def evals(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def replays(self) -> Path:
+        return self.root / "replays"
+
+    def replay(self, name: str) -> RunDir:
+        return RunDir(self.replays / check_variant_name(name))
+
+    def replay_runs(self) -> list[RunDir]:
+        """The replays present, by name."""
+        if not self.replays.is_dir():
+            return []
+        return [RunDir(d) for d in sorted(self.replays.iterdir()) if d.is_dir()]
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def label(self) -> str:
+        """How stage_times names this run: "main", or "replay:<name>" for RUN/replays/<name>."""
+        return f"replay:{self.root.name}" if self.root.parent.name == "replays" else "main"
+
     def cache_round(self, r: int) -> Path:
-        return self.cache / f"round={r}"
+        return self.cache / round_dir(r)
 
     def rollout_round(self, r: int) -> Path:
-        return self.rollouts / f"round={r}"
+        return self.rollouts / round_dir(r)
+
+    def score_round(self, variant: str, r: int) -> Path:
+        return self.variant(variant) / round_dir(r)
 
     def checkpoint(self, r: int) -> Path:
-        return self.root / "checkpoints" / f"round={r}"
+        """The HF student round ``r`` samples from (written by round r-1's training)."""
+        return self.checkpoints / round_dir(r)
 
-    def eval_result(self, r: int) -> Path:
+    def deepspeed_state(self, r: int) -> Path:
+        """DeepSpeed engine state saved beside checkpoints/round=<r> (optimizer state for round r)."""
+        return self.root / "deepspeed" / round_dir(r)
+
+    def eval_result(self, r: int | str) -> Path:
         """Avg@n of the round-r checkpoint (the student round r samples from)."""
-        return self.root / "eval" / f"round={r}.json"
+        return self.evals / f"{round_dir(r)}.json"
+
+    @staticmethod
+    def part_name(p: int) -> str:
+        return f"part-{p:05d}.parquet"
 
     def variant(self, name: str) -> Path:
         return self.scores / check_variant_name(name)
@@ -90,6 +167,36 @@ class RunDir:
         if not self.scores.is_dir():
             return []
         return sorted(p.name for p in self.scores.iterdir() if p.is_dir() and _VARIANT_RE.match(p.name))
+
+    def done(self, stage: Stage, r: int, *, part: str | None = None, variant: str | None = None) -> bool:
+        """Whether ``stage`` has finished round ``r`` (or one ``part`` of it); every skip uses this.
+
+        rollout  per part only (the part count comes from the config): the part is in rollouts/ or,
+                 completed by the teacher, in cache/
+        teacher  the part (default: every rollout part of the round) is in cache/
+        score    the part (default: every cache part of the round, at least one) is scored as ``variant``
+        train    checkpoints/round=<r+1> exists (renamed into place last)
+        eval     eval/round=<r>.json exists
+        """
+        if stage == "rollout":
+            if part is None:
+                raise ValueError("done('rollout', r) needs a part: the round's part count is in the config")
+            return (self.rollout_round(r) / part).exists() or (self.cache_round(r) / part).exists()
+        if stage == "teacher":
+            names = [part] if part else [p.name for p in self.shards(self.rollout_round(r))]
+            return all((self.cache_round(r) / n).exists() for n in names)
+        if stage == "score":
+            if variant is None:
+                raise ValueError("done('score', r) needs a variant")
+            if part is not None:
+                return (self.score_round(variant, r) / part).exists()
+            have = {p.name for p in self.shards(self.score_round(variant, r))}
+            return bool(have) and have == {p.name for p in self.shards(self.cache_round(r))}
+        if stage == "train":
+            return self.checkpoint(r + 1).exists()
+        if stage == "eval":
+            return self.eval_result(r).exists()
+        raise ValueError(f"unknown stage {stage!r}")
 
     def require(self) -> RunDir:
         if not self.root.is_dir():

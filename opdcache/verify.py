@@ -15,7 +15,14 @@ from tqdm.auto import tqdm
 
 from opdcache.budget import BudgetController
 from opdcache.cache.schema import CACHE_COLUMNS, ROLLOUT_COLUMNS, score_columns
-from opdcache.cache.shards import check_finite, check_manifest, flat, read_cache_shard, read_score_shard
+from opdcache.cache.shards import (
+    check_finite,
+    check_manifest,
+    flat,
+    read_cache_shard,
+    read_score_shard,
+    read_variant_params,
+)
 from opdcache.errors import OpdcacheError
 from opdcache.rundir import RunDir
 
@@ -27,24 +34,24 @@ class Finding:
     severity: str = "error"  # or "note"
 
 
-def verify_run(root: str | Path, progress: bool = True) -> tuple[int, list[Finding]]:
+def verify_run(run: RunDir, progress: bool = True) -> tuple[int, list[Finding]]:
     """Returns (parts checked, findings)."""
-    run = RunDir(root).require()
+    run.require()
     findings: list[Finding] = []
-    parts: list[tuple[str, Path, str]] = []
+    parts: list[tuple[str, Path, int]] = []
     for r in run.rounds():
-        parts += [("cache", p, "") for p in run.shards(run.cache_round(r))]
+        parts += [("cache", p, r) for p in run.shards(run.cache_round(r))]
     for r in run.rounds(run.rollouts):
-        parts += [("rollout", p, "") for p in run.shards(run.rollout_round(r))]
+        parts += [("rollout", p, r) for p in run.shards(run.rollout_round(r))]
     for v in run.variants():
         for r in run.rounds(run.variant(v)):
-            parts += [("score", p, v) for p in run.shards(run.variant(v) / f"round={r}")]
+            parts += [("score", p, r) for p in run.shards(run.score_round(v, r))]
     ks: dict[int, str] = {}
-    for kind, path, _ in tqdm(parts, desc="verify", unit="part", disable=not progress):
+    for kind, path, r in tqdm(parts, desc="verify", unit="part", disable=not progress):
         try:
             check_manifest(path, full=True)
             if kind == "score":
-                _verify_score(run, path)
+                _verify_score(run, path, r)
             else:
                 spec = CACHE_COLUMNS if kind == "cache" else ROLLOUT_COLUMNS
                 table, meta = read_cache_shard(path, rollout=kind == "rollout")
@@ -82,12 +89,10 @@ def verify_run(root: str | Path, progress: bool = True) -> tuple[int, list[Findi
     return len(parts), findings
 
 
-def _verify_score(run: RunDir, path: Path) -> None:
-    from opdcache.score.stage import read_variant_params
-
+def _verify_score(run: RunDir, path: Path, r: int) -> None:
     metric = read_variant_params(path).get("metric", "overlap")
     table, _ = read_score_shard(path, score_columns(metric))
-    cache_part = run.cache / path.parent.name / path.name
+    cache_part = run.cache_round(r) / path.name
     if not cache_part.exists():
         raise OpdcacheError(f"{path}: its cache part {cache_part} is missing")
     cache, _ = read_cache_shard(cache_part, ["prompt_id", "sample", "response_ids"], validate=False)

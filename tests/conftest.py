@@ -6,6 +6,18 @@ from opdcache.cache.synthetic import write_synthetic_run
 from opdcache.models.tiny import build_tiny_model
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device; without one they are skipped (CI has none)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def synth_run(tmp_path):
     """A small synthetic run: 2 rounds x 2 parts x 6 prompts x 2 samples, with prefix drift."""
@@ -38,7 +50,9 @@ def models(tmp_path_factory):
     return d
 
 
-def tiny_run_overrides(models) -> list[str]:
+@pytest.fixture(scope="session")
+def tiny_overrides(models) -> list[str]:
+    """Config overrides for a run on the tiny models (k=8, 6 prompts x 2 samples, budget 32-256)."""
     return [
         f"models.student={models / 'student'}",
         f"models.teacher={models / 'teacher'}",
@@ -54,12 +68,26 @@ def tiny_run_overrides(models) -> list[str]:
     ]
 
 
-def write_rollout_parts(parts, dest_dir):
-    """Student-only rollout parts (what `opdcache rollout` writes) made from existing cache parts."""
+@pytest.fixture(scope="session")
+def rollout_parts_from():
+    """A function writing student-only rollout parts (what `opdcache rollout` writes) from cache parts."""
     from opdcache.cache.schema import ROLLOUT_COLUMNS
     from opdcache.cache.shards import read_cache_shard, write_cache_shard
 
-    for part in parts:
-        table, meta = read_cache_shard(part)
-        cols = {c.name: table.column(c.name) for c in ROLLOUT_COLUMNS}
-        write_cache_shard(dest_dir / part.name, cols, meta, rollout=True)
+    def write(parts, dest_dir):
+        for part in parts:
+            table, meta = read_cache_shard(part)
+            cols = {c.name: table.column(c.name) for c in ROLLOUT_COLUMNS}
+            write_cache_shard(dest_dir / part.name, cols, meta, rollout=True)
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def smoke_toy_models(tmp_path_factory):
+    """The toy teacher and students at smoke size (what `opdcache demo --smoke` builds), built once."""
+    from opdcache.toy.models import build_toy_models
+
+    d = tmp_path_factory.mktemp("toy") / "models"
+    build_toy_models(d, seed=0, smoke=True, progress=False)
+    return d

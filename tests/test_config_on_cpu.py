@@ -19,7 +19,13 @@ def test_shipped_configs_load():
 
 def test_defaults_are_the_papers():
     cfg = load_config()
-    assert (cfg.score.gamma, cfg.score.top_p, cfg.score.w_drop, cfg.score.w_base, cfg.score.eps) == (
+    assert (
+        cfg.score.spec.gamma,
+        cfg.score.spec.top_p,
+        cfg.score.spec.w_drop,
+        cfg.score.spec.w_base,
+        cfg.score.spec.eps,
+    ) == (
         0.7,
         0.95,
         0.01,
@@ -47,7 +53,7 @@ def test_defaults_are_the_papers():
         ("score:\n  gamma: high\n", "score.gamma: expected float, got str 'high'"),
         ("rollout:\n  k: 1.5\n", "rollout.k: expected int, got float"),
         ("score:\n  metric: cosine\n", "score.metric: expected one of 'overlap'"),
-        ("score:\n  gamma: 1.5\n", "gamma must be in \\[0, 1\\]"),
+        ("score:\n  gamma: 1.5\n", "score.gamma: expected >= 0 and <= 1, got 1.5"),
         ("budget:\n  initial: 100\n", "min <= initial <= max"),
         ("- a\n- b\n", "expected a mapping"),
         ("score: [1\n", "not valid YAML"),
@@ -64,7 +70,7 @@ def test_errors_name_file_and_key(tmp_path, text, message):
 
 def test_overrides_and_resolved_round_trip(tmp_path):
     cfg = load_config(None, ["budget.initial=2048", "score.gamma=0.8", "models.student=/m/s"])
-    assert cfg.budget.initial == 2048 and cfg.score.gamma == 0.8 and cfg.models.student == "/m/s"
+    assert cfg.budget.initial == 2048 and cfg.score.spec.gamma == 0.8 and cfg.models.student == "/m/s"
     write_run_config(tmp_path, cfg)
     assert read_run_config(tmp_path) == cfg
     assert "gamma: 0.8" in to_yaml(cfg)
@@ -80,3 +86,36 @@ def test_float_keys_accept_exponent_notation_that_yaml_reads_as_text():
     assert load_config(None, ["train.lr=2e-4"]).train.lr == 2e-4
     with pytest.raises(ConfigError, match="train.lr"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_every_key_is_documented_and_the_docs_table_is_current(capsys):
+    from pathlib import Path
+
+    from opdcache.cli import main
+    from opdcache.config import RunConfig, config_markdown
+    from opdcache.fields import help_rows
+
+    rows = list(help_rows(RunConfig))
+    assert len(rows) > 50 and all(h for _, _, h in rows), [k for k, _, h in rows if not h]
+    # every documented key is accepted by --set with its documented default, giving the defaults back
+    import json
+
+    assert load_config(None, [f"{k}={json.dumps(d)}" for k, d, _ in rows]) == RunConfig()
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config_markdown(), "regenerate: python -m opdcache.config > docs/config.md"
+    with pytest.raises(SystemExit):
+        main(["init", "--help"])
+    out = capsys.readouterr().out
+    assert "score.gamma" in out and "eq. 7" in out and "budget.patience" in out
+
+
+def test_init_refuses_to_replace_a_different_config(tmp_path, capsys):
+    from opdcache.cli import main
+
+    run = tmp_path / "run"
+    assert main(["init", str(run), "--set", "rollout.k=16"]) == 0
+    before = (run / "config.yaml").read_text()
+    assert main(["init", str(run), "--set", "rollout.k=16"]) == 0  # the same config: fine
+    assert main(["init", str(run), "--set", "rollout.k=8"]) == 2
+    assert "differs from" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == before

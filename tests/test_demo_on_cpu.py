@@ -1,6 +1,7 @@
 """`opdcache demo --smoke` end to end: toy models built here, real vLLM, teacher forward, DeepSpeed."""
 
 import json
+import shutil
 
 import pytest
 
@@ -12,8 +13,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, smoke_toy_models):
     out = tmp_path_factory.mktemp("demo")
+    shutil.copytree(smoke_toy_models, out / "models")  # the demo reuses models built to its spec
     assert main(["demo", "--smoke", "--out", str(out), "--quiet"]) == 0
     return out
 

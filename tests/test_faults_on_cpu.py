@@ -20,8 +20,8 @@ import pytest
 from opdcache.budget import BudgetController
 from opdcache.cache.synthetic import write_synthetic_run
 from opdcache.config import load_config, write_run_config
+from opdcache.rundir import RunDir
 from opdcache.verify import verify_run
-from tests.conftest import tiny_run_overrides, write_rollout_parts
 
 TRIALS = int(os.environ.get("OPDCACHE_FAULT_TRIALS", "20"))
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def _stamps(d: Path):
 
 
 def _assert_consistent(root: Path):
-    n, findings = verify_run(root, progress=False)
+    n, findings = verify_run(RunDir(root), progress=False)
     assert [f for f in findings if f.severity == "error"] == [], findings
 
 
@@ -121,7 +121,7 @@ def test_budget_is_never_decided_twice(tmp_path):
 
 
 @pytest.fixture
-def teacher_run(models, tmp_path):
+def teacher_run(tiny_overrides, rollout_parts_from, tmp_path):
     """A run whose rollouts/ holds student parts (copied from a synthetic cache) for the tiny teacher."""
     src = write_synthetic_run(
         tmp_path / "src",
@@ -134,14 +134,14 @@ def teacher_run(models, tmp_path):
         vocab=80,
     )
     root = tmp_path / "run"
-    cfg = load_config(None, tiny_run_overrides(models))
+    cfg = load_config(None, tiny_overrides)
     root.mkdir()
     write_run_config(root, cfg)
-    write_rollout_parts(src.shards(src.cache_round(0)), root / "rollouts" / "round=0")
+    rollout_parts_from(src.shards(src.cache_round(0)), RunDir(root).rollout_round(0))
     return root
 
 
-def test_token_ids_beyond_the_teacher_vocabulary_are_refused(models, tmp_path):
+def test_token_ids_beyond_the_teacher_vocabulary_are_refused(tiny_overrides, rollout_parts_from, tmp_path):
     from opdcache.errors import OpdcacheError
     from opdcache.teacher.stage import teacher_round
 
@@ -156,9 +156,9 @@ def test_token_ids_beyond_the_teacher_vocabulary_are_refused(models, tmp_path):
         vocab=5000,
     )
     root = tmp_path / "run"
-    write_rollout_parts(src.shards(src.cache_round(0)), root / "rollouts" / "round=0")
+    rollout_parts_from(src.shards(src.cache_round(0)), RunDir(root).rollout_round(0))
     with pytest.raises(OpdcacheError, match="holds token id .* the teacher tokenizer has"):
-        teacher_round(root, 0, load_config(None, tiny_run_overrides(models)), progress=False)
+        teacher_round(RunDir(root), 0, load_config(None, tiny_overrides), progress=False)
     assert not (root / "cache").exists()
 
 
@@ -197,10 +197,10 @@ def test_train_stage_survives_kills(teacher_run):
     assert _stamps(root / "cache") == cache  # training never touches the cache
 
 
-def test_rollout_stage_survives_kills(models, tmp_path):
+def test_rollout_stage_survives_kills(tiny_overrides, tmp_path):
     pytest.importorskip("vllm")
     root = tmp_path / "run"
-    sets = tiny_run_overrides(models) + ["rollout.part_size=2"]
+    sets = tiny_overrides + ["rollout.part_size=2"]
     subprocess.run(
         _cli("init", root, *[x for s in sets for x in ("--set", s)]), check=True, capture_output=True
     )

@@ -1,6 +1,7 @@
 """Two full rounds with the real vLLM and DeepSpeed on tiny self-built models; kill -9 and resume."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -11,17 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from transformers import AutoTokenizer
 
 from opdcache.arms import plan
-from opdcache.budget import BudgetController, decide
+from opdcache.budget import BudgetController
 from opdcache.config import load_config
 from opdcache.loop import replay, run_round, start_run
 from opdcache.query import connect
 from opdcache.rollout import engine
+from opdcache.rundir import RunDir
 from opdcache.score.stage import read_effective_lengths
 from opdcache.score.variant import VariantSpec
 from opdcache.train.stage import RENDEZVOUS
-from tests.conftest import tiny_run_overrides
 
 pytest.importorskip("vllm")
 pytest.importorskip("deepspeed")
@@ -35,108 +37,121 @@ def _tree_hash(d: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def looped(models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("loop") / "run"
-    cfg_path = root.parent / "cfg.yaml"
+def looped(tiny_overrides, tmp_path_factory):
+    run = RunDir(tmp_path_factory.mktemp("loop") / "run")
+    cfg_path = run.root.parent / "cfg.yaml"
     cfg_path.write_text("train:\n  lr: 1.0e-3\n  micro_batch_size: 4\nbudget:\n  step: 16\n  margin: 8\n")
-    overrides = tiny_run_overrides(models)
-    cfg = start_run(cfg_path, root, overrides)
-    outs = [run_round(root, r, cfg, progress=False) for r in (0, 1)]
-    return root, cfg, outs, cfg_path, overrides
+    overrides = list(tiny_overrides)
+    cfg = start_run(cfg_path, run, overrides)
+    outs = [run_round(run, r, cfg, progress=False) for r in (0, 1)]
+    return run, cfg, outs, cfg_path, overrides
+
+
+def _alg1(m, low, e, b):
+    """Algorithm 1 lines 12-19 written out (budget initial 48, min 32, max 256, step 16, margin 8)."""
+    hit = sum(x >= max(b["min"], m - b["margin"]) for x in e) / len(e)
+    if hit >= b["rho"]:
+        return min(m + b["step"], b["max"]), 0
+    if low + 1 >= b["patience"]:
+        return max(m - b["step"], b["min"]), 0
+    return m, low + 1
 
 
 def test_two_rounds_end_to_end(looped, models):
-    root, cfg, outs, *_ = looped
+    run, cfg, outs, *_ = looped
     for o in outs:
-        assert (
-            not o["train"]["skipped"]
-            and np.isfinite(o["train"]["loss_first"])
-            and np.isfinite(o["train"]["loss_last"])
-        )
+        assert not o.train.skipped and np.isfinite(o.train.loss_first) and np.isfinite(o.train.loss_last)
     before = load_file(models / "student" / "model.safetensors")
-    after = load_file(root / "checkpoints" / "round=2" / "model.safetensors")
+    after = load_file(run.checkpoint(2) / "model.safetensors")
     assert max(np.abs(before[k] - after[k]).max() for k in before) > 0  # the checkpoint changed
-    assert (root / "deepspeed" / "round=2" / "latest").exists()
+    assert (run.deepspeed_state(2) / "latest").exists()
     # in-process training must not leave its rendezvous port to processes started later
     assert not [k for k in RENDEZVOUS if k in os.environ]
-    # the controller's decisions are Alg. 1 on the recorded effective lengths
-    p = plan(cfg)
-    m, low = p.budget.initial, 0
+    # the controller's decisions are Alg. 1 (restated above, config values spelled out) on the recorded E
+    b = {"min": 32, "max": 256, "step": 16, "margin": 8, "rho": 0.1, "patience": 3}
+    m, low = 48, 0
     for r, o in enumerate(outs):
-        d = decide(p.budget, r, m, low, read_effective_lengths(root, p.budget_variant, r))
-        assert o["decision"]["next_max_tokens"] == d.next_max_tokens and o["decision"]["max_tokens"] == m
-        m, low = d.next_max_tokens, d.low_hits
-    con = connect(root)
+        e = read_effective_lengths(run, "prune", r)
+        assert o.decision.max_tokens == o.max_tokens == m
+        m, low = _alg1(m, low, e, b)
+        assert o.decision.next_max_tokens == m and o.decision.low_hits == low
+    con = connect(run)
     stages = con.execute("select round, stage from stage_times order by all").fetchall()
     assert {s for _, s in stages} == {"rollout", "teacher", "score:prune", "train", "budget"}
     assert (
         con.execute("select max(max_tokens) from rollouts where round = 1").fetchone()[0]
-        == outs[0]["decision"]["next_max_tokens"]
+        == outs[0].decision.next_max_tokens
     )
 
 
 def test_rerun_skips_every_finished_stage(looped, monkeypatch):
-    root, cfg, outs, cfg_path, overrides = looped
+    run, cfg, outs, cfg_path, overrides = looped
     monkeypatch.setattr(engine, "make_llm", lambda *a, **k: pytest.fail("rollout engine restarted"))
-    again = run_round(root, 1, start_run(cfg_path, root, overrides), progress=False)
-    assert again["train"]["skipped"] and again["decision"] == outs[1]["decision"]
-    assert BudgetController(root).state.next_round == 2
+    again = run_round(run, 1, start_run(cfg_path, run, overrides), progress=False)
+    assert again.train.skipped and again.decision == outs[1].decision
+    assert BudgetController(run).state.next_round == 2
     with pytest.raises(Exception, match="differs from"):
-        start_run(cfg_path, root, overrides + ["score.gamma=0.5"])
+        start_run(cfg_path, run, overrides + ["score.gamma=0.5"])
 
 
 def test_kill_during_training_then_resume(looped):
-    root, cfg, outs, *_ = looped
-    cache_hash = _tree_hash(root / "cache")
+    run, cfg, outs, *_ = looped
+    root = run.root
+    cache_hash = _tree_hash(run.cache)
     import shutil
 
-    shutil.rmtree(root / "checkpoints" / "round=2")  # as if round 1's training never finished
-    shutil.rmtree(root / "deepspeed" / "round=2")
+    shutil.rmtree(run.checkpoint(2))  # as if round 1's training never finished
+    shutil.rmtree(run.deepspeed_state(2))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "opdcache.cli", "train", str(root), "--round", "1", "--quiet"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    time.sleep(4.0)  # inside model loading / deepspeed.initialize / the steps
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (root / "checkpoints" / "round=2").exists()
-    assert not [p for p in (root / "checkpoints").iterdir() if p.name.startswith(".")]
-    out = run_round(root, 1, cfg, progress=False)
-    assert not out["train"]["skipped"] and (root / "checkpoints" / "round=2" / "model.safetensors").exists()
-    assert out["decision"] == outs[1]["decision"]  # not advanced twice
-    assert len(BudgetController(root).state.history) == 2
-    assert _tree_hash(root / "cache") == cache_hash  # nothing cached was lost or rewritten
-    assert not (root / ".staging" / "checkpoint-2").exists()  # the killed stage's staging was cleaned
+    for delay in (4.0, 2.0, 1.0, 0.5):  # inside model loading / deepspeed.initialize / the steps
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "opdcache.cli", "train", str(root), "--round", "1", "--quiet"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if not run.checkpoint(2).exists():
+            break
+        shutil.rmtree(run.checkpoint(2))  # finished before the kill: try an earlier moment
+        shutil.rmtree(run.deepspeed_state(2))
+    assert not run.checkpoint(2).exists()
+    assert not [p for p in run.checkpoints.iterdir() if p.name.startswith(".")]
+    out = run_round(run, 1, cfg, progress=False)
+    assert not out.train.skipped and (run.checkpoint(2) / "model.safetensors").exists()
+    assert out.decision == outs[1].decision  # not advanced twice
+    assert len(BudgetController(run).state.history) == 2
+    assert _tree_hash(run.cache) == cache_hash  # nothing cached was lost or rewritten
+    assert not (run.staging / "checkpoint-2").exists()  # the killed stage's staging was cleaned
 
 
 def test_replay_uses_only_the_cache(looped, monkeypatch):
-    root, *_ = looped
+    run, *_ = looped
     monkeypatch.setattr(engine, "make_llm", lambda *a, **k: pytest.fail("replay must not generate"))
     import opdcache.teacher.stage as teacher_stage
 
     monkeypatch.setattr(
         teacher_stage, "load_teacher", lambda *a, **k: pytest.fail("replay must not call the teacher")
     )
-    sub = replay(root, "g09", VariantSpec(gamma=0.9), progress=False)
-    assert (sub / "checkpoints" / "round=2" / "model.safetensors").exists()
-    rows = connect(root).execute("select distinct run from stage_times order by 1").fetchall()
+    sub = replay(run, "g09", VariantSpec(gamma=0.9), progress=False)
+    assert sub == run.replay("g09") and (sub.checkpoint(2) / "model.safetensors").exists()
+    rows = connect(run).execute("select distinct run from stage_times order by 1").fetchall()
     assert rows == [("main",), ("replay:g09",)]
 
 
-def test_arms_plan(models):
-    cfg = load_config(None, tiny_run_overrides(models))
+def test_arms_plan(tiny_overrides):
+    cfg = load_config(None, tiny_overrides)
     assert plan(cfg).train_variant == "prune"
-    opd = plan(load_config(None, tiny_run_overrides(models) + ["arm.name=opd"]))
+    opd = plan(load_config(None, tiny_overrides + ["arm.name=opd"]))
     assert (
         opd.budget.initial == opd.budget.min == opd.budget.max == 256 and opd.variants[0][1].metric == "none"
     )
-    tr = plan(load_config(None, tiny_run_overrides(models) + ["arm.name=truncate", "arm.truncate_tokens=64"]))
+    tr = plan(load_config(None, tiny_overrides + ["arm.name=truncate", "arm.truncate_tokens=64"]))
     assert tr.budget.max == 64
-    rnd = plan(load_config(None, tiny_run_overrides(models) + ["arm.name=random", "arm.random_match=mass"]))
+    rnd = plan(load_config(None, tiny_overrides + ["arm.name=random", "arm.random_match=mass"]))
     assert [n for n, _ in rnd.variants] == ["prune", "random"] and rnd.train_variant == "random"
     assert rnd.budget_variant == "prune" and rnd.variants[1][1].match == "mass"
 
@@ -144,11 +159,11 @@ def test_arms_plan(models):
 def test_training_under_the_launcher_with_two_processes(looped, tmp_path):
     import shutil
 
-    root, *_ = looped
-    copy = tmp_path / "run"
-    shutil.copytree(root, copy, symlinks=True, ignore=shutil.ignore_patterns("replays"))
-    shutil.rmtree(copy / "checkpoints" / "round=2")
-    shutil.rmtree(copy / "deepspeed" / "round=2")
+    run, *_ = looped
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.root, copy.root, symlinks=True, ignore=shutil.ignore_patterns("replays"))
+    shutil.rmtree(copy.checkpoint(2))
+    shutil.rmtree(copy.deepspeed_state(2))
     torchrun = Path(sys.executable).with_name("torchrun")
     p = subprocess.run(
         [
@@ -158,7 +173,7 @@ def test_training_under_the_launcher_with_two_processes(looped, tmp_path):
             "-m",
             "opdcache.cli",
             "train",
-            str(copy),
+            str(copy.root),
             "--round",
             "1",
             "--quiet",
@@ -169,18 +184,19 @@ def test_training_under_the_launcher_with_two_processes(looped, tmp_path):
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert p.stdout.count("train round 1:") == 2  # both ranks trained
-    assert (copy / "checkpoints" / "round=2" / "model.safetensors").exists()
-    assert (copy / "deepspeed" / "round=2" / "latest").exists()
+    assert (copy.checkpoint(2) / "model.safetensors").exists()
+    assert (copy.deepspeed_state(2) / "latest").exists()
 
 
 @pytest.mark.parametrize("arm", ["opd", "truncate", "random"])
-def test_fixed_and_random_arms_reach_the_engine_with_their_budget(models, tmp_path, monkeypatch, arm):
+def test_fixed_and_random_arms_reach_the_engine_with_their_budget(tiny_overrides, tmp_path, monkeypatch, arm):
     """Every stage must use the arm's effective budget config (a fixed budget for opd/truncate)."""
-    from opdcache.rollout.stage import rollout_round
+    from opdcache.cli import main
 
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(f"arm:\n  name: {arm}\n  truncate_tokens: 40\n")
-    cfg = start_run(cfg_path, tmp_path / "run", tiny_run_overrides(models))
+    run = RunDir(tmp_path / "run")
+    start_run(cfg_path, run, tiny_overrides)
     seen = {}
 
     class Reached(Exception):
@@ -191,7 +207,15 @@ def test_fixed_and_random_arms_reach_the_engine_with_their_budget(models, tmp_pa
         raise Reached
 
     monkeypatch.setattr(engine, "make_llm", fake_llm)
-    with pytest.raises(Reached):
-        rollout_round(tmp_path / "run", 0, cfg, progress=False)
-    expected = {"opd": 256, "truncate": 40, "random": 48}[arm]
-    assert BudgetController(tmp_path / "run").max_tokens_for(0) == expected
+    with pytest.raises(Reached):  # through the CLI: the budget M_0 is looked up by the caller
+        main(["rollout", str(run.root), "--round", "0", "--quiet"])
+    expected = {"opd": 256, "truncate": 40, "random": 48}[arm]  # M_0
+    assert BudgetController(run).max_tokens_for(0) == expected
+    # the context is sized for the arm's largest budget: longest tiny prompt + the arm's budget.max
+    cfg = load_config(cfg_path, tiny_overrides)
+    tok = AutoTokenizer.from_pretrained(cfg.models.student)
+    questions = [json.loads(line)["question"] for line in Path(cfg.data.prompts).read_text().splitlines()]
+    longest = max(
+        len(tok(cfg.data.template.format(question=q), add_special_tokens=False).input_ids) for q in questions
+    )
+    assert seen["max_model_len"] == longest + {"opd": 256, "truncate": 40, "random": 256}[arm]

@@ -17,11 +17,11 @@ ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
 
 @pytest.fixture
 def scored(synth_run):
-    score_run(synth_run.root, "prune", VariantSpec(), progress=False)
-    score_run(synth_run.root, "tp", VariantSpec(metric="top_p"), progress=False)
+    score_run(synth_run, "prune", VariantSpec(), progress=False)
+    score_run(synth_run, "tp", VariantSpec(metric="top_p"), progress=False)
     ctl = BudgetController(synth_run.root)
     for r in (0, 1):
-        ctl.update(r, read_effective_lengths(synth_run.root, "prune", r))
+        ctl.update(r, read_effective_lengths(synth_run, "prune", r))
     return synth_run
 
 
@@ -44,7 +44,7 @@ def test_views_agree_with_files(scored):
     )
     e_sql = con.execute("select effective_len from scores where variant='prune' and round=0").fetchnumpy()
     np.testing.assert_array_equal(
-        np.sort(e_sql["effective_len"]), np.sort(read_effective_lengths(scored.root, "prune", 0))
+        np.sort(e_sql["effective_len"]), np.sort(read_effective_lengths(scored, "prune", 0))
     )
     # per-position values line up with the cache: weight at pos equals R + 0.5, R non-increasing
     rows = con.execute("""select prompt_id, sample, pos, token_id, R, L from tokens

@@ -158,3 +158,56 @@ def test_ragged_math_matches_torch_reference(b, t, seed):
         rl.to_padded(rl.loss_weight(r, 0.5), offsets, t), ref["weight"].numpy(), atol=1e-6
     )
     np.testing.assert_array_equal(rl.effective_length(r, offsets), ref["effective_len"].numpy())
+
+
+def _naive_keep(rel, mass, match, seed, eps=1e-8):
+    """The random arm's matching, written out: walk a seeded permutation until the retention is reached."""
+    rel, mass = list(rel), list(mass) if match == "mass" else [1.0] * len(rel)
+    total = sum(mass)
+    if match == "fraction":
+        target = sum(r > eps for r in rel) / len(rel)
+    else:
+        target = sum(r * m for r, m in zip(rel, mass, strict=True)) / total
+    keep, got = [False] * len(rel), 0.0
+    for i in np.random.default_rng(seed).permutation(len(rel)):
+        if target == 0 or got >= target * total - 1e-9:
+            break
+        keep[i], got = True, got + mass[i]
+    return np.array(keep), target
+
+
+def test_random_keep_mask_hand_worked():
+    rel = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
+    mass = np.array([1.0, 2.0, 3.0, 4.0])
+    keep, target, achieved = rl.random_keep_mask(rel, mass, "mass", np.random.default_rng(7))
+    assert target == pytest.approx(0.4)  # (1 + 3) / 10
+    assert achieved >= 0.4 and achieved == pytest.approx(mass[keep].sum() / 10)
+    # smallest prefix of the seeded order: without the last position taken it falls short
+    order = np.random.default_rng(7).permutation(4)
+    n = int(keep.sum())
+    assert set(np.flatnonzero(keep)) == set(order[:n]) and mass[order[: n - 1]].sum() < 4.0
+    keep, target, _ = rl.random_keep_mask(
+        np.array([1e-9, 0.5, 0.0, 1.0]), None, "fraction", np.random.default_rng(0)
+    )
+    assert target == 0.5 and keep.sum() == 2  # R = 1e-9 is not above eps (eq. 12)
+    keep, target, achieved = rl.random_keep_mask(np.zeros(5), np.ones(5), "mass", np.random.default_rng(0))
+    assert target == achieved == 0.0 and not keep.any()
+    with pytest.raises(ValueError, match="match"):
+        rl.random_keep_mask(rel, mass, "tokens", np.random.default_rng(0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0, 1), min_size=1, max_size=60),
+    st.sampled_from(["fraction", "mass"]),
+    st.integers(0, 1000),
+)
+def test_random_keep_mask_matches_naive_walk(rel, match, seed):
+    rel = np.array(rel)
+    mass = np.random.default_rng(seed + 1).uniform(0.01, 3.0, len(rel))
+    keep, target, achieved = rl.random_keep_mask(rel, mass, match, np.random.default_rng(seed))
+    want, want_target = _naive_keep(rel, mass, match, seed)
+    assert target == pytest.approx(want_target)
+    np.testing.assert_array_equal(keep, want)
+    m = mass if match == "mass" else np.ones(len(rel))
+    assert achieved == pytest.approx(m[keep].sum() / m.sum()) and achieved >= target - 1e-9

@@ -8,35 +8,36 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opdcache.cache.shards import read_cache_shard
 from opdcache.config import load_config, write_run_config
 from opdcache.errors import OpdcacheError
+from opdcache.models.checkpoint import student_checkpoint
 from opdcache.models.tiny import build_tiny_model, build_tokenizer
 from opdcache.rollout import engine
-from opdcache.rollout import stage as rollout_stage
 from opdcache.rollout.stage import rollout_round
+from opdcache.rundir import RunDir
 from opdcache.teacher.compat import check_tokenizers, usable_vocab
 from opdcache.teacher.stage import teacher_round
-from tests.conftest import tiny_run_overrides, write_rollout_parts
 
 pytest.importorskip("vllm")
 K = 8
 FP16_REL = 2.0**-11  # cache precision (docs/cache-format.md)
 
 
-def _config(models, **over):
-    return load_config(None, tiny_run_overrides(models) + [f"{k}={v}" for k, v in over.items()])
+@pytest.fixture(scope="module")
+def config(tiny_overrides):
+    return lambda **over: load_config(None, tiny_overrides + [f"{k}={v}" for k, v in over.items()])
 
 
 @pytest.fixture(scope="module")
-def rolled(models, tmp_path_factory):
+def rolled(config, tmp_path_factory):
     """One real vLLM rollout + teacher pass; also captures the engine's unrounded student arrays."""
-    run = tmp_path_factory.mktemp("run")
-    cfg = _config(models)
+    run = RunDir(tmp_path_factory.mktemp("run"))
+    cfg = config()
     write_run_config(run, cfg)
     raw = []
     real = engine.completion_arrays
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "completion_arrays", lambda c, k: raw.append(real(c, k)) or raw[-1])
-        summary = rollout_round(run, 0, cfg, progress=False)
-    assert summary["tokens"] > 0 and summary["parts"] == 2
+        summary = rollout_round(run, 0, cfg, cfg.budget.initial, progress=False)
+    assert summary.tokens > 0 and summary.parts == 2 and summary.max_tokens == 48
     teacher_round(run, 0, cfg, progress=False)
     return run, cfg, raw
 
@@ -51,7 +52,7 @@ def _hf_logprobs(path, prompt, response):
 
 
 def _rows(run):
-    for part in sorted((run / "cache" / "round=0").glob("*.parquet")):
+    for part in run.shards(run.cache_round(0)):
         table, meta = read_cache_shard(part)
         assert meta.k == K and meta.teacher_fingerprint and meta.tokenizer_fingerprint
         yield from table.to_pylist()
@@ -102,34 +103,34 @@ def test_teacher_columns_match_full_vocab_computation(rolled, models):
 
 def test_rerun_skips_finished_parts(rolled, monkeypatch):
     run, cfg, _ = rolled
-    before = {p.name: p.read_bytes() for p in (run / "cache" / "round=0").glob("*.parquet")}
+    before = {p.name: p.read_bytes() for p in run.shards(run.cache_round(0))}
     monkeypatch.setattr(engine, "make_llm", lambda *a, **k: pytest.fail("engine started for finished parts"))
-    s = rollout_round(run, 0, cfg, progress=False)
-    assert s["skipped"] == s["parts"] == 2
-    assert teacher_round(run, 0, cfg, progress=False)["parts"] == 0
-    assert before == {p.name: p.read_bytes() for p in (run / "cache" / "round=0").glob("*.parquet")}
-    assert not list((run / "rollouts" / "round=0").glob("*.parquet"))  # completed parts moved to the cache
+    s = rollout_round(run, 0, cfg, cfg.budget.initial, progress=False)
+    assert s.skipped and s.parts_done_before == s.parts == 2
+    assert teacher_round(run, 0, cfg, progress=False).skipped
+    assert before == {p.name: p.read_bytes() for p in run.shards(run.cache_round(0))}
+    assert not any(run.rollout_round(0).iterdir())  # parts and integrity records moved to the cache
 
 
-def test_prompt_longer_than_context_fails_before_compute(models, tmp_path, monkeypatch):
-    cfg = _config(models, **{"rollout.max_model_len": 50})
+def test_prompt_longer_than_context_fails_before_compute(config, tmp_path, monkeypatch):
+    cfg = config(**{"rollout.max_model_len": 50})
     monkeypatch.setattr(engine, "make_llm", lambda *a, **k: pytest.fail("engine started"))
     with pytest.raises(
         OpdcacheError, match="prompt 'q.*prompt tokens \\+ budget 48 exceed the context length 50"
     ):
-        rollout_round(tmp_path, 0, cfg, progress=False)
+        rollout_round(RunDir(tmp_path), 0, cfg, 48, progress=False)
     assert not (tmp_path / "rollouts").exists()
 
 
-def test_teacher_tokenizer_mismatch_fails_before_writing(rolled, models, tmp_path):
+def test_teacher_tokenizer_mismatch_fails_before_writing(rolled, tmp_path, rollout_parts_from):
     run, cfg, _ = rolled
     build_tiny_model(tmp_path / "other", seed=3, extra_tokens=5)
-    src = next((run / "cache" / "round=0").glob("*.parquet"))
-    write_rollout_parts([src], run / "rollouts" / "round=1")  # a rollout part for round 1
-    bad = load_config(run / "config.yaml", [f"models.teacher={tmp_path / 'other'}"])
+    src = run.shards(run.cache_round(0))[0]
+    rollout_parts_from([src], run.rollout_round(1))  # a rollout part for round 1
+    bad = load_config(run.config, [f"models.teacher={tmp_path / 'other'}"])
     with pytest.raises(OpdcacheError, match="tokenizer mismatch .* only in teacher \\['<w0>'"):
         teacher_round(run, 1, bad, progress=False)
-    assert not (run / "cache" / "round=1").exists()
+    assert not run.cache_round(1).exists()
 
 
 def test_tokenizer_checks(tmp_path):
@@ -150,19 +151,17 @@ def test_padded_vocab_is_sliced_and_short_vocab_refused():
         usable_vocab(100, 120, "m")
 
 
-def test_student_checkpoint_prefers_trained_round(models, tmp_path):
-    cfg = _config(models)
-    from opdcache.rundir import RunDir
-
+def test_student_checkpoint_prefers_trained_round(models, config, tmp_path):
+    cfg = config()
     run = RunDir(tmp_path)
-    assert rollout_stage.student_checkpoint(run, cfg, 1) == str(models / "student")
+    assert student_checkpoint(run, cfg, 1) == str(models / "student")
     import shutil
 
     shutil.copytree(models / "student", run.checkpoint(1))
-    assert rollout_stage.student_checkpoint(run, cfg, 1) == str(run.checkpoint(1))
+    assert student_checkpoint(run, cfg, 1) == str(run.checkpoint(1))
     (run.checkpoint(1) / "model.safetensors").unlink()  # a damaged trained checkpoint is named, not skipped
     with pytest.raises(OpdcacheError, match="round-1 student checkpoint .* missing weights"):
-        rollout_stage.student_checkpoint(run, cfg, 1)
+        student_checkpoint(run, cfg, 1)
 
 
 def test_teacher_padded_rows_would_otherwise_win(models):
@@ -175,7 +174,7 @@ def test_teacher_padded_rows_would_otherwise_win(models):
     assert (logits.topk(K).indices >= n_tok).any()
 
 
-def test_missing_checkpoint_files_are_named(models, tmp_path):
+def test_missing_checkpoint_files_are_named(models, config, tmp_path):
     import shutil
 
     from opdcache.models.checkpoint import require_checkpoint
@@ -183,10 +182,10 @@ def test_missing_checkpoint_files_are_named(models, tmp_path):
     broken = tmp_path / "student"
     shutil.copytree(models / "student", broken)
     (broken / "model.safetensors").unlink()
-    cfg = _config(models, **{"models.student": str(broken)})
+    cfg = config(**{"models.student": str(broken)})
     (tmp_path / "run").mkdir()
     with pytest.raises(OpdcacheError, match=f"student checkpoint {broken}: missing weights"):
-        rollout_round(tmp_path / "run", 0, cfg, progress=False)
+        rollout_round(RunDir(tmp_path / "run"), 0, cfg, 48, progress=False)
     with pytest.raises(OpdcacheError, match="no such directory"):
         require_checkpoint(str(tmp_path / "nope"), "teacher")
     (broken / "config.json").unlink()

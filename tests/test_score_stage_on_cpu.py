@@ -11,6 +11,7 @@ from opdcache.cache.schema import VARIANT_META_KEY, CacheMeta
 from opdcache.cache.shards import flat, read_cache_shard, write_cache_shard
 from opdcache.cache.synthetic import synthetic_columns
 from opdcache.errors import CacheFormatError, OpdcacheError
+from opdcache.rundir import RunDir
 from opdcache.score import reliability as rl
 from opdcache.score import stage
 from opdcache.score.stage import read_effective_lengths, score_run
@@ -24,7 +25,7 @@ def _score_tables(run, name, r):
 
 
 def test_scores_match_torch_reference(synth_run):
-    score_run(synth_run.root, "prune", VariantSpec(gamma=0.7, w_drop=0.05), progress=False)
+    score_run(synth_run, "prune", VariantSpec(gamma=0.7, w_drop=0.05), progress=False)
     for r in (0, 1):
         for part in synth_run.shards(synth_run.cache_round(r)):
             cache, meta = read_cache_shard(part)
@@ -55,43 +56,43 @@ def test_scores_match_torch_reference(synth_run):
 
 
 def test_drift_makes_reliability_fall(synth_run):
-    summaries = score_run(synth_run.root, "prune", VariantSpec(), progress=False)
-    assert all(0.0 < s["retained_fraction"] < 1.0 for s in summaries)
-    e = read_effective_lengths(synth_run.root, "prune", 0)
+    summaries = score_run(synth_run, "prune", VariantSpec(), progress=False).rounds
+    assert all(0.0 < s.retained_fraction < 1.0 for s in summaries)
+    e = read_effective_lengths(synth_run, "prune", 0)
     assert len(e) == 24 and e.max() < 512
 
 
 def test_variant_metadata_describes_itself(synth_run):
-    score_run(synth_run.root, "g8", VariantSpec(gamma=0.8, w_base=0.25), progress=False)
+    score_run(synth_run, "g8", VariantSpec(gamma=0.8, w_base=0.25), progress=False)
     for table in _score_tables(synth_run, "g8", 0).values():
         meta = json.loads(table.schema.metadata[VARIANT_META_KEY])
         assert meta == {"metric": "overlap", "gamma": 0.8, "w_drop": 0.01, "w_base": 0.25, "eps": 1e-8}
 
 
 def test_rescoring_is_idempotent_and_replaces(synth_run):
-    score_run(synth_run.root, "v", VariantSpec(), progress=False)
+    score_run(synth_run, "v", VariantSpec(), progress=False)
     first = _score_tables(synth_run, "v", 1)
-    score_run(synth_run.root, "v", VariantSpec(), progress=False)
+    score_run(synth_run, "v", VariantSpec(), progress=False)
     assert all(first[n].equals(t) for n, t in _score_tables(synth_run, "v", 1).items())
-    score_run(synth_run.root, "v", VariantSpec(gamma=0.9), progress=False)
+    score_run(synth_run, "v", VariantSpec(gamma=0.9), progress=False)
     assert not all(first[n].equals(t) for n, t in _score_tables(synth_run, "v", 1).items())
     assert not list(synth_run.staging.iterdir())
     assert sorted(p.name for p in synth_run.scores.iterdir()) == ["v"]
 
 
 def test_partial_rescore(synth_run):
-    score_run(synth_run.root, "v", VariantSpec(), progress=False)
+    score_run(synth_run, "v", VariantSpec(), progress=False)
     before = _score_tables(synth_run, "v", 0)
-    score_run(synth_run.root, "v", VariantSpec(), rounds=[1], progress=False)
+    score_run(synth_run, "v", VariantSpec(), rounds=[1], progress=False)
     assert all(before[n].equals(t) for n, t in _score_tables(synth_run, "v", 0).items())
     with pytest.raises(OpdcacheError, match="would mix settings"):
-        score_run(synth_run.root, "v", VariantSpec(gamma=0.5), rounds=[1], progress=False)
+        score_run(synth_run, "v", VariantSpec(gamma=0.5), rounds=[1], progress=False)
     with pytest.raises(OpdcacheError, match=r"rounds \[7\] are not in"):
-        score_run(synth_run.root, "v", VariantSpec(), rounds=[7], progress=False)
+        score_run(synth_run, "v", VariantSpec(), rounds=[7], progress=False)
 
 
 def test_crash_leaves_old_variant_and_no_partial(synth_run, monkeypatch):
-    score_run(synth_run.root, "v", VariantSpec(), progress=False)
+    score_run(synth_run, "v", VariantSpec(), progress=False)
     before = _score_tables(synth_run, "v", 0)
     calls = {"n": 0}
     real = stage.score_shard
@@ -104,17 +105,17 @@ def test_crash_leaves_old_variant_and_no_partial(synth_run, monkeypatch):
 
     monkeypatch.setattr(stage, "score_shard", crash_on_third)
     with pytest.raises(RuntimeError):
-        score_run(synth_run.root, "v", VariantSpec(gamma=0.9), progress=False)
+        score_run(synth_run, "v", VariantSpec(gamma=0.9), progress=False)
     calls["n"] = 0
     with pytest.raises(RuntimeError):
-        score_run(synth_run.root, "fresh", VariantSpec(), progress=False)
+        score_run(synth_run, "fresh", VariantSpec(), progress=False)
     assert all(before[n].equals(t) for n, t in _score_tables(synth_run, "v", 0).items())
     assert not synth_run.variant("fresh").exists()
     assert not list(synth_run.staging.iterdir())
 
 
 def test_none_variant(synth_run):
-    score_run(synth_run.root, "opd", VariantSpec(metric="none"), progress=False)
+    score_run(synth_run, "opd", VariantSpec(metric="none"), progress=False)
     for table in _score_tables(synth_run, "opd", 0).values():
         w = flat(table.column("weight"))[0]
         assert (w == 1).all() and not flat(table.column("bad"))[0].any()
@@ -123,7 +124,7 @@ def test_none_variant(synth_run):
 
 
 def test_top_p_variant_has_accept_not_overlap(synth_run):
-    score_run(synth_run.root, "tp", VariantSpec(metric="top_p", top_p=0.9), progress=False)
+    score_run(synth_run, "tp", VariantSpec(metric="top_p", top_p=0.9), progress=False)
     for table in _score_tables(synth_run, "tp", 0).values():
         assert "accept" in table.column_names and "overlap" not in table.column_names
         acc, bad = flat(table.column("accept"))[0], flat(table.column("bad"))[0]
@@ -132,18 +133,18 @@ def test_top_p_variant_has_accept_not_overlap(synth_run):
 
 @pytest.mark.parametrize("match", ["fraction", "mass"])
 def test_random_variant_matches_reference(synth_run, match):
-    score_run(synth_run.root, "prune", VariantSpec(), progress=False)
+    score_run(synth_run, "prune", VariantSpec(), progress=False)
     out = score_run(
-        synth_run.root,
+        synth_run,
         f"rand-{match}",
         VariantSpec(metric="random", reference="prune", match=match),
         progress=False,
     )
-    for s in out:
-        n = s["positions"]
+    for s in out.rounds:
+        n = s.positions
         tol = 1.0 / n if match == "fraction" else 0.02
-        assert abs(s["achieved"] - s["target"]) <= tol
-        assert 0 < s["target"] < 1
+        assert abs(s.match["achieved"] - s.match["target"]) <= tol
+        assert 0 < s.match["target"] < 1
     # independent of compatibility: kept rate is similar on low- and high-overlap positions
     kept, ov = [], []
     for r in (0, 1):
@@ -165,32 +166,32 @@ def test_random_variant_matches_reference(synth_run, match):
 
 def test_random_needs_scored_reference(synth_run):
     with pytest.raises(OpdcacheError, match="reference variant 'prune' has no scores"):
-        score_run(synth_run.root, "rand", VariantSpec(metric="random", reference="prune"), progress=False)
+        score_run(synth_run, "rand", VariantSpec(metric="random", reference="prune"), progress=False)
 
 
 def test_mixed_k_is_refused(synth_run):
     cols = synthetic_columns(2, k=4, vocab=500, mean_len=20, max_tokens=40)
     write_cache_shard(synth_run.cache_round(1) / "part-00009.parquet", cols, CacheMeta(k=4))
     with pytest.raises(CacheFormatError, match="disagree on k: k=8 in .* k=4 in"):
-        score_run(synth_run.root, "v", VariantSpec(), progress=False)
+        score_run(synth_run, "v", VariantSpec(), progress=False)
 
 
 def test_corrupt_shard_names_the_file(synth_run):
     part = synth_run.shards(synth_run.cache_round(1))[0]
     part.write_bytes(part.read_bytes()[:100])
     with pytest.raises(CacheFormatError, match=str(part)):
-        score_run(synth_run.root, "v", VariantSpec(), progress=False)
+        score_run(synth_run, "v", VariantSpec(), progress=False)
     assert not synth_run.variant("v").exists()
 
 
 def test_bad_variant_name(synth_run):
     with pytest.raises(OpdcacheError, match="variant name '../x'"):
-        score_run(synth_run.root, "../x", VariantSpec(), progress=False)
+        score_run(synth_run, "../x", VariantSpec(), progress=False)
 
 
 def test_no_cache(tmp_path):
     with pytest.raises(OpdcacheError, match="no cache rounds"):
-        score_run(tmp_path, "v", VariantSpec(), progress=False)
+        score_run(RunDir(tmp_path), "v", VariantSpec(), progress=False)
 
 
 def test_shard_scores_agree_with_math_directly(synth_run):

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from opdcache.evaluation import is_correct
+from opdcache.grading import extract_boxed, is_correct
 from opdcache.toy.models import build_toy_tokenizer, confusion_matrix
-from opdcache.toy.task import MOD, Problem, extract_boxed, sample_problems, solution
+from opdcache.toy.task import MOD, Problem, sample_problems, solution
 
 
 def test_solutions_are_correct_chains_in_both_formats():

@@ -14,8 +14,8 @@ from opdcache.verify import verify_run
 
 
 def test_clean_run_verifies(synth_run):
-    score_run(synth_run.root, "prune", VariantSpec(), progress=False)
-    n, findings = verify_run(synth_run.root, progress=False)
+    score_run(synth_run, "prune", VariantSpec(), progress=False)
+    n, findings = verify_run(synth_run, progress=False)
     assert n == 8 and findings == []
     part = synth_run.shards(synth_run.cache_round(0))[0]
     record = json.loads(manifest_path(part).read_text())
@@ -27,7 +27,7 @@ def test_a_flipped_bit_is_found_and_named(synth_run, capsys):
     data = bytearray(part.read_bytes())
     data[len(data) // 3] ^= 0x01
     part.write_bytes(bytes(data))
-    _, findings = verify_run(synth_run.root, progress=False)
+    _, findings = verify_run(synth_run, progress=False)
     assert [f.path for f in findings] == [str(part)] and "sha256 differs" in findings[0].problem
     assert main(["verify", str(synth_run.root), "--quiet"]) == 2
     assert "1 of 4 parts failed" in capsys.readouterr().err
@@ -48,7 +48,7 @@ def test_interrupted_write_leftovers_are_notes(synth_run):
     orphan = part.with_name("part-00077.parquet")
     manifest_path(orphan).write_text(manifest_path(part).read_text())
     (part.parent / ".part-00078.parquet.123.tmp").write_bytes(b"PAR1")
-    _, findings = verify_run(synth_run.root, progress=False)
+    _, findings = verify_run(synth_run, progress=False)
     assert {f.severity for f in findings} == {"note"} and len(findings) == 2
 
 

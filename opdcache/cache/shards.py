@@ -294,3 +294,8 @@ def score_file_metadata(variant: Mapping[str, Any], source: str, rows: int) -> d
         SCORE_META_KEY: json.dumps(info).encode(),
         VARIANT_META_KEY: json.dumps(variant).encode(),
     }
+
+
+def read_variant_params(path: Path) -> dict[str, Any]:
+    """The ``opdcache.variant`` parameters stored in a score part."""
+    return json.loads((open_parquet(path).schema_arrow.metadata or {}).get(VARIANT_META_KEY, b"{}"))

@@ -108,5 +108,5 @@ def write_synthetic_run(
                 prompt_offset=part * prompts_per_part,
                 **kwargs,  # type: ignore[arg-type]
             )
-            write_cache_shard(run.cache_round(r) / f"part-{part:05d}.parquet", cols, meta)
+            write_cache_shard(run.cache_round(r) / run.part_name(part), cols, meta)
     return run

@@ -1,10 +1,15 @@
-"""Checks on HF checkpoint directories before a stage loads them (one clear error, nothing written)."""
+"""Which checkpoint a round uses, and checks on HF checkpoint directories before a stage loads them."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opdcache.errors import OpdcacheError
+
+if TYPE_CHECKING:
+    from opdcache.config import RunConfig
+    from opdcache.rundir import RunDir
 
 
 def require_checkpoint(path: str, role: str) -> str:
@@ -29,3 +34,13 @@ def require_checkpoint(path: str, role: str) -> str:
     if missing:
         raise OpdcacheError(f"{role} checkpoint {p}: missing {', '.join(missing)}")
     return str(p)
+
+
+def student_checkpoint(run: RunDir, cfg: RunConfig, r: int) -> str:
+    """The checkpoint round ``r`` samples from: RUN/checkpoints/round=<r> if trained, else models.student."""
+    ckpt = run.checkpoint(r)
+    if ckpt.is_dir():
+        return require_checkpoint(str(ckpt), f"round-{r} student")
+    if not cfg.models.student:
+        raise OpdcacheError("models.student is not set in the run config")
+    return require_checkpoint(cfg.models.student, "student")

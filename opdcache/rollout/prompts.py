@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -82,3 +83,20 @@ def round_prompts(prompts: list[Prompt], r: int, per_round: int, seed: int) -> l
 def render(question: str, template: str) -> str:
     """Apply the prompt template (``str.format`` with ``{question}``)."""
     return template.format(question=question)
+
+
+def encode_prompts(tokenizer: Any, prompts: list[Prompt], template: str, chat: bool) -> list[list[int]]:
+    """Token ids of each rendered prompt (wrapped in the tokenizer's chat template when ``chat``)."""
+    out = []
+    for pr in prompts:
+        text = render(pr.question, template)
+        if chat:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+        else:
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+        if not ids:
+            raise OpdcacheError(f"prompt {pr.prompt_id!r}: renders to zero tokens")
+        out.append(list(ids))
+    return out

@@ -11,63 +11,33 @@ prompt at the controller's budget M_r and written atomically. A rerun skips part
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from opdcache.arms import plan
-from opdcache.budget import BudgetController
 from opdcache.cache.schema import ROLLOUT_COLUMNS, CacheMeta
 from opdcache.cache.shards import write_cache_shard
 from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
-from opdcache.models.checkpoint import require_checkpoint
+from opdcache.models.checkpoint import student_checkpoint
 from opdcache.models.fingerprint import model_fingerprint, tokenizer_fingerprint
+from opdcache.results import RolloutResult
 from opdcache.rollout import engine
-from opdcache.rollout.prompts import Prompt, load_prompts, render, round_prompts
+from opdcache.rollout.prompts import Prompt, encode_prompts, load_prompts, round_prompts
 from opdcache.rundir import RunDir
 
 
-def student_checkpoint(run: RunDir, cfg: RunConfig, r: int) -> str:
-    """The checkpoint round ``r`` samples from: RUN/checkpoints/round=<r> if trained, else models.student."""
-    ckpt = run.checkpoint(r)
-    if ckpt.is_dir():
-        return require_checkpoint(str(ckpt), f"round-{r} student")
-    if not cfg.models.student:
-        raise OpdcacheError("models.student is not set in the run config")
-    return require_checkpoint(cfg.models.student, "student")
-
-
-def part_name(p: int) -> str:
-    return f"part-{p:05d}.parquet"
-
-
-def encode_prompts(tokenizer: Any, prompts: list[Prompt], template: str, chat: bool) -> list[list[int]]:
-    out = []
-    for pr in prompts:
-        text = render(pr.question, template)
-        if chat:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
-        else:
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-        if not ids:
-            raise OpdcacheError(f"prompt {pr.prompt_id!r}: renders to zero tokens")
-        out.append(list(ids))
-    return out
-
-
-def rollout_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Generate round ``r``'s missing rollout parts; returns counts and throughput."""
+def rollout_round(
+    run: RunDir, r: int, cfg: RunConfig, max_tokens: int, progress: bool = True
+) -> RolloutResult:
+    """Generate round ``r``'s missing rollout parts at budget ``max_tokens`` (M_r, decided by the caller)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    run = RunDir(root).require()
+    run.require()
     rc = cfg.rollout
     prompts = round_prompts(load_prompts(cfg.data.prompts), r, rc.prompts_per_round, rc.seed)
-    max_tokens = BudgetController(run.root, plan(cfg).budget).max_tokens_for(r)
     student = student_checkpoint(run, cfg, r)
     tokenizer = AutoTokenizer.from_pretrained(student)
     encoded = encode_prompts(tokenizer, prompts, cfg.data.template, cfg.data.chat_template)
@@ -84,13 +54,9 @@ def rollout_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = Tru
     parts = [
         list(range(i, min(i + rc.part_size, len(prompts)))) for i in range(0, len(prompts), rc.part_size)
     ]
-    done = [
-        (run.rollout_round(r) / part_name(p)).exists() or (run.cache_round(r) / part_name(p)).exists()
-        for p in range(len(parts))
-    ]
-    summary = {"round": r, "max_tokens": max_tokens, "parts": len(parts), "skipped": sum(done), "tokens": 0}
+    done = [run.done("rollout", r, part=run.part_name(p)) for p in range(len(parts))]
     if all(done):
-        return summary
+        return RolloutResult(r, max_tokens, len(parts), len(parts))
     meta = CacheMeta(
         k=rc.k,
         student_model=student,
@@ -116,7 +82,6 @@ def rollout_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = Tru
         disable=not progress,
     )
     t0, tokens = time.perf_counter(), 0
-    summary["engine_start_seconds"] = t0 - t_start
     try:
         for p, idx in enumerate(parts):
             if done[p]:
@@ -131,15 +96,13 @@ def rollout_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = Tru
                 seed=int(np.random.default_rng([rc.seed, r, p]).integers(2**31)),
             )
             cols = _columns(outs, [prompts[i] for i in idx], [encoded[i] for i in idx], rc.k, max_tokens)
-            tokens += write_cache_shard(run.rollout_round(r) / part_name(p), cols, meta, rollout=True)
+            tokens += write_cache_shard(run.rollout_round(r) / run.part_name(p), cols, meta, rollout=True)
             bar.update(len(idx))
             bar.set_postfix(tok_per_s=f"{tokens / (time.perf_counter() - t0):.0f}")
     finally:
         engine.shutdown(llm)
     bar.close()
-    summary["tokens"] = tokens
-    summary["tokens_per_s"] = tokens / (time.perf_counter() - t0)
-    return summary
+    return RolloutResult(r, max_tokens, len(parts), sum(done), tokens, time.perf_counter() - t0, t0 - t_start)
 
 
 def _columns(

@@ -135,6 +135,39 @@ def opd_reward(student_topk_logprobs: np.ndarray, teacher_on_student_topk: np.nd
     return -w * (lp - lq)
 
 
+def random_keep_mask(
+    rel: np.ndarray, mass: np.ndarray, match: str, rng: np.random.Generator, eps: float = EPS
+) -> tuple[np.ndarray, float, float]:
+    """The random control arm's kept positions for one round, matched to a reference variant.
+
+    Positions are taken in a uniformly random order until their ``mass`` reaches the reference's
+    retention: ``match="fraction"`` (mass = 1 per position) matches the kept token fraction
+    mean[R > eps] (eq. 12's criterion); ``match="mass"`` (mass = sum_j |r_tau,j|, the OPD reward of
+    eq. 11 before L) matches the kept reward mass sum(R mass) / sum(mass). The smallest such prefix
+    of the order is kept. Returns (keep mask [N] bool, target retention, achieved retention).
+    """
+    if match not in ("fraction", "mass"):
+        raise ValueError(f"match must be fraction or mass, got {match!r}")
+    rel = np.asarray(rel)
+    mass = np.ones(len(rel)) if match == "fraction" else np.asarray(mass, dtype=np.float64)
+    if len(mass) != len(rel):
+        raise ValueError(f"rel and mass differ in length ({len(rel)} vs {len(mass)})")
+    total = mass.sum()
+    if match == "fraction":
+        target = float((rel > eps).mean()) if len(rel) else 0.0
+    else:
+        target = float((rel * mass).sum() / total) if total > 0 else 0.0
+    order = rng.permutation(len(mass))
+    cum = np.cumsum(mass[order])
+    n_keep = (
+        int(np.searchsorted(cum, target * cum[-1] - 1e-9, side="left")) + 1 if len(cum) and target > 0 else 0
+    )
+    keep = np.zeros(len(mass), dtype=bool)
+    keep[order[:n_keep]] = True
+    achieved = float(mass[keep].sum() / total) if total > 0 else 0.0
+    return keep, target, achieved
+
+
 def to_padded(values: np.ndarray, offsets: np.ndarray, width: int | None = None) -> np.ndarray:
     """Ragged ``[N]`` -> dense ``[B, T]`` with zeros on padding (so L = 0 there, eq. 10)."""
     offsets = np.asarray(offsets, dtype=np.int64)

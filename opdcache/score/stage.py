@@ -11,7 +11,6 @@ the parameters differ from those the existing variant was scored with.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -23,19 +22,20 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from opdcache.cache.schema import SCORE_BY_NAME, VARIANT_META_KEY
+from opdcache.cache.schema import SCORE_BY_NAME
 from opdcache.cache.shards import (
     flat,
     list_array,
-    open_parquet,
     read_cache_meta,
     read_cache_shard,
     read_score_shard,
+    read_variant_params,
     score_file_metadata,
     write_parquet,
 )
 from opdcache.errors import CacheFormatError, OpdcacheError
-from opdcache.rundir import RunDir, clean_stale_staging, recover_interrupted_swaps, replace_dir
+from opdcache.results import ScoreResult, ScoreRound
+from opdcache.rundir import RunDir, clean_stale_staging, recover_interrupted_swaps, replace_dir, round_dir
 from opdcache.score import reliability as rl
 from opdcache.score.variant import VariantSpec
 
@@ -115,8 +115,8 @@ def _score_table(keys: pa.Table, s: ShardScores, metric: str) -> pa.Table:
 def _random_keep_masks(
     run: RunDir, r: int, parts: list[Path], k: int, spec: VariantSpec
 ) -> tuple[list[np.ndarray], dict[str, float]]:
-    """Retained-position masks for one round, matched to the reference variant's retention."""
-    ref_dir = run.variant(spec.reference or "") / f"round={r}"
+    """Read the reference variant's R (and the reward mass) of round ``r``; split the matched mask by part."""
+    ref_dir = run.score_round(spec.reference or "", r)
     if not ref_dir.is_dir():
         raise OpdcacheError(
             f"random variant: reference variant {spec.reference!r} has no scores for round {r} "
@@ -139,35 +139,24 @@ def _random_keep_masks(
                 _topk(table, "teacher_logprob_on_student_topk", k),
             )
             masses.append(np.abs(reward).sum(axis=1))
-        else:
-            masses.append(np.ones(len(rels[-1]), dtype=np.float32))
+            if len(masses[-1]) != len(rels[-1]):
+                raise OpdcacheError(
+                    f"random variant: {ref_path} has {len(rels[-1])} positions, {part} has {len(masses[-1])}; "
+                    f"re-score {spec.reference!r}"
+                )
     rel = np.concatenate(rels) if rels else np.zeros(0, np.float32)
-    mass = np.concatenate(masses).astype(np.float64) if masses else np.zeros(0)
-    if len(mass) != len(rel):
-        raise OpdcacheError(
-            f"random variant: reference {spec.reference!r} round {r} does not match the cache"
-        )
-    if spec.match == "fraction":
-        target = float((rel > spec.eps).mean()) if len(rel) else 0.0
-    else:
-        target = float((rel * mass).sum() / mass.sum()) if mass.sum() > 0 else 0.0
-    rng = np.random.default_rng([spec.seed, r])
-    order = rng.permutation(len(mass))
-    cum = np.cumsum(mass[order])
-    n_keep = (
-        int(np.searchsorted(cum, target * cum[-1] - 1e-9, side="left")) + 1 if len(cum) and target > 0 else 0
+    mass = np.concatenate(masses) if masses else np.ones(len(rel))
+    keep, target, achieved = rl.random_keep_mask(
+        rel, mass, spec.match, np.random.default_rng([spec.seed, r]), spec.eps
     )
-    keep = np.zeros(len(mass), dtype=bool)
-    keep[order[:n_keep]] = True
-    achieved = float(mass[keep].sum() / mass.sum()) if mass.sum() > 0 else 0.0
-    bounds = np.cumsum([0] + [len(m) for m in masses])
+    bounds = np.cumsum([0] + [len(x) for x in rels])
     masks = [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     return masks, {"target": target, "achieved": achieved}
 
 
 def _existing_params(run: RunDir, name: str) -> dict[str, Any] | None:
     for r in run.rounds(run.variant(name)):
-        for part in run.shards(run.variant(name) / f"round={r}"):
+        for part in run.shards(run.score_round(name, r)):
             meta = read_variant_params(part)
             meta.pop("match_stats", None)
             return meta
@@ -175,14 +164,14 @@ def _existing_params(run: RunDir, name: str) -> dict[str, Any] | None:
 
 
 def score_run(
-    root: str | Path,
+    run: RunDir,
     name: str,
     spec: VariantSpec,
     rounds: list[int] | None = None,
     progress: bool = True,
-) -> list[dict[str, Any]]:
+) -> ScoreResult:
     """Score the cached ``rounds`` (default: all) of a run as variant ``name``; one summary per round."""
-    run = RunDir(root).require()
+    run.require()
     final = run.variant(name)
     available = run.rounds()
     if not available:
@@ -231,7 +220,7 @@ def score_run(
                 if spec.metric == "random"
                 else ([None] * len(parts[r]), {})
             )
-            stats = _RoundStats(r)
+            stats, t_round = _RoundStats(r), time.perf_counter()
             for part, keep in zip(parts[r], masks, strict=True):
                 t0 = time.perf_counter()
                 table, _ = read_cache_shard(part, _columns_needed(spec))
@@ -239,22 +228,22 @@ def score_run(
                 out = _score_table(table, scores, spec.metric)
                 meta = {**spec.to_meta(), **({"match_stats": match} if match else {})}
                 out = out.replace_schema_metadata(score_file_metadata(meta, part.name, out.num_rows))
-                write_parquet(staged / f"round={r}" / part.name, out, len(scores.rel))
+                write_parquet(staged / round_dir(r) / part.name, out, len(scores.rel))
                 stats.add(scores)
                 bar.update(1)
                 bar.set_postfix(pos_per_s=f"{len(scores.rel) / (time.perf_counter() - t0):.3g}")
-            summaries.append(stats.summary() | match)
+            summaries.append(stats.summary(match, time.perf_counter() - t_round))
         bar.close()
         if final.exists():  # keep rounds that were not re-scored
             for r in sorted(set(run.rounds(final)) - set(todo)):
-                (staged / f"round={r}").mkdir(parents=True, exist_ok=True)
-                for f in (final / f"round={r}").iterdir():  # parts and their integrity records
+                (staged / round_dir(r)).mkdir(parents=True, exist_ok=True)
+                for f in run.score_round(name, r).iterdir():  # parts and their integrity records
                     if not f.name.startswith("."):
-                        os.link(f, staged / f"round={r}" / f.name)
+                        os.link(f, staged / round_dir(r) / f.name)
         replace_dir(staged, final)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return summaries
+    return ScoreResult(name, spec, summaries)
 
 
 class _RoundStats:
@@ -269,23 +258,24 @@ class _RoundStats:
         self.kept += int(s.effective_len.sum())
         self.e.append(s.effective_len)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, match: dict[str, float], seconds: float) -> ScoreRound:
         e = np.concatenate(self.e) if self.e else np.zeros(0)
         n = max(self.positions, 1)
-        return {
-            "round": self.r,
-            "responses": self.responses,
-            "positions": self.positions,
-            "mean_metric": self.metric_sum / n,
-            "retained_fraction": self.kept / n,
-            "effective_len_mean": float(e.mean()) if len(e) else 0.0,
-        }
+        return ScoreRound(
+            self.r,
+            self.responses,
+            self.positions,
+            self.metric_sum / n,
+            self.kept / n,
+            float(e.mean()) if len(e) else 0.0,
+            match,
+            seconds,
+        )
 
 
-def read_effective_lengths(root: str | Path, name: str, r: int) -> np.ndarray:
+def read_effective_lengths(run: RunDir, name: str, r: int) -> np.ndarray:
     """E of every response of round ``r`` in variant ``name`` (input of the budget controller)."""
-    run = RunDir(root)
-    d = run.variant(name) / f"round={r}"
+    d = run.score_round(name, r)
     files = run.shards(d)
     if not files:
         raise OpdcacheError(f"{d}: no score shards; run `opdcache score {run.root} --variant {name}` first")
@@ -293,8 +283,3 @@ def read_effective_lengths(root: str | Path, name: str, r: int) -> np.ndarray:
     return np.concatenate(
         [read_score_shard(f, cols, validate=False)[0].column("effective_len").to_numpy() for f in files]
     )
-
-
-def read_variant_params(path: Path) -> dict[str, Any]:
-    """The ``opdcache.variant`` parameters stored in a score part."""
-    return json.loads((open_parquet(path).schema_arrow.metadata or {}).get(VARIANT_META_KEY, b"{}"))

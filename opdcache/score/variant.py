@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from opdcache.errors import ConfigError
+from opdcache.fields import fail, setting, validate
 
 Metric = Literal["overlap", "top_p", "none", "random"]
 
@@ -25,36 +25,22 @@ Metric = Literal["overlap", "top_p", "none", "random"]
 class VariantSpec:
     """Parameters of one scoring variant (paper defaults)."""
 
-    metric: Metric = "overlap"
-    gamma: float = 0.7  # eq. 7 compatibility threshold
-    top_p: float = 0.95  # App. A.10 nucleus mass p
-    w_drop: float = 0.01  # eq. 9 penalty per bad event
-    w_base: float = 0.5  # eq. 10 base weight floor
-    eps: float = 1e-8  # eq. 12 tolerance
-    reference: str | None = None  # random: the variant whose retention is matched
-    match: Literal["fraction", "mass"] = "fraction"  # random: what is matched
-    seed: int = 0  # random: permutation seed (combined with the round)
+    metric: Metric = setting("overlap", "bad-event metric: overlap (eq. 7), top_p (App. A.10), none, random")
+    gamma: float = setting(0.7, "eq. 7 compatibility threshold: bad when overlap O < gamma", ge=0, le=1)
+    top_p: float = setting(0.95, "App. A.10 nucleus mass p", gt=0, le=1)
+    w_drop: float = setting(0.01, "eq. 9 penalty per bad event", ge=0)
+    w_base: float = setting(0.5, "eq. 10 base weight on every valid position", ge=0)
+    eps: float = setting(1e-8, "eq. 12 tolerance: E counts positions with R > eps", ge=0, lt=1)
+    reference: str | None = setting(None, "random: the variant whose retention is matched")
+    match: Literal["fraction", "mass"] = setting(
+        "fraction", "random: match kept token fraction or |reward| mass"
+    )
+    seed: int = setting(0, "random: permutation seed (combined with the round)")
 
     def __post_init__(self) -> None:
-        checks = [
-            (
-                self.metric in ("overlap", "top_p", "none", "random"),
-                "metric must be overlap, top_p, none or random",
-            ),
-            (0.0 <= self.gamma <= 1.0, "gamma must be in [0, 1]"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (self.w_drop >= 0.0, "w_drop must be >= 0"),
-            (self.w_base >= 0.0, "w_base must be >= 0"),
-            (0.0 <= self.eps < 1.0, "eps must be in [0, 1)"),
-            (self.match in ("fraction", "mass"), "match must be fraction or mass"),
-            (
-                self.metric != "random" or bool(self.reference),
-                "metric random needs a reference variant",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"variant: {msg} (got {self})")
+        validate(self, "score")
+        if self.metric == "random" and not self.reference:
+            fail("score", "reference", "a reference variant for metric random", self.reference)
 
     def to_meta(self) -> dict[str, Any]:
         """Parameters stored under ``opdcache.variant`` in every score file (keys that matter)."""

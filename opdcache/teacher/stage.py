@@ -13,18 +13,17 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from opdcache.cache.shards import flat, read_cache_meta, read_cache_shard, write_cache_shard
+from opdcache.cache.shards import flat, manifest_path, read_cache_meta, read_cache_shard, write_cache_shard
 from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
-from opdcache.models.checkpoint import require_checkpoint
+from opdcache.models.checkpoint import require_checkpoint, student_checkpoint
 from opdcache.models.fingerprint import model_fingerprint
-from opdcache.rollout.stage import student_checkpoint
+from opdcache.results import TeacherResult
 from opdcache.rundir import RunDir
 from opdcache.teacher.compat import check_tokenizers, usable_vocab
 from opdcache.teacher.forward import check_architecture, score_response
@@ -52,14 +51,14 @@ def load_teacher(path: str, dtype: str, device: str, device_map: str) -> Any:
     return model.eval()
 
 
-def teacher_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+def teacher_round(run: RunDir, r: int, cfg: RunConfig, progress: bool = True) -> TeacherResult:
+    """Complete round ``r``'s rollout parts that are not yet in the cache."""
     from transformers import AutoConfig, AutoTokenizer
 
-    run = RunDir(root).require()
-    todo = [p for p in run.shards(run.rollout_round(r)) if not (run.cache_round(r) / p.name).exists()]
-    summary: dict[str, Any] = {"round": r, "parts": len(todo), "tokens": 0}
+    run.require()
+    todo = [p for p in run.shards(run.rollout_round(r)) if not run.done("teacher", r, part=p.name)]
     if not todo:
-        return summary
+        return TeacherResult(r, 0)
     if not cfg.models.teacher:
         raise OpdcacheError("models.teacher is not set in the run config")
     student = student_checkpoint(run, cfg, r)
@@ -72,8 +71,10 @@ def teacher_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = Tru
     )
     for p in todo:  # unreadable rollout parts fail here, before the teacher is loaded
         read_cache_meta(p, rollout=True)
+    t_load = time.perf_counter()
     model = load_teacher(cfg.models.teacher, cfg.teacher.dtype, cfg.teacher.device, cfg.teacher.device_map)
     t_fp = model_fingerprint(cfg.models.teacher)
+    load_seconds = time.perf_counter() - t_load
 
     total_pos = 0
     t0 = time.perf_counter()
@@ -120,8 +121,8 @@ def teacher_round(root: str | Path, r: int, cfg: RunConfig, progress: bool = Tru
         full = dataclasses.replace(meta, teacher_model=cfg.models.teacher, teacher_fingerprint=t_fp)
         total_pos += write_cache_shard(run.cache_round(r) / part.name, cols, full)
         part.unlink()
+        manifest_path(part).unlink(missing_ok=True)  # the rollout part's integrity record goes with it
         bar.update(1)
         bar.set_postfix(tok_per_s=f"{total_pos / (time.perf_counter() - t0):.0f}")
     bar.close()
-    summary.update(tokens=total_pos, tokens_per_s=total_pos / (time.perf_counter() - t0))
-    return summary
+    return TeacherResult(r, len(todo), total_pos, time.perf_counter() - t0, load_seconds)

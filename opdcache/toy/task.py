@@ -18,7 +18,6 @@ Every number 0-99 is one token, so next-number positions choose among 100 candid
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,8 +45,6 @@ WORDS = [
     "minus",
 ]
 VOCAB = NUMBERS + WORDS
-BOXED = re.compile(r"\\boxed\{\s*([^{}]*?)\s*\}")
-
 Format = Literal["compact", "drift"]
 
 
@@ -104,12 +101,6 @@ def solution(
         parts.append(f"check {x} minus {p.add} gives {(x - p.add) % MOD} .")
         x = (x - p.add) % MOD
     return " ".join(parts)
-
-
-def extract_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}``, whitespace-trimmed, or None."""
-    found = BOXED.findall(text)
-    return found[-1].strip() if found else None
 
 
 def write_prompts(path: str | Path, problems: list[Problem], prefix: str) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,14 +33,13 @@ class Example:
     weight: np.ndarray  # [T] L_tau of the variant
 
 
-def load_examples(root: str | Path, r: int, variant: str) -> list[Example]:
-    run = RunDir(root)
+def load_examples(run: RunDir, r: int, variant: str) -> list[Example]:
     parts = run.shards(run.cache_round(r))
     if not parts:
         raise OpdcacheError(f"{run.cache_round(r)}: no cache parts to train on")
     out = []
     for part in parts:
-        spath = run.variant(variant) / f"round={r}" / part.name
+        spath = run.score_round(variant, r) / part.name
         if not spath.exists():
             raise OpdcacheError(f"{spath}: missing; score round {r} with variant {variant!r} first")
         cache, meta = read_cache_shard(part, CACHE_COLS)

@@ -18,7 +18,6 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,8 @@ from tqdm.auto import tqdm
 
 from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
-from opdcache.rollout.stage import student_checkpoint
+from opdcache.models.checkpoint import student_checkpoint
+from opdcache.results import TrainResult
 from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir
 from opdcache.train.data import collate, load_examples
 from opdcache.train.loss import opd_policy_loss
@@ -79,22 +79,22 @@ def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return lp.gather(2, batch["topk_ids"])
 
 
-def train_round(
-    root: str | Path, r: int, cfg: RunConfig, variant: str, progress: bool = True
-) -> dict[str, Any]:
+def train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bool = True) -> TrainResult:
+    """Train round ``r``'s student on its cache weighted by ``variant``'s L -> checkpoints/round=<r+1>."""
+    run.require()
+    if run.done("train", r):
+        return TrainResult(r, skipped=True)
     with single_process_env():
-        return _train_round(root, r, cfg, variant, progress)
+        return _train_round(run, r, cfg, variant, progress)
 
 
-def _train_round(root: str | Path, r: int, cfg: RunConfig, variant: str, progress: bool) -> dict[str, Any]:
+def _train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bool) -> TrainResult:
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run = RunDir(root).require()
+    t_load = time.perf_counter()
     final = run.checkpoint(r + 1)
-    if final.exists():
-        return {"round": r, "skipped": True}
-    examples = load_examples(run.root, r, variant)
+    examples = load_examples(run, r, variant)
     source = student_checkpoint(run, cfg, r)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if not torch.cuda.is_available():
@@ -105,7 +105,7 @@ def _train_round(root: str | Path, r: int, cfg: RunConfig, variant: str, progres
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
-    ds_prev = run.root / "deepspeed" / f"round={r}"
+    ds_prev = run.deepspeed_state(r)
     if ds_prev.is_dir():
         engine.load_checkpoint(str(ds_prev), load_module_strict=True, load_module_only=False)
     rank, world = engine.global_rank, engine.world_size
@@ -115,6 +115,7 @@ def _train_round(root: str | Path, r: int, cfg: RunConfig, variant: str, progres
     batches = [[examples[i] for i in order[s : s + mb]] for s in range(0, len(order), mb)] * cfg.train.epochs
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     metrics, tokens, t0 = [], 0, time.perf_counter()
+    load_seconds = t0 - t_load
     engine.train()
     for step, items in enumerate(
         tqdm(batches, desc=f"train round {r}", unit="batch", disable=not progress or rank)
@@ -154,18 +155,17 @@ def _train_round(root: str | Path, r: int, cfg: RunConfig, variant: str, progres
             staged / "hf" / "opdcache_train.json",
             json.dumps({"round": r, "variant": variant, "source": source, "metrics": metrics}).encode(),
         )
-        replace_dir(staged / "deepspeed", run.root / "deepspeed" / f"round={r + 1}")
+        replace_dir(staged / "deepspeed", run.deepspeed_state(r + 1))
         replace_dir(staged / "hf", final)
         shutil.rmtree(staged, ignore_errors=True)
     deepspeed.comm.barrier()
-    seconds = time.perf_counter() - t0
-    return {
-        "round": r,
-        "skipped": False,
-        "steps": len(metrics),
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "loss_first": metrics[0]["loss"] if metrics else None,
-        "loss_last": metrics[-1]["loss"] if metrics else None,
-    }
+    return TrainResult(
+        r,
+        skipped=False,
+        steps=len(metrics),
+        tokens=tokens,
+        seconds=time.perf_counter() - t0,
+        loss_first=metrics[0]["loss"] if metrics else None,
+        loss_last=metrics[-1]["loss"] if metrics else None,
+        startup_seconds=load_seconds,
+    )

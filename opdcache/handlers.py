@@ -1,0 +1,239 @@
+"""What each ``opdcache`` subcommand does (cli.py declares them): read arguments, call the stage, return
+its result for ``results.describe``. Heavy imports stay inside the handlers so ``--help`` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from opdcache.errors import OpdcacheError
+from opdcache.rundir import RunDir
+
+Args = argparse.Namespace
+
+
+def _config(run: RunDir):
+    from opdcache.config import read_run_config
+
+    cfg = read_run_config(run)
+    if cfg is None:
+        raise OpdcacheError(
+            f"{run.root}: no config.yaml; create the run with `opdcache init {run.root} --config FILE`"
+        )
+    return cfg
+
+
+def _spec(base, a: Args):
+    """``base`` VariantSpec with the variant flags given on the command line."""
+    names = ("metric", "gamma", "top_p", "w_drop", "w_base", "eps", "reference", "match", "seed")
+    return base.replace(**{n: getattr(a, n, None) for n in names})
+
+
+def _round_list(a: Args) -> list[int] | None:
+    return sorted({r for group in a.rounds for r in group}) if a.rounds else None
+
+
+def init(a: Args, run: RunDir) -> str:
+    from opdcache.loop import start_run
+
+    start_run(a.config, run, a.set)
+    return f"wrote {run.config}"
+
+
+def rollout(a: Args, run: RunDir):
+    from opdcache.arms import plan
+    from opdcache.budget import BudgetController
+    from opdcache.rollout.stage import rollout_round
+    from opdcache.stagetimes import timed
+
+    cfg = _config(run)
+    m_t = BudgetController(run, plan(cfg).budget).max_tokens_for(a.round)
+    return timed(run, a.round, "rollout", lambda: rollout_round(run, a.round, cfg, m_t, not a.quiet))
+
+
+def teacher(a: Args, run: RunDir):
+    from opdcache.stagetimes import timed
+    from opdcache.teacher.stage import teacher_round
+
+    cfg = _config(run)
+    return timed(run, a.round, "teacher", lambda: teacher_round(run, a.round, cfg, not a.quiet))
+
+
+def train(a: Args, run: RunDir):
+    from opdcache.arms import plan
+    from opdcache.stagetimes import timed
+    from opdcache.train.stage import train_round
+
+    cfg = _config(run)
+    variant = a.variant or plan(cfg).train_variant
+    return timed(run, a.round, "train", lambda: train_round(run, a.round, cfg, variant, not a.quiet))
+
+
+def score(a: Args, run: RunDir):
+    from opdcache.config import ScoreConfig, read_run_config
+    from opdcache.score.stage import score_run
+    from opdcache.stagetimes import record
+
+    cfg = read_run_config(run)
+    base = cfg.score if cfg is not None else ScoreConfig()
+    name = a.variant or base.variant
+    res = score_run(run, name, _spec(base.spec, a), _round_list(a), progress=not a.quiet)
+    for r in res.rounds:
+        record(run, r.round, f"score:{name}", r.seconds, 0.0, False)
+    return res
+
+
+def budget(a: Args, run: RunDir):
+    from opdcache.arms import plan
+    from opdcache.budget import BudgetController
+    from opdcache.config import read_run_config
+    from opdcache.score.stage import read_effective_lengths
+
+    cfg = read_run_config(run)
+    ctl = BudgetController(run, plan(cfg).budget if cfg is not None else None)
+    if a.round is not None:
+        variant = a.variant or (plan(cfg).budget_variant if cfg is not None else "prune")
+        ctl.update(a.round, read_effective_lengths(run, variant, a.round))
+    return ctl.state
+
+
+def round_(a: Args, run: RunDir):
+    from opdcache.loop import run_round
+
+    return run_round(run, a.round, _config(run), progress=not a.quiet)
+
+
+def run_all(a: Args, run: RunDir) -> list[Any]:
+    from opdcache.loop import run_rounds, start_run
+
+    cfg = start_run(a.config, run, a.set)
+    done = run_rounds(run, a.rounds, cfg, progress=not a.quiet)
+    return [
+        *done,
+        f"{run.root}: {a.rounds} rounds done; wall times: opdcache query {run.root} 'select * from stage_times'",
+    ]
+
+
+def replay(a: Args, run: RunDir) -> str:
+    from opdcache.loop import replay as replay_run
+
+    spec = _spec(_config(run).score.spec, a)
+    sub = replay_run(run, a.variant, spec, _round_list(a), progress=not a.quiet, train=not a.no_train)
+    return (
+        f"replay written to {sub.root}; compare: opdcache query {run.root} "
+        '"select run, stage, sum(seconds) from stage_times group by all order by all"'
+    )
+
+
+def query(a: Args, run: RunDir) -> None:
+    import duckdb
+
+    from opdcache.query import run_sql
+
+    if (a.sql is None) == (a.file is None):
+        raise OpdcacheError("query: give either SQL text or --file FILE")
+    try:
+        sql = a.sql if a.sql is not None else Path(a.file).read_text()
+    except OSError as e:
+        raise OpdcacheError(f"{a.file}: cannot read ({e.strerror})") from e
+    params = {}
+    for item in a.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise OpdcacheError(f"--param {item!r}: expected name=value")
+        params[key] = value
+    try:
+        rel = run_sql(run, sql, params)
+        if rel is None:
+            return
+        if a.format == "csv":
+            import csv
+
+            w = csv.writer(sys.stdout)
+            w.writerow(rel.columns)
+            w.writerows(rel.fetchall())
+        elif a.format == "json":
+            print(
+                json.dumps(
+                    [dict(zip(rel.columns, row, strict=True)) for row in rel.fetchall()],
+                    default=str,
+                    indent=1,
+                )
+            )
+        else:
+            rel.show(max_rows=a.max_rows, max_width=200)
+    except duckdb.Error as e:
+        raise OpdcacheError(f"query failed: {e}") from e
+
+
+def verify(a: Args, run: RunDir) -> list[str]:
+    from opdcache.verify import verify_run
+
+    n, findings = verify_run(run, progress=not a.quiet)
+    lines = [
+        f"{f.severity}: {f.problem}"
+        if f.problem.startswith(f.path)
+        else f"{f.severity}: {f.path}: {f.problem}"
+        for f in findings
+    ]
+    for line in lines:
+        print(line)
+    if errors := [f for f in findings if f.severity == "error"]:
+        raise OpdcacheError(f"verify: {len(errors)} of {n} parts failed")
+    return [f"verify: {n} parts OK" + (f" ({len(findings)} notes)" if findings else "")]
+
+
+def synth(a: Args, run: RunDir) -> str:
+    from opdcache.cache.synthetic import write_synthetic_run
+
+    write_synthetic_run(
+        run.root,
+        rounds=a.rounds,
+        parts_per_round=a.parts,
+        prompts_per_part=a.prompts,
+        mean_len=a.mean_len,
+        max_tokens=a.max_tokens,
+        overlap=a.overlap,
+        drift=a.drift,
+        seed=a.seed,
+    )
+    return f"wrote a synthetic cache of {a.rounds} rounds under {run.cache}"
+
+
+def evaluate(a: Args, _: None) -> list[Any]:
+    from opdcache.evaluation import evaluate as evaluate_checkpoint
+
+    res = evaluate_checkpoint(
+        a.checkpoint,
+        a.data,
+        a.n,
+        a.temperature,
+        a.max_tokens,
+        a.checker,
+        a.template,
+        a.chat_template,
+        a.seed,
+        a.kv_cache_gib,
+        a.enforce_eager,
+        a.out,
+    )
+    return [res, f"written to {a.out}" if a.out else None]
+
+
+def report(a: Args, _: None) -> str:
+    from opdcache.report import make_report
+
+    return f"wrote {make_report(a.runs, a.out, a.band_scale, a.bucket, a.every, a.sql_dir)}"
+
+
+def demo(a: Args, _: None) -> list[str]:
+    from opdcache.demo import run_demo
+
+    res = run_demo(a.out, a.smoke, a.rounds, tuple(a.seeds), progress=not a.quiet)
+    return [
+        res["table"],
+        f"\ndemo finished in {res['seconds']:.0f} s; summary {res['summary']}, report {res['report']}",
+    ]

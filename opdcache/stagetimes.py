@@ -1,0 +1,44 @@
+"""RUN/stage_times.jsonl: the wall time of every stage, however it was started (loop or CLI).
+
+Wall time is the paper's headline metric; ``work_seconds`` is wall time less the stage's engine or
+model start-up. Lines are appended and fsynced; a torn last line (crash) is ignored by readers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from opdcache.rundir import RunDir
+
+T = TypeVar("T")
+
+
+def timed(run: RunDir, r: int, stage: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` (a stage returning a result with ``skipped`` and ``startup_seconds``) and record it."""
+    t0 = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - t0
+    record(run, r, stage, seconds, getattr(result, "startup_seconds", 0.0), getattr(result, "skipped", False))
+    return result
+
+
+def record(run: RunDir, r: int, stage: str, seconds: float, startup_seconds: float, skipped: bool) -> None:
+    row = {
+        "run": run.label,
+        "round": r,
+        "stage": stage,
+        "seconds": seconds,
+        "work_seconds": seconds - startup_seconds,
+        "skipped": skipped,
+        "host": socket.gethostname(),
+        "finished_at": time.time(),
+    }
+    with run.stage_times.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,36 @@
+"""Every script in benchmarks/ runs at its tiny size (``--tiny``) and prints its figures."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+# what each script must print (a figure line), so a script that silently stops early fails
+EXPECTED = {
+    "score_throughput.py": ["M positions/s", "ratio math / torch", "stage time / decode time", "B/position"],
+    "train_throughput.py": ["tokens/s", "ratio DeepSpeed / plain", "max |loss difference|"],
+    "rollout_throughput.py": ["tokens/s", "positions/s"],
+    "toy_overlap.py": ["mean response length"],
+}
+SLOW = {"rollout_throughput.py", "toy_overlap.py"}  # a vLLM start; building the smoke toy models
+
+
+def test_every_benchmark_is_covered():
+    assert sorted(p.name for p in BENCH.glob("*.py")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize(
+    "script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in sorted(EXPECTED)]
+)
+def test_benchmark_runs_tiny(script, tmp_path, request):
+    args = [sys.executable, str(BENCH / script), "--tiny"]
+    if script == "toy_overlap.py":
+        args += ["--models", str(request.getfixturevalue("smoke_toy_models"))]
+    p = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for text in EXPECTED[script]:
+        assert text in p.stdout, (text, p.stdout[-2000:])
+    # the ratio lines print finite numbers, not nan/inf
+    assert "nan" not in p.stdout.lower() and " inf" not in p.stdout.lower()
