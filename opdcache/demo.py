@@ -84,6 +84,7 @@ def toy_overrides(
         f"eval.every={size.eval_every}",
         f"eval.n={size.eval_n}",
         "eval.temperature=0.6",
+        "eval.top_p=1.0",
         "eval.checker=exact",
     ]
 

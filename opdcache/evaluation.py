@@ -8,8 +8,10 @@ MATH-500 exports); ``exact`` compares the last ``\\boxed{}`` content as a string
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import numpy as np
 
 from opdcache.config import DataConfig
 from opdcache.errors import OpdcacheError
-from opdcache.grading import Checker, is_correct
+from opdcache.grading import Checker, grader
 from opdcache.models.checkpoint import require_checkpoint
 from opdcache.results import EvalResult
 from opdcache.rollout import engine
@@ -32,24 +34,27 @@ def evaluate_with(
     llm: Any,
     tokenizer: Any,
     data: str | Path,
+    *,
     n: int,
     temperature: float,
+    top_p: float,
     max_tokens: int,
     checker: Checker,
     template: str,
     chat: bool,
     seed: int,
+    fields: Mapping[str, str] | None = None,
     checkpoint: str = "",
 ) -> EvalResult:
     """Evaluate with an engine already holding the checkpoint."""
-    prompts = load_prompts(data)
+    prompts = load_prompts(data, fields, quiet=True)
     encoded = encode_prompts(tokenizer, prompts, template, chat)
     t0 = time.perf_counter()
-    outs = engine.generate(llm, encoded, n, temperature, max_tokens, k=0, seed=seed)
+    outs = engine.generate(llm, encoded, n, temperature, max_tokens, k=0, seed=seed, top_p=top_p)
     per_prompt, lengths, truncated = {}, [], 0
     for pr, out in zip(prompts, outs, strict=True):
-        ok = [is_correct(c.text, pr.answer, checker) for c in out.outputs]
-        per_prompt[pr.prompt_id] = float(np.mean(ok))
+        correct = grader(pr.answer, checker)
+        per_prompt[pr.prompt_id] = float(np.mean([correct(c.text) for c in out.outputs]))
         lengths += [len(c.token_ids) for c in out.outputs]
         truncated += sum(c.finish_reason == "length" for c in out.outputs)
     acc = np.array(list(per_prompt.values()))
@@ -67,43 +72,74 @@ def evaluate_with(
         truncated / len(lengths),
         time.perf_counter() - t0,
         per_prompt,
+        top_p=top_p,
     )
 
 
 def evaluate(
     checkpoint: str,
     data: str | Path,
+    *,
     n: int = 16,
-    temperature: float = 0.6,
-    max_tokens: int = 4096,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    max_tokens: int = 0,
     checker: Checker = "math",
     template: str = DAPO_TEMPLATE,
     chat: bool = False,
+    fields: Mapping[str, str] | None = None,
     seed: int = 0,
     kv_cache_gib: int = 2,
-    enforce_eager: bool = False,
+    enforce_eager: bool | str = "auto",
     out: str | Path | None = None,
 ) -> EvalResult:
-    """Start an engine on ``checkpoint``, evaluate Avg@n, optionally write the result JSON."""
-    from transformers import AutoTokenizer
+    """Start an engine on ``checkpoint``, evaluate Avg@n, optionally write the result JSON.
 
-    if n < 1 or max_tokens < 1 or temperature < 0:
+    The reference protocol is the default: Avg@16 at temperature 1.0, top-p 0.95, and a long budget
+    (``max_tokens`` 0: as many tokens as the model's context leaves after the longest prompt).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    if n < 1 or max_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
         raise OpdcacheError(
-            f"eval: n and max_tokens must be >= 1 and temperature >= 0 (got {n}, {max_tokens}, {temperature})"
+            f"eval: need n >= 1, max_tokens >= 0, temperature >= 0, 0 < top_p <= 1 "
+            f"(got {n}, {max_tokens}, {temperature}, {top_p})"
         )
     require_checkpoint(checkpoint, "eval")
-    load_prompts(data)  # fail on bad data before the engine starts
+    ps = load_prompts(data, fields)  # fail on bad data before the engine starts
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    longest = max(len(e) for e in encode_prompts(tokenizer, load_prompts(data), template, chat))
+    longest = max(len(e) for e in encode_prompts(tokenizer, ps, template, chat))
+    context = getattr(AutoConfig.from_pretrained(checkpoint), "max_position_embeddings", None) or 1 << 30
+    max_tokens = max_tokens or context - longest
+    if longest + max_tokens > context:
+        raise OpdcacheError(
+            f"eval: longest prompt ({longest} tokens) + max_tokens {max_tokens} exceed the context of "
+            f"{checkpoint} ({context}); lower max_tokens"
+        )
+    t0 = time.perf_counter()
     llm = engine.make_llm(
         checkpoint, 1, longest + max_tokens, seed, kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager
     )
+    startup = time.perf_counter() - t0
     try:
         res = evaluate_with(
-            llm, tokenizer, data, n, temperature, max_tokens, checker, template, chat, seed, checkpoint
+            llm,
+            tokenizer,
+            data,
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            checker=checker,
+            template=template,
+            chat=chat,
+            seed=seed,
+            fields=fields,
+            checkpoint=checkpoint,
         )
     finally:
         engine.shutdown(llm)
+    res = dataclasses.replace(res, startup_seconds=startup)
     if out is not None:
         atomic_write_bytes(Path(out), json.dumps(asdict(res), indent=1).encode())
     return res

@@ -206,21 +206,37 @@ def synth(a: Args, run: RunDir) -> str:
 def evaluate(a: Args, _: None) -> list[Any]:
     from opdcache.evaluation import evaluate as evaluate_checkpoint
 
+    fields = {}
+    for item in a.field:
+        role, sep, name = item.partition("=")
+        if not sep:
+            raise OpdcacheError(
+                f"--field {item!r}: expected ROLE=FIELD, e.g. answer=reward_model.ground_truth"
+            )
+        fields[role] = name
     res = evaluate_checkpoint(
         a.checkpoint,
         a.data,
-        a.n,
-        a.temperature,
-        a.max_tokens,
-        a.checker,
-        a.template,
-        a.chat_template,
-        a.seed,
-        a.kv_cache_gib,
-        a.enforce_eager,
-        a.out,
+        n=a.n,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        max_tokens=a.max_tokens,
+        checker=a.checker,
+        template=a.template,
+        chat=a.chat_template,
+        fields=fields,
+        seed=a.seed,
+        kv_cache_gib=a.kv_cache_gib,
+        enforce_eager={"true": True, "false": False}.get(a.enforce_eager, "auto"),
+        out=a.out,
     )
     return [res, f"written to {a.out}" if a.out else None]
+
+
+def convert(a: Args, _: None) -> str:
+    from opdcache.models.gguf import convert_gguf
+
+    return f"wrote {convert_gguf(a.source, a.out, a.layers)}"
 
 
 def report(a: Args, _: None) -> str:

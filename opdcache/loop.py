@@ -40,18 +40,20 @@ def eval_round(run: RunDir, r: int, cfg: RunConfig) -> EvalRoundResult | None:
         res = evaluate(
             student_checkpoint(run, cfg, r),
             ec.data,
-            ec.n,
-            ec.temperature,
-            ec.max_tokens or cfg.budget.max,
-            ec.checker,
-            cfg.data.template,
-            cfg.data.chat_template,
-            cfg.rollout.seed,
-            cfg.rollout.kv_cache_gib,
-            cfg.rollout.enforce_eager,
-            run.eval_result(r),
+            n=ec.n,
+            temperature=ec.temperature,
+            top_p=ec.top_p,
+            max_tokens=ec.max_tokens or cfg.budget.max,
+            checker=ec.checker,
+            template=cfg.data.template,
+            chat=cfg.data.chat_template,
+            fields=ec.fields,
+            seed=cfg.rollout.seed,
+            kv_cache_gib=cfg.rollout.kv_cache_gib,
+            enforce_eager=cfg.rollout.enforce_eager,
+            out=run.eval_result(r),
         )
-        return EvalRoundResult(r, False, res.accuracy)
+        return EvalRoundResult(r, False, res.accuracy, res.startup_seconds)
 
     return timed(run.require(), r, "eval", stage)
 
@@ -111,8 +113,17 @@ def score_variant_round(run: RunDir, r: int, name: str, spec: VariantSpec, progr
 
 
 def start_run(config_path: str | Path | None, run: RunDir, overrides: list[str] | None = None) -> RunConfig:
-    """Create RUN from CONFIG, or check that an existing RUN was made from the same config."""
+    """Create RUN from CONFIG, or check that an existing RUN was made from the same config.
+
+    The prompt files are read and checked first: a bad file fails here, before anything is written.
+    """
+    from opdcache.rollout.prompts import load_prompts
+
     cfg = load_config(config_path, overrides)
+    if cfg.data.prompts:
+        load_prompts(cfg.data.prompts, cfg.data.fields)
+    if cfg.eval.data:
+        load_prompts(cfg.eval.data, cfg.eval.fields)
     existing = read_run_config(run) if run.config.exists() else None
     if existing is not None and existing != cfg:
         raise OpdcacheError(

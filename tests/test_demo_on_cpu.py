@@ -96,4 +96,4 @@ def test_eval_refuses_bad_data_before_starting_an_engine(demo, tmp_path, capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt_id": "a", "question": "start 1 add 2 steps 9 solve"}\n')
     assert main(["eval", str(demo / "models" / "teacher"), "--data", str(bad)]) == 2
-    assert "missing field(s) answer" in capsys.readouterr().err
+    assert "no usable answer" in capsys.readouterr().err

@@ -65,6 +65,7 @@ def test_two_rounds_end_to_end(looped, models):
     after = load_file(run.checkpoint(2) / "model.safetensors")
     assert max(np.abs(before[k] - after[k]).max() for k in before) > 0  # the checkpoint changed
     assert (run.deepspeed_state(2) / "latest").exists()
+    assert run.rounds(run.deepspeed) == [2]  # train.keep_states = 1: round 1's optimizer state is gone
     # in-process training must not leave its rendezvous port to processes started later
     assert not [k for k in RENDEZVOUS if k in os.environ]
     # the controller's decisions are Alg. 1 (restated above, config values spelled out) on the recorded E

@@ -76,8 +76,13 @@ def test_overlap_by_depth_shows_drift(scored):
     rows = run_sql(
         scored.root, (ANALYSIS / "overlap_by_depth.sql").read_text(), {"band_scale": "50"}
     ).fetchall()
-    by_band = {(r, band): o for r, band, o, _ in rows}
-    assert by_band[(0, "0-1K")] > by_band[(0, "4-6K")] + 0.05  # the fixture drifts with depth
+    by_band = {(r, band): o for r, band, _, o, _ in rows}
+    assert by_band[(0, "0-50")] > by_band[(0, "200-250")] + 0.05  # the fixture drifts with depth
+    # contiguous bands: every scored position of the chosen variant is counted once
+    total = run_sql(scored.root, "select count(*) from tokens where variant = 'prune'").fetchall()[0][0]
+    assert sum(n for *_, n in rows) == total
+    starts = [start for r, _, start, _, _ in rows if r == 0]
+    assert starts == list(range(0, 50 * len(starts), 50)) and len(starts) >= 5
 
 
 def test_duckdb_file_for_other_clients(scored):

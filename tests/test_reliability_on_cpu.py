@@ -170,7 +170,7 @@ def _naive_keep(rel, mass, match, seed, eps=1e-8):
         target = sum(r * m for r, m in zip(rel, mass, strict=True)) / total
     keep, got = [False] * len(rel), 0.0
     for i in np.random.default_rng(seed).permutation(len(rel)):
-        if target == 0 or got >= target * total - 1e-9:
+        if target == 0 or (any(keep) and got >= target * total - 1e-9):  # >= 1 kept when target > 0
             break
         keep[i], got = True, got + mass[i]
     return np.array(keep), target

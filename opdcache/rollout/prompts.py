@@ -1,9 +1,24 @@
-"""Prompt sets: JSONL or Parquet with ``prompt_id``, ``question``, ``answer``; per-round batches."""
+"""Prompt sets from the files users have (JSONL or Parquet), and per-round batches.
+
+Each record gives a question, a gold answer and an id, read from the first field present in this order
+(``data.fields`` / ``--field`` names another field, dotted for nested ones):
+
+  question   ``question`` | ``problem`` | ``prompt`` (a string, or a chat message list: its last user turn)
+  answer     ``answer`` (string or number; GSM8K's worked solution gives the number after ``####``) |
+             ``reward_model.ground_truth`` (verl / DAPO Parquet) | the last ``\\boxed{}`` of ``solution``
+  prompt_id  ``prompt_id`` | ``id`` | ``unique_id`` | ``idx`` | the record's number (0-based)
+
+Loading says in one line what it mapped, and warns when two present candidates disagree (an export
+with both ``question`` and ``problem``, or ``answer`` and ``solution``, loads; the first one wins).
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from opdcache.errors import OpdcacheError
+from opdcache.grading import extract_boxed
 
-REQUIRED = ("prompt_id", "question", "answer")
+CANDIDATES: dict[str, tuple[str, ...]] = {
+    "question": ("question", "problem", "prompt"),
+    "answer": ("answer", "reward_model.ground_truth", "solution"),
+    "prompt_id": ("prompt_id", "id", "unique_id", "idx"),
+}
+_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 
 @dataclass(frozen=True)
@@ -23,38 +44,113 @@ class Prompt:
     answer: str
 
 
-def _check(rows: list[dict], path: Path, where: str) -> list[Prompt]:
+@dataclass
+class PromptSet:
+    prompts: list[Prompt]
+    mapping: dict[str, str]  # role -> the field it was read from ("#" for the record number)
+    warnings: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return ", ".join(f"{role} <- {src}" for role, src in self.mapping.items())
+
+
+def _get(row: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = row
+    for key in dotted.split("."):
+        if not isinstance(value, Mapping) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def _question(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | np.ndarray):  # chat messages: the last user turn
+        users = [m.get("content") for m in value if isinstance(m, Mapping) and m.get("role") == "user"]
+        return users[-1] if users and isinstance(users[-1], str) else None
+    return None
+
+
+def _answer(value: Any, source: str) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    if not isinstance(value, str):
+        return None
+    if source.endswith("solution"):
+        return extract_boxed(value)
+    if m := _GSM8K_FINAL.search(value):  # GSM8K: worked solution ending in "#### 1,234"
+        return re.sub(r"(?<=\d),(?=\d{3}\b)", "", m.group(1))
+    return value.strip()
+
+
+_CONVERT = {
+    "question": lambda v, s: _question(v),
+    "answer": _answer,
+    "prompt_id": lambda v, s: None if v is None else str(v),
+}
+
+
+def read_prompt_set(path: str | Path, fields: Mapping[str, str] | None = None) -> PromptSet:
+    """Read and validate a prompt file; every error names the file and line/row."""
+    path = Path(path)
+    fields = dict(fields or {})
+    if unknown := sorted(set(fields) - set(CANDIDATES)):
+        raise OpdcacheError(f"data.fields: unknown role(s) {unknown}; expected {', '.join(CANDIDATES)}")
+    rows, where = _records(path)
+    if not rows:
+        raise OpdcacheError(f"{path}: no prompts")
+    order = {role: (fields[role],) if role in fields else cands for role, cands in CANDIDATES.items()}
+    mapping: dict[str, str] = {}
+    disagree: dict[tuple[str, str, str], list[int]] = {}
     out, seen = [], {}
     for i, row in enumerate(rows):
         loc = f"{path}: {where} {i + 1}"
-        if not isinstance(row, dict):
-            raise OpdcacheError(f"{loc}: expected an object with {', '.join(REQUIRED)}")
-        missing = [k for k in REQUIRED if k not in row or row[k] is None]
-        if missing:
-            raise OpdcacheError(f"{loc}: missing field(s) {', '.join(missing)}")
-        pid = str(row["prompt_id"])
-        if not isinstance(row["question"], str) or not row["question"].strip():
-            raise OpdcacheError(f"{loc}: 'question' must be a non-empty string")
+        if not isinstance(row, Mapping):
+            raise OpdcacheError(f"{loc}: expected an object with a question and an answer")
+        got: dict[str, str] = {}
+        for role, cands in order.items():
+            present = [(c, _CONVERT[role](_get(row, c), c)) for c in cands if _get(row, c) is not None]
+            present = [(c, v) for c, v in present if v is not None and (role != "question" or v.strip())]
+            if present:
+                src, got[role] = present[0]
+                mapping.setdefault(role, src)
+                for other, v in present[1:]:
+                    if v.strip() != got[role].strip():
+                        disagree.setdefault((role, src, other), []).append(i)
+            elif role == "prompt_id" and role not in fields:
+                got[role] = str(i)
+                mapping.setdefault(role, "#")
+            else:
+                looked = ", ".join(cands)
+                raise OpdcacheError(
+                    f"{loc}: no usable {role} (looked for {looked}"
+                    + ("; a solution counts only with a \\boxed{} answer" if role == "answer" else "")
+                    + "); name the field with data.fields / --field"
+                )
+        pid = got["prompt_id"]
         if pid in seen:
             raise OpdcacheError(f"{loc}: duplicate prompt_id {pid!r} (first at {where} {seen[pid] + 1})")
         seen[pid] = i
-        out.append(Prompt(pid, row["question"], str(row["answer"])))
-    if not out:
-        raise OpdcacheError(f"{path}: no prompts")
-    return out
+        out.append(Prompt(pid, got["question"], got["answer"]))
+    warnings = [
+        f"{path}: {role} from {src!r} and {other!r} disagree on {len(idx)} of {len(rows)} records "
+        f"(first: {where} {idx[0] + 1}); using {src!r}"
+        for (role, src, other), idx in disagree.items()
+    ]
+    return PromptSet(out, {r: mapping[r] for r in CANDIDATES if r in mapping}, warnings)
 
 
-def load_prompts(path: str | Path) -> list[Prompt]:
-    """Read and validate a prompt file; every error names the file and line/row."""
-    path = Path(path)
+def _records(path: Path) -> tuple[list[Any], str]:
     if not path.exists():
         raise OpdcacheError(f"{path}: prompt file does not exist")
     if path.suffix == ".parquet":
         try:
-            table = pq.read_table(path)
+            return pq.read_table(path).to_pylist(), "row"
         except (OSError, pa.ArrowException) as e:
             raise OpdcacheError(f"{path}: not a readable Parquet file ({e})") from e
-        return _check(table.to_pylist(), path, "row")
     rows = []
     with path.open() as f:
         for i, line in enumerate(f):
@@ -64,7 +160,19 @@ def load_prompts(path: str | Path) -> list[Prompt]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise OpdcacheError(f"{path}: line {i + 1}: not valid JSON ({e.msg})") from e
-    return _check(rows, path, "line")
+    return rows, "line"
+
+
+def load_prompts(
+    path: str | Path, fields: Mapping[str, str] | None = None, quiet: bool = False
+) -> list[Prompt]:
+    """The prompts of a file; unless ``quiet``, says on stderr what was mapped and what disagreed."""
+    ps = read_prompt_set(path, fields)
+    if not quiet:
+        print(f"opdcache: {path}: {len(ps.prompts)} prompts ({ps.describe()})", file=sys.stderr)
+        for w in ps.warnings:
+            print(f"opdcache: warning: {w}", file=sys.stderr)
+    return ps.prompts
 
 
 def round_prompts(prompts: list[Prompt], r: int, per_round: int, seed: int) -> list[Prompt]:
@@ -91,9 +199,13 @@ def encode_prompts(tokenizer: Any, prompts: list[Prompt], template: str, chat: b
     for pr in prompts:
         text = render(pr.question, template)
         if chat:
+            # return_dict=True is transformers 5's default (a mapping, not a list): ask for it explicitly
             ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
+                [{"role": "user", "content": text}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
         else:
             ids = tokenizer(text, add_special_tokens=False).input_ids
         if not ids:

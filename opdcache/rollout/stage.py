@@ -37,7 +37,8 @@ def rollout_round(
 
     run.require()
     rc = cfg.rollout
-    prompts = round_prompts(load_prompts(cfg.data.prompts), r, rc.prompts_per_round, rc.seed)
+    all_prompts = load_prompts(cfg.data.prompts, cfg.data.fields, quiet=True)
+    prompts = round_prompts(all_prompts, r, rc.prompts_per_round, rc.seed)
     student = student_checkpoint(run, cfg, r)
     tokenizer = AutoTokenizer.from_pretrained(student)
     encoded = encode_prompts(tokenizer, prompts, cfg.data.template, cfg.data.chat_template)

@@ -158,6 +158,9 @@ def _train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bo
         replace_dir(staged / "deepspeed", run.deepspeed_state(r + 1))
         replace_dir(staged / "hf", final)
         shutil.rmtree(staged, ignore_errors=True)
+        if cfg.train.keep_states:  # only after the checkpoint that marks the round done is in place
+            for old in run.rounds(run.deepspeed)[: -cfg.train.keep_states]:
+                shutil.rmtree(run.deepspeed_state(old), ignore_errors=True)
     deepspeed.comm.barrier()
     return TrainResult(
         r,
