@@ -19,7 +19,7 @@ import yaml
 
 from opdcache.budget import BudgetConfig
 from opdcache.errors import ConfigError
-from opdcache.fields import help_rows, setting, validate
+from opdcache.fields import fail, help_rows, setting, validate
 from opdcache.rundir import RunDir, atomic_write_bytes, check_variant_name
 from opdcache.score.variant import VariantSpec
 
@@ -53,21 +53,33 @@ class DataConfig:
 @dataclass(frozen=True)
 class RolloutConfig:
     k: int = setting(16, "top-k kept per position for student and teacher", ge=1)
-    n_samples: int = setting(8, "responses per prompt", ge=1)
+    n_samples: int = setting(4, "responses per prompt (the reference: 4)", ge=1)
     prompts_per_round: int = setting(64, "prompts sampled per round", ge=1)
-    temperature: float = setting(1.0, "sampling temperature", gt=0)
+    temperature: float = setting(
+        1.0, "sampling temperature; only 1.0: the cache, the teacher and the loss are at T = 1"
+    )
     seed: int = setting(0, "prompt shuffle and sampling seed")
     part_size: int = setting(16, "prompts per cache part (the unit of resume)", ge=1)
     dtype: str = setting("auto", 'vLLM dtype; "auto" = float32 on CPU, bfloat16 on GPU')
     kv_cache_gib: int = setting(2, "CPU only: VLLM_CPU_KVCACHE_SPACE in whole GiB", ge=1)
     gpu_memory_utilization: float = setting(0.85, "GPU only: vLLM's share of GPU memory", gt=0, le=1)
     max_model_len: int = setting(0, "vLLM context length; 0 = longest prompt + budget.max", ge=0)
+    max_num_batched_tokens: int = setting(
+        0, "vLLM tokens per scheduler step (prefill chunk); 0 = vLLM's default", ge=0
+    )
     enforce_eager: bool | Literal["auto"] = setting(
         "auto", "vLLM without compilation / graph capture; auto = on for CPU (start-up), off for GPU"
     )
 
     def __post_init__(self) -> None:
         validate(self, "rollout")
+        if self.temperature != 1.0:
+            fail(
+                "rollout",
+                "temperature",
+                "1.0 (cached log-probs, teacher and OPD loss are all at T = 1)",
+                self.temperature,
+            )
 
 
 @dataclass(frozen=True)
@@ -102,8 +114,13 @@ class TrainConfig:
     lr: float = setting(1e-6, "AdamW learning rate", gt=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     epochs: int = setting(1, "passes over each round's cached rollouts", ge=1)
-    micro_batch_size: int = setting(4, "responses per forward/backward", ge=1)
-    grad_accum: int = setting(1, "DeepSpeed gradient accumulation steps", ge=1)
+    mini_batch_responses: int = setting(
+        0,
+        "responses per optimizer step, over all ranks; 0 = all of the round's (one step, the reference)",
+        ge=0,
+    )
+    micro_batch_size: int = setting(4, "responses per forward/backward on one rank (accumulated)", ge=1)
+    grad_accum: int = setting(1, "removed: a mini-batch accumulates its micro-batches; must be 1", ge=1, le=1)
     grad_clip: float = setting(
         1.0, "gradient norm clip (set explicitly; DeepSpeed's default is also 1.0)", ge=0
     )

@@ -77,6 +77,7 @@ def toy_overrides(
         "budget.patience=2",
         "train.lr=3e-5",
         "train.micro_batch_size=8",
+        "train.mini_batch_responses=8",  # 8 optimizer steps per round (not the reference's one): the toy's choice
         f"train.seed={seed}",
         f"arm.name={arm}",
         "arm.truncate_tokens=256",

@@ -42,7 +42,6 @@ def evaluate_with(
     checker: Checker,
     template: str,
     chat: bool,
-    seed: int,
     fields: Mapping[str, str] | None = None,
     checkpoint: str = "",
 ) -> EvalResult:
@@ -50,7 +49,7 @@ def evaluate_with(
     prompts = load_prompts(data, fields, quiet=True)
     encoded = encode_prompts(tokenizer, prompts, template, chat)
     t0 = time.perf_counter()
-    outs = engine.generate(llm, encoded, n, temperature, max_tokens, k=0, seed=seed, top_p=top_p)
+    outs = engine.generate(llm, encoded, n, temperature, max_tokens, k=0, top_p=top_p)  # seed: the engine
     per_prompt, lengths, truncated = {}, [], 0
     for pr, out in zip(prompts, outs, strict=True):
         correct = grader(pr.answer, checker)
@@ -133,7 +132,6 @@ def evaluate(
             checker=checker,
             template=template,
             chat=chat,
-            seed=seed,
             fields=fields,
             checkpoint=checkpoint,
         )

@@ -76,6 +76,9 @@ class TrainResult:
     loss_first: float | None = None
     loss_last: float | None = None
     startup_seconds: float = 0.0  # model, optimizer and DeepSpeed state load
+    clip_frac_first: float | None = None  # 0 when old log-probs are the trainer's own
+    old_logprob_max_abs_diff: float | None = None  # recomputed vs cached (engine/trainer mismatch)
+    old_logprob_mean_abs_diff: float | None = None
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,9 @@ def _(s: TrainResult) -> str:
         return f"train round {s.round}: checkpoint for round {s.round + 1} exists, skipped"
     rate = s.tokens / s.seconds if s.seconds else 0.0
     return (
-        f"train round {s.round}: {s.steps} steps, {s.tokens} tokens, {rate:.0f} tokens/s, "
-        f"loss {s.loss_first:.4g} -> {s.loss_last:.4g}"
+        f"train round {s.round}: {s.steps} optimizer steps, {s.tokens} tokens, {rate:.0f} tokens/s, "
+        f"loss {s.loss_first:.4g} -> {s.loss_last:.4g}; old log-probs recomputed, |trainer - engine| "
+        f"max {s.old_logprob_max_abs_diff:.3g} mean {s.old_logprob_mean_abs_diff:.3g}"
     )
 
 

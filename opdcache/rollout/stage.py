@@ -69,11 +69,12 @@ def rollout_round(
         student,
         rc.k,
         max_len,
-        rc.seed,
+        int(np.random.default_rng([rc.seed, r]).integers(2**31)),  # the engine's seed: per round
         rc.dtype,
         rc.kv_cache_gib,
         rc.gpu_memory_utilization,
         rc.enforce_eager,
+        rc.max_num_batched_tokens,
     )
     bar = tqdm(
         total=len(prompts),
@@ -94,7 +95,6 @@ def rollout_round(
                 rc.temperature,
                 max_tokens,
                 rc.k,
-                seed=int(np.random.default_rng([rc.seed, r, p]).integers(2**31)),
             )
             cols = _columns(outs, [prompts[i] for i in idx], [encoded[i] for i in idx], rc.k, max_tokens)
             tokens += write_cache_shard(run.rollout_round(r) / run.part_name(p), cols, meta, rollout=True)

@@ -10,13 +10,18 @@ For each valid response position tau and each of the student's k cached top-k id
     l_{tau,j}  = max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), and for A < 0 additionally
                  min(l, -A * c) (dual clip, c = 3)
 
-The loss is sum_j l_{tau,j}, averaged over valid positions of the batch (token mean). p_old is the
-cached rollout-time student log-prob, q the cached teacher log-prob at the same id.
+The loss is sum_j l_{tau,j}, averaged over valid positions (token mean; ``tokens`` gives the count of
+the whole mini-batch across micro-batches and ranks). p_old is the student's log-prob at the start of
+the round's update, recomputed by the trainer (so rho = 1 at the first step, as in the reference), q
+the cached teacher log-prob at the same id. log rho is clamped to [-20, 20] before exp, as in the
+reference, so one wild token cannot make the loss inf.
 """
 
 from __future__ import annotations
 
 import torch
+
+LOG_RATIO_CLAMP = 20.0
 
 
 def opd_advantages(student_old: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -33,9 +38,10 @@ def opd_policy_loss(
     mask: torch.Tensor,  # [B, T] bool, valid positions
     clip: float = 0.2,
     dual_clip: float = 3.0,
+    tokens: torch.Tensor | float | None = None,  # valid positions of the whole mini-batch (default: mask's)
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     adv = opd_advantages(student_old, teacher, weight).detach()
-    ratio = torch.exp(logp - student_old)
+    ratio = torch.exp((logp - student_old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
     clipped = torch.maximum(pg1, pg2)
@@ -43,7 +49,11 @@ def opd_policy_loss(
     per_candidate = torch.where(adv < 0, dual, clipped)
     per_token = per_candidate.sum(-1)
     m = mask.to(per_token.dtype)
-    n = m.sum().clamp(min=1.0)
+    n = (
+        m.sum().clamp(min=1.0)
+        if tokens is None
+        else torch.as_tensor(tokens, dtype=per_token.dtype).clamp(min=1.0)
+    )
     loss = (per_token * m).sum() / n
     with torch.no_grad():
         stats = {

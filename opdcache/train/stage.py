@@ -7,6 +7,16 @@ checkpoint with the OPD loss (loss.py) under ``deepspeed.initialize`` (CPU: gloo
 the launcher; GPUs unchanged), and writes RUN/checkpoints/round=R+1 (HF safetensors + tokenizer,
 what the next rollout loads) and RUN/deepspeed/round=R+1 (engine checkpoint, optimizer state for the
 next round). The HF checkpoint is renamed into place last: it marks the stage as done.
+
+One round's update, as the reference recipe (verl) does it:
+  1. each rank owns a fixed share of the round's responses (``plan_batches``);
+  2. old log-probs: the trainer's own forward (no grad) at the cached top-k ids, before any step, so
+     the importance ratio is 1 at the first step; the whole student side of the reward uses them
+     (the cached vLLM values stay the rollout record; their difference is reported);
+  3. per epoch (``train.epochs``), mini-batches of ``train.mini_batch_responses`` responses (default:
+     all, i.e. one optimizer step per round), each accumulated over micro-batches of
+     ``train.micro_batch_size``; every rank runs the same number of micro-batches (empty ones are
+     zero-weight), and the token mean is over the whole mini-batch on all ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +40,7 @@ from opdcache.errors import OpdcacheError
 from opdcache.models.checkpoint import student_checkpoint
 from opdcache.results import TrainResult
 from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir
-from opdcache.train.data import collate, load_examples
+from opdcache.train.data import Example, collate, load_examples
 from opdcache.train.loss import opd_policy_loss
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -63,9 +74,15 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
     t = cfg.train
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_accumulation_steps": 1,
+        # step() is the accumulation boundary: a mini-batch has as many micro-batches as it needs
+        "managed_gradient_accumulation": False,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        # ZeRO-3 exports the HF checkpoint by gathering the partitions (save_16bit_model needs this)
+        "zero_optimization": {
+            "stage": t.zero_stage,
+            "stage3_gather_16bit_weights_on_model_save": t.zero_stage == 3,
+        },
         "bf16": {"enabled": t.bf16},
         "steps_per_print": 1 << 30,
     }
@@ -79,6 +96,41 @@ def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return lp.gather(2, batch["topk_ids"])
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    owned: list[int]  # this rank's examples (indices into the round's examples)
+    recompute: list[list[int]]  # micro-batches of ``owned`` for the old-log-prob pass
+    steps: list[list[list[int]]]  # per optimizer step (epochs x mini-batches): this rank's micro-batches
+
+
+def plan_batches(n: int, rank: int, world: int, mini: int, micro: int, epochs: int, seed: int) -> BatchPlan:
+    """Which examples each rank forwards when, with the same number of micro-batches on every rank.
+
+    Rank ``rank`` owns ``perm[rank::world]`` of a seeded permutation of the ``n`` examples. A
+    mini-batch of ``mini`` responses (0: all ``n``) takes ``ceil(mini / world)`` of each rank's
+    (per-epoch reshuffled) share; it is split into ``ceil(largest share / micro)`` micro-batches on
+    every rank, so some may be empty (the trainer runs them with zero weight).
+    """
+    mini = mini or n
+    perm = np.random.default_rng([seed, 0]).permutation(n)
+    shares = [perm[q::world].tolist() for q in range(world)]
+    owned = shares[rank]
+    local = -(-mini // world)
+    n_steps = -(-n // mini)
+
+    def split(items: list[int], count: int) -> list[list[int]]:
+        return [items[i * micro : (i + 1) * micro] for i in range(count)]
+
+    steps = []
+    for epoch in range(epochs):
+        mine = [owned[i] for i in np.random.default_rng([seed, 1 + epoch, rank]).permutation(len(owned))]
+        for j in range(n_steps):
+            largest = max(len(sh[j * local : (j + 1) * local]) for sh in shares)
+            steps.append(split(mine[j * local : (j + 1) * local], -(-largest // micro)))
+    recompute = split(owned, -(-max(len(sh) for sh in shares) // micro))
+    return BatchPlan(owned, recompute, steps)
+
+
 def train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bool = True) -> TrainResult:
     """Train round ``r``'s student on its cache weighted by ``variant``'s L -> checkpoints/round=<r+1>."""
     run.require()
@@ -86,6 +138,25 @@ def train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: boo
         return TrainResult(r, skipped=True)
     with single_process_env():
         return _train_round(run, r, cfg, variant, progress)
+
+
+def _batch(examples: list[Example], idx: list[int], pad: int) -> dict[str, torch.Tensor]:
+    """Collated micro-batch; an empty one is a zero-weight copy of example 0 (keeps ranks in step)."""
+    batch = collate([examples[i] for i in idx] or [examples[0]], pad)
+    if not idx:
+        batch["mask"].zero_()
+        batch["weight"].zero_()
+    return batch
+
+
+def _all_reduce(value: float, op: str = "sum") -> float:
+    import deepspeed
+
+    t = torch.tensor([value], dtype=torch.float64)
+    deepspeed.comm.all_reduce(
+        t, op=deepspeed.comm.ReduceOp.MAX if op == "max" else deepspeed.comm.ReduceOp.SUM
+    )
+    return float(t.item())
 
 
 def _train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bool) -> TrainResult:
@@ -109,34 +180,83 @@ def _train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bo
     if ds_prev.is_dir():
         engine.load_checkpoint(str(ds_prev), load_module_strict=True, load_module_only=False)
     rank, world = engine.global_rank, engine.world_size
-
-    order = np.random.default_rng([cfg.train.seed, r]).permutation(len(examples))[rank::world]
-    mb = cfg.train.micro_batch_size
-    batches = [[examples[i] for i in order[s : s + mb]] for s in range(0, len(order), mb)] * cfg.train.epochs
+    t = cfg.train
+    plan = plan_batches(
+        len(examples), rank, world, t.mini_batch_responses, t.micro_batch_size, t.epochs, t.seed + 7919 * r
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    metrics, tokens, t0 = [], 0, time.perf_counter()
+    dev = engine.device
+    t0 = time.perf_counter()
     load_seconds = t0 - t_load
+
+    # old log-probs from the model being trained, before any step (verl's recomputed old_log_prob)
+    engine.eval()
+    old: dict[int, np.ndarray] = {}
+    diff_max = diff_sum = diff_n = 0.0
+    with torch.no_grad():
+        for idx in plan.recompute:
+            batch = _batch(examples, idx, pad)
+            lp = sequence_logprobs(engine, {k: v.to(dev) for k, v in batch.items()}).float().cpu()
+            for row, i in enumerate(idx):
+                n_i = len(examples[i].response_ids)
+                old[i] = lp[row, :n_i].numpy()
+                d = np.abs(old[i] - examples[i].old)
+                diff_max, diff_sum, diff_n = (
+                    max(diff_max, float(d.max())),
+                    diff_sum + float(d.sum()),
+                    diff_n + d.size,
+                )
+    diff_max, diff_sum, diff_n = _all_reduce(diff_max, "max"), _all_reduce(diff_sum), _all_reduce(diff_n)
+
+    metrics, tokens = [], 0
     engine.train()
-    for step, items in enumerate(
-        tqdm(batches, desc=f"train round {r}", unit="batch", disable=not progress or rank)
-    ):
-        batch = collate(items, pad)
-        logp = sequence_logprobs(engine, batch)
-        loss, stats = opd_policy_loss(
-            logp,
-            batch["old"],
-            batch["teacher"],
-            batch["weight"],
-            batch["mask"],
-            cfg.train.ppo_clip,
-            cfg.train.dual_clip,
-        )
-        if not torch.isfinite(loss):
-            raise OpdcacheError(f"train round {r}: non-finite loss at step {step}")
-        engine.backward(loss)
+    bar = tqdm(total=len(plan.steps), desc=f"train round {r}", unit="step", disable=not progress or rank)
+    for step, micro_batches in enumerate(plan.steps):
+        local_tokens = sum(len(examples[i].response_ids) for mb in micro_batches for i in mb)
+        n_global = _all_reduce(local_tokens)
+        loss_sum, stats_sum = 0.0, {}
+        for idx in micro_batches:
+            batch = _batch(examples, idx, pad)
+            if idx:
+                batch["old"] = collate_old([old[i] for i in idx], batch["old"].shape)
+            else:
+                batch["old"] = batch["old"].zero_()
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            logp = sequence_logprobs(engine, batch)
+            loss, stats = opd_policy_loss(
+                logp,
+                batch["old"],
+                batch["teacher"],
+                batch["weight"],
+                batch["mask"],
+                t.ppo_clip,
+                t.dual_clip,
+                n_global,
+            )
+            if not torch.isfinite(loss):
+                raise OpdcacheError(f"train round {r}: non-finite loss at step {step}")
+            # DeepSpeed averages gradients over ranks; the token mean is already global
+            engine.backward(loss * world, scale_wrt_gas=False)
+            loss_sum += loss.item()
+            for k_, v in stats.items():
+                stats_sum[k_] = stats_sum.get(k_, 0.0) + v.item()
         engine.step()
-        tokens += int(batch["mask"].sum())
-        metrics.append({"step": step, "loss": loss.item(), **{k: v.item() for k, v in stats.items()}})
+        tokens += local_tokens
+        metrics.append(
+            {
+                "step": step,
+                "loss": _all_reduce(loss_sum),
+                "tokens": int(n_global),
+                **{k_: _all_reduce(v) for k_, v in stats_sum.items()},
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            }
+        )
+        bar.update(1)
+    bar.close()
+    recompute = {
+        "old_logprob_max_abs_diff": diff_max,
+        "old_logprob_mean_abs_diff": diff_sum / max(diff_n, 1.0),
+    }
 
     # one staging path for all ranks (the engine checkpoint is written collectively)
     staged = run.staging / f"checkpoint-{r + 1}"
@@ -144,31 +264,51 @@ def _train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bo
         shutil.rmtree(staged, ignore_errors=True)
     deepspeed.comm.barrier()
     engine.save_checkpoint(str(staged / "deepspeed"))
+    if t.zero_stage == 3 and not engine.save_16bit_model(str(staged / "hf")):  # collective: all ranks gather
+        raise OpdcacheError(f"train round {r}: DeepSpeed did not export the ZeRO-3 model")
     if rank == 0:
-        if cfg.train.zero_stage == 3:
-            engine.save_16bit_model(str(staged / "hf"))
+        if t.zero_stage == 3:
             model.config.save_pretrained(staged / "hf")
         else:
             engine.module.save_pretrained(staged / "hf", safe_serialization=True)
         tokenizer.save_pretrained(staged / "hf")
         atomic_write_bytes(
             staged / "hf" / "opdcache_train.json",
-            json.dumps({"round": r, "variant": variant, "source": source, "metrics": metrics}).encode(),
+            json.dumps(
+                {
+                    "round": r,
+                    "variant": variant,
+                    "source": source,
+                    "world_size": world,
+                    **recompute,
+                    "metrics": metrics,
+                }
+            ).encode(),
         )
         replace_dir(staged / "deepspeed", run.deepspeed_state(r + 1))
         replace_dir(staged / "hf", final)
         shutil.rmtree(staged, ignore_errors=True)
-        if cfg.train.keep_states:  # only after the checkpoint that marks the round done is in place
-            for old in run.rounds(run.deepspeed)[: -cfg.train.keep_states]:
-                shutil.rmtree(run.deepspeed_state(old), ignore_errors=True)
+        if t.keep_states:  # only after the checkpoint that marks the round done is in place
+            for old_state in run.rounds(run.deepspeed)[: -t.keep_states]:
+                shutil.rmtree(run.deepspeed_state(old_state), ignore_errors=True)
     deepspeed.comm.barrier()
     return TrainResult(
         r,
         skipped=False,
-        steps=len(metrics),
-        tokens=tokens,
+        steps=int(engine.global_steps),
+        tokens=int(_all_reduce(tokens)),
         seconds=time.perf_counter() - t0,
         loss_first=metrics[0]["loss"] if metrics else None,
         loss_last=metrics[-1]["loss"] if metrics else None,
         startup_seconds=load_seconds,
+        clip_frac_first=metrics[0]["clip_frac"] if metrics else None,
+        **recompute,
     )
+
+
+def collate_old(rows: list[np.ndarray], shape: torch.Size) -> torch.Tensor:
+    """Right-padded ``[B, T, k]`` tensor of the recomputed old log-probs (0 on padding)."""
+    out = torch.zeros(shape)
+    for b, a in enumerate(rows):
+        out[b, : len(a)] = torch.from_numpy(a)
+    return out
