@@ -23,6 +23,7 @@ from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
 from opdcache.models.checkpoint import require_checkpoint, student_checkpoint
 from opdcache.models.fingerprint import model_fingerprint
+from opdcache.models.memory import release_gpu_memory
 from opdcache.results import TeacherResult
 from opdcache.rundir import RunDir
 from opdcache.teacher.compat import check_tokenizers, usable_vocab
@@ -125,4 +126,6 @@ def teacher_round(run: RunDir, r: int, cfg: RunConfig, progress: bool = True) ->
         bar.update(1)
         bar.set_postfix(tok_per_s=f"{total_pos / (time.perf_counter() - t0):.0f}")
     bar.close()
+    del model
+    release_gpu_memory()
     return TeacherResult(r, len(todo), total_pos, time.perf_counter() - t0, load_seconds)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
 from opdcache.models.checkpoint import student_checkpoint
+from opdcache.models.memory import release_gpu_memory
 from opdcache.results import TrainResult
 from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir
 from opdcache.train.data import Example, collate, load_examples
@@ -137,7 +138,9 @@ def train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: boo
     if run.done("train", r):
         return TrainResult(r, skipped=True)
     with single_process_env():
-        return _train_round(run, r, cfg, variant, progress)
+        res = _train_round(run, r, cfg, variant, progress)
+    release_gpu_memory()
+    return res
 
 
 def _batch(examples: list[Example], idx: list[int], pad: int) -> dict[str, torch.Tensor]:
@@ -150,9 +153,11 @@ def _batch(examples: list[Example], idx: list[int], pad: int) -> dict[str, torch
 
 
 def _all_reduce(value: float, op: str = "sum") -> float:
+    """A scalar reduced over ranks (on the accelerator: NCCL has no CPU tensors)."""
     import deepspeed
 
-    t = torch.tensor([value], dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     deepspeed.comm.all_reduce(
         t, op=deepspeed.comm.ReduceOp.MAX if op == "max" else deepspeed.comm.ReduceOp.SUM
     )
