@@ -77,21 +77,34 @@ def main() -> None:
             str(path), args.k, max_model_len=64 + args.tokens, seed=0, kv_cache_gib=1, enforce_eager=eager
         )
         startup = time.perf_counter() - t0
-        sp = SamplingParams(
-            n=args.n,
-            temperature=1.0,
-            max_tokens=args.tokens,
-            min_tokens=args.tokens,
-            ignore_eos=True,
-            logprobs=args.k,
-            seed=0,
-        )
+
+        def params(flat: bool) -> SamplingParams:
+            return SamplingParams(
+                n=args.n,
+                temperature=1.0,
+                max_tokens=args.tokens,
+                min_tokens=args.tokens,
+                ignore_eos=True,
+                logprobs=args.k,
+                flat_logprobs=flat,
+            )
+
+        sp = params(True)
         reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         llm.generate(reqs[:1], sp, use_tqdm=False)  # warm-up
         t0 = time.perf_counter()
         outs = llm.generate(reqs, sp, use_tqdm=False)
         t_vllm = time.perf_counter() - t0
+        t0 = time.perf_counter()
         arrays = [engine.completion_arrays(c, args.k) for o in outs for c in o.outputs]
+        t_flat = time.perf_counter() - t0
+        # the same conversion from vLLM's default list of {token id: Logprob} dicts (before this change)
+        dict_outs = llm.generate(reqs, params(False), use_tqdm=False)
+        t0 = time.perf_counter()
+        for o in dict_outs:
+            for c in o.outputs:
+                engine.completion_arrays(c, args.k)
+        t_dict = time.perf_counter() - t0
         engine.shutdown(llm)
         del llm
 
@@ -144,6 +157,11 @@ def main() -> None:
         print(f"transformers generate:       {total / t_hf:8.0f} tokens/s")
         print(f"ratio vLLM / transformers:   {t_hf / t_vllm:8.2f}x")
         print(f"teacher gathering forward:   {total / t_teacher:8.0f} positions/s (one sequence at a time)")
+        print(
+            f"log-prob conversion, flat:   {total / t_flat:8.0f} positions/s (flat_logprobs, array reshapes)"
+        )
+        print(f"log-prob conversion, dicts:  {total / t_dict:8.0f} positions/s (a dict per position)")
+        print(f"ratio flat / dicts:          {t_dict / t_flat:8.1f}x")
         print(f"cache bytes/position:        {part.stat().st_size / positions:8.1f} (these responses, zstd)")
         print(
             f"(torch threads {torch.get_num_threads()}, VLLM_CPU_KVCACHE_SPACE={os.environ.get('VLLM_CPU_KVCACHE_SPACE')})"

@@ -22,7 +22,7 @@ EXPECTED = {
         "max |loss difference|",
         "old-log-prob recompute",
     ],
-    "rollout_throughput.py": ["tokens/s", "positions/s"],
+    "rollout_throughput.py": ["tokens/s", "positions/s", "ratio flat / dicts", "cache bytes/position"],
     "toy_overlap.py": ["mean response length"],
 }
 SLOW = {"rollout_throughput.py", "toy_overlap.py"}  # a vLLM start; building the smoke toy models

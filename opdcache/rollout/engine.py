@@ -88,29 +88,51 @@ def generate(
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(
-        n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=k or None
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        logprobs=k or None,
+        flat_logprobs=bool(k),  # flat lists, read as arrays by completion_arrays (no dict per position)
     )
     return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
 
 def completion_arrays(completion: Any, k: int) -> dict[str, np.ndarray]:
-    """Per-position arrays of one vLLM completion: sampled log-prob and the student's top-k."""
+    """Per-position arrays of one vLLM completion: sampled log-prob and the student's top-k.
+
+    With ``flat_logprobs`` (what ``generate`` asks for) each position holds k + 1 entries: the
+    sampled token, then ranks 1..k in order, so the arrays are reshapes. Lists of dicts (a caller's
+    own SamplingParams) are read entry by entry.
+    """
     tokens = np.asarray(completion.token_ids, dtype=np.int32)
     t = len(tokens)
-    if completion.logprobs is None or len(completion.logprobs) != t:
+    lp = completion.logprobs
+    if lp is None or len(lp) != t:
         raise OpdcacheError("vLLM returned no per-position log-probs; was SamplingParams.logprobs set?")
-    ids = np.empty((t, k), dtype=np.int32)
-    lps = np.empty((t, k), dtype=np.float32)
-    sampled = np.empty(t, dtype=np.float32)
-    for i, (tok, d) in enumerate(zip(completion.token_ids, completion.logprobs, strict=True)):
-        top = sorted(
-            ((lp.rank, tid, lp.logprob) for tid, lp in d.items() if lp.rank is not None and lp.rank <= k)
-        )
-        if len(top) < k:
-            raise OpdcacheError(f"vLLM returned {len(top)} top-k entries at position {i}, expected {k}")
-        ids[i] = [x[1] for x in top[:k]]
-        lps[i] = [x[2] for x in top[:k]]
-        sampled[i] = d[tok].logprob
+    if hasattr(lp, "start_indices"):  # vllm.logprobs.FlatLogprobs
+        if len(lp.token_ids) != t * (k + 1):  # no position holds more than k + 1: find the short one
+            width = np.asarray(lp.end_indices) - np.asarray(lp.start_indices)
+            bad = int(np.flatnonzero(width != k + 1)[0])
+            raise OpdcacheError(
+                f"vLLM returned {width[bad] - 1} top-k entries at position {bad}, expected {k}"
+            )
+        flat_ids = np.asarray(lp.token_ids, dtype=np.int32).reshape(t, k + 1)
+        flat_lps = np.asarray(lp.logprobs, dtype=np.float32).reshape(t, k + 1)
+        ids, lps, sampled = flat_ids[:, 1:], flat_lps[:, 1:], flat_lps[:, 0]  # views: written out once
+    else:
+        ids = np.empty((t, k), dtype=np.int32)
+        lps = np.empty((t, k), dtype=np.float32)
+        sampled = np.empty(t, dtype=np.float32)
+        for i, (tok, d) in enumerate(zip(completion.token_ids, lp, strict=True)):
+            top = sorted(
+                ((x.rank, tid, x.logprob) for tid, x in d.items() if x.rank is not None and x.rank <= k)
+            )
+            if len(top) < k:
+                raise OpdcacheError(f"vLLM returned {len(top)} top-k entries at position {i}, expected {k}")
+            ids[i] = [x[1] for x in top[:k]]
+            lps[i] = [x[2] for x in top[:k]]
+            sampled[i] = d[tok].logprob
     return {
         "response_ids": tokens,
         "student_logprob": sampled,
