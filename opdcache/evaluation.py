@@ -97,30 +97,17 @@ def evaluate(
     The reference protocol is the default: Avg@16 at temperature 1.0, top-p 0.95, and a long budget
     (``max_tokens`` 0: as many tokens as the model's context leaves after the longest prompt).
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if n < 1 or max_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
         raise OpdcacheError(
             f"eval: need n >= 1, max_tokens >= 0, temperature >= 0, 0 < top_p <= 1 "
             f"(got {n}, {max_tokens}, {temperature}, {top_p})"
         )
-    require_checkpoint(checkpoint, "eval")
-    ps = load_prompts(data, fields)  # fail on bad data before the engine starts
+    longest, max_tokens = eval_context(checkpoint, data, max_tokens, template, chat, fields)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    longest = max(len(e) for e in encode_prompts(tokenizer, ps, template, chat))
-    context = getattr(AutoConfig.from_pretrained(checkpoint), "max_position_embeddings", None) or 1 << 30
-    max_tokens = max_tokens or context - longest
-    if longest + max_tokens > context:
-        raise OpdcacheError(
-            f"eval: longest prompt ({longest} tokens) + max_tokens {max_tokens} exceed the context of "
-            f"{checkpoint} ({context}); lower max_tokens"
-        )
-    t0 = time.perf_counter()
-    llm = engine.make_llm(
-        checkpoint, 1, longest + max_tokens, seed, kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager
-    )
-    startup = time.perf_counter() - t0
-    try:
+    with engine.PersistentEngine(kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager) as engines:
+        llm, startup = engines.get(checkpoint, 1, longest + max_tokens, seed)
         res = evaluate_with(
             llm,
             tokenizer,
@@ -135,12 +122,40 @@ def evaluate(
             fields=fields,
             checkpoint=checkpoint,
         )
-    finally:
-        engine.shutdown(llm)
     res = dataclasses.replace(res, startup_seconds=startup)
     if out is not None:
-        atomic_write_bytes(Path(out), json.dumps(asdict(res), indent=1).encode())
+        write_eval(res, out)
     return res
+
+
+def eval_context(
+    checkpoint: str,
+    data: str | Path,
+    max_tokens: int,
+    template: str,
+    chat: bool,
+    fields: Mapping[str, str] | None = None,
+) -> tuple[int, int]:
+    """(longest prompt in tokens, max_tokens resolved): 0 means what the model's context leaves."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    require_checkpoint(checkpoint, "eval")
+    ps = load_prompts(data, fields)  # fail on bad data before any engine starts
+    longest = max(
+        len(e) for e in encode_prompts(AutoTokenizer.from_pretrained(checkpoint), ps, template, chat)
+    )
+    context = getattr(AutoConfig.from_pretrained(checkpoint), "max_position_embeddings", None) or 1 << 30
+    max_tokens = max_tokens or context - longest
+    if longest + max_tokens > context:
+        raise OpdcacheError(
+            f"eval: longest prompt ({longest} tokens) + max_tokens {max_tokens} exceed the context of "
+            f"{checkpoint} ({context}); lower max_tokens"
+        )
+    return longest, max_tokens
+
+
+def write_eval(res: EvalResult, out: str | Path) -> None:
+    atomic_write_bytes(Path(out), json.dumps(asdict(res), indent=1).encode())
 
 
 def read_eval(path: str | Path) -> EvalResult:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from opdcache.arms import plan
@@ -20,14 +21,23 @@ from opdcache.budget import BudgetController
 from opdcache.config import RunConfig, load_config, read_run_config, write_run_config
 from opdcache.errors import OpdcacheError
 from opdcache.results import EvalRoundResult, RoundResult
+from opdcache.rollout.engine import PersistentEngine
+from opdcache.rollout.stage import engine_settings, run_context_length
 from opdcache.rundir import RunDir
 from opdcache.score.variant import VariantSpec
 from opdcache.stagetimes import timed
 
 
-def eval_round(run: RunDir, r: int, cfg: RunConfig) -> EvalRoundResult | None:
-    """Avg@n of the checkpoint round r samples from -> RUN/eval/round=r.json (skipped when present)."""
-    from opdcache.evaluation import evaluate, read_eval
+def eval_round(
+    run: RunDir, r: int, cfg: RunConfig, engines: PersistentEngine | None = None
+) -> EvalRoundResult | None:
+    """Avg@n of the checkpoint round r samples from -> RUN/eval/round=r.json (skipped when present).
+
+    With ``engines`` (``opdcache run``) the run's one vLLM engine evaluates, its weights swapped in place.
+    """
+    from transformers import AutoTokenizer
+
+    from opdcache.evaluation import eval_context, evaluate_with, read_eval, write_eval
     from opdcache.models.checkpoint import student_checkpoint
 
     ec = cfg.eval
@@ -37,36 +47,64 @@ def eval_round(run: RunDir, r: int, cfg: RunConfig) -> EvalRoundResult | None:
     def stage() -> EvalRoundResult:
         if run.done("eval", r):
             return EvalRoundResult(r, True, read_eval(run.eval_result(r)).accuracy)
-        res = evaluate(
-            student_checkpoint(run, cfg, r),
-            ec.data,
-            n=ec.n,
-            temperature=ec.temperature,
-            top_p=ec.top_p,
-            max_tokens=ec.max_tokens or cfg.budget.max,
-            checker=ec.checker,
-            template=cfg.data.template,
-            chat=cfg.data.chat_template,
-            fields=ec.fields,
-            seed=cfg.rollout.seed,
-            kv_cache_gib=cfg.rollout.kv_cache_gib,
-            enforce_eager=cfg.rollout.enforce_eager,
-            out=run.eval_result(r),
+        ckpt = student_checkpoint(run, cfg, r)
+        template, chat = cfg.data.template, cfg.data.chat_template
+        longest, max_tokens = eval_context(
+            ckpt, ec.data, ec.max_tokens or cfg.budget.max, template, chat, ec.fields
         )
-        return EvalRoundResult(r, False, res.accuracy, res.startup_seconds)
+        with nullcontext(engines) if engines else PersistentEngine(**engine_settings(cfg)) as eng:
+            llm, startup = eng.get(ckpt, cfg.rollout.k, longest + max_tokens, cfg.rollout.seed)
+            res = evaluate_with(
+                llm,
+                AutoTokenizer.from_pretrained(ckpt),
+                ec.data,
+                n=ec.n,
+                temperature=ec.temperature,
+                top_p=ec.top_p,
+                max_tokens=max_tokens,
+                checker=ec.checker,
+                template=template,
+                chat=chat,
+                fields=ec.fields,
+                checkpoint=ckpt,
+            )
+        res = dataclasses.replace(res, startup_seconds=startup)
+        write_eval(res, run.eval_result(r))
+        return EvalRoundResult(r, False, res.accuracy, startup)
 
     return timed(run.require(), r, "eval", stage)
 
 
 def run_rounds(run: RunDir, rounds: int, cfg: RunConfig, progress: bool = True) -> list[RoundResult]:
-    """Rounds from the controller's next round up to ``rounds``, evaluating every ``eval.every``."""
+    """Rounds from the controller's next round up to ``rounds``, evaluating every ``eval.every``.
+
+    One vLLM engine serves every rollout and evaluation of the call: it starts with a context that
+    fits both, and each new checkpoint's weights are loaded into it in place.
+    """
+    from opdcache.evaluation import eval_context
+    from opdcache.models.checkpoint import student_checkpoint
+
     start = BudgetController(run, plan(cfg).budget).state.next_round
     out = []
-    for r in range(start, rounds):
-        if r % cfg.eval.every == 0:
-            eval_round(run, r, cfg)
-        out.append(run_round(run, r, cfg, progress))
-    eval_round(run, rounds, cfg)
+    with PersistentEngine(**engine_settings(cfg)) as engines:
+        first = student_checkpoint(run, cfg, start)
+        engines.min_len = run_context_length(cfg, first)
+        if cfg.eval.data:
+            ec = cfg.eval
+            longest, mt = eval_context(
+                first,
+                ec.data,
+                ec.max_tokens or cfg.budget.max,
+                cfg.data.template,
+                cfg.data.chat_template,
+                ec.fields,
+            )
+            engines.min_len = max(engines.min_len, longest + mt)
+        for r in range(start, rounds):
+            if r % cfg.eval.every == 0:
+                eval_round(run, r, cfg, engines)
+            out.append(run_round(run, r, cfg, progress, engines=engines))
+        eval_round(run, rounds, cfg, engines)
     return out
 
 
@@ -77,6 +115,7 @@ def run_round(
     progress: bool = True,
     generate: bool = True,
     train: bool = True,
+    engines: PersistentEngine | None = None,
 ) -> RoundResult:
     """One round of Algorithm 1. With ``generate=False`` (replay) the cache must already hold round r."""
     from opdcache.query import refresh_duckdb_file
@@ -90,7 +129,7 @@ def run_round(
     ctl = BudgetController(run, p.budget)
     m_t = ctl.max_tokens_for(r)
     if generate:
-        timed(run, r, "rollout", lambda: rollout_round(run, r, cfg, m_t, progress))
+        timed(run, r, "rollout", lambda: rollout_round(run, r, cfg, m_t, progress, engines))
         timed(run, r, "teacher", lambda: teacher_round(run, r, cfg, progress))
     elif not run.shards(run.cache_round(r)):
         raise OpdcacheError(f"{run.cache_round(r)}: no cached rollouts to replay")

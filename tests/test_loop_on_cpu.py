@@ -220,3 +220,42 @@ def test_fixed_and_random_arms_reach_the_engine_with_their_budget(tiny_overrides
         len(tok(cfg.data.template.format(question=q), add_special_tokens=False).input_ids) for q in questions
     )
     assert seen["max_model_len"] == longest + {"opd": 256, "truncate": 40, "random": 256}[arm]
+
+
+def test_a_run_starts_one_engine_for_all_rollouts_and_evaluations(
+    tiny_overrides, models, tmp_path, monkeypatch
+):
+    from opdcache.loop import run_rounds
+
+    starts = []
+    real = engine.make_llm
+    monkeypatch.setattr(engine, "make_llm", lambda *a, **k: starts.append(a[0]) or real(*a, **k))
+    run = RunDir(tmp_path / "run")
+    sets = [
+        *tiny_overrides,
+        f"eval.data={models / 'prompts.jsonl'}",
+        "eval.n=1",
+        "eval.max_tokens=16",
+        "eval.checker=exact",
+    ]
+    cfg = start_run(None, run, sets)
+    out = run_rounds(run, 2, cfg, progress=False)
+    assert len(out) == 2 and len(starts) == 1  # rounds 0 and 1 sample from different checkpoints
+    assert [run.done("eval", r) for r in (0, 1, 2)] == [True, True, True]
+    rows = (
+        connect(run)
+        .execute(
+            "select stage, round, seconds - work_seconds from stage_times where stage in ('rollout', 'eval') order by finished_at"
+        )
+        .fetchall()
+    )
+    assert [(s, r) for s, r, _ in rows] == [
+        ("eval", 0),
+        ("rollout", 0),
+        ("eval", 1),
+        ("rollout", 1),
+        ("eval", 2),
+    ]
+    assert rows[0][2] > 1.0 and all(
+        0 < startup < rows[0][2] for _, _, startup in rows[1:]
+    )  # start once, then reloads

@@ -227,3 +227,33 @@ def test_samples_are_independent_across_prompts_and_survive_chunked_prefill(conf
     table, _ = read_cache_shard(run.shards(run.rollout_round(0))[0], rollout=True)
     got = {(r["prompt_id"], r["sample"]): r["response_ids"] for r in table.to_pylist()}
     assert got[("p0", 0)] != got[("p1", 0)] and got[("p0", 1)] != got[("p1", 1)]
+
+
+def test_in_place_reload_equals_a_fresh_engine(models, tmp_path):
+    """A persistent engine takes the next checkpoint's weights in place; its log-probs are a fresh engine's."""
+    other = build_tiny_model(tmp_path / "other", seed=9, embedding_scale=1.5)  # same shapes, other weights
+    prompts = [[3, 4, 5, 6, 7], [8, 9, 10, 11]]
+
+    def greedy(llm):
+        outs = engine.generate(llm, prompts, 1, 0.0, 12, K)
+        return [engine.completion_arrays(o.outputs[0], K) for o in outs]
+
+    with engine.PersistentEngine(kv_cache_gib=1) as eng:
+        llm, _ = eng.get(str(models / "student"), K, 64, seed=0)
+        before = greedy(llm)
+        llm, _ = eng.get(str(other), K, 32, seed=0)  # a new checkpoint, a shorter context: no new engine
+        reloaded = greedy(llm)
+        assert eng.starts == 1
+    fresh_llm = engine.make_llm(str(other), K, 64, 0, kv_cache_gib=1)
+    try:
+        fresh = greedy(fresh_llm)
+    finally:
+        engine.shutdown(fresh_llm)
+    assert any(
+        (a["student_topk_logprobs"] != b["student_topk_logprobs"]).any()
+        for a, b in zip(before, fresh, strict=True)
+    )
+    for a, b in zip(reloaded, fresh, strict=True):
+        np.testing.assert_array_equal(a["response_ids"], b["response_ids"])
+        np.testing.assert_array_equal(a["student_topk_ids"], b["student_topk_ids"])
+        assert np.abs(a["student_topk_logprobs"] - b["student_topk_logprobs"]).max() < 1e-4

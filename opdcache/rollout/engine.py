@@ -38,6 +38,8 @@ def make_llm(
     it saves in decoding (README, Measured); CUDA graphs on GPU.
     """
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    # PersistentEngine sends its own function (_refresh_derived_weights) to the engine's local workers
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     try:
         from vllm import LLM
     except ImportError as e:
@@ -59,6 +61,73 @@ def make_llm(
         enforce_eager=not torch.cuda.is_available() if enforce_eager == "auto" else bool(enforce_eager),
         **kwargs,
     )
+
+
+class PersistentEngine:
+    """One vLLM engine kept across rounds (``opdcache run``): a new checkpoint's weights are loaded into
+    it in place (vLLM's ``reload_weights``) instead of starting an engine per round.
+
+    ``get`` returns the engine holding ``checkpoint`` with at least ``k`` log-probs and ``max_len``
+    context, starting one only when none fits; ``starts`` counts the engine starts.
+    """
+
+    def __init__(self, **engine_kwargs: Any):
+        self.kwargs = engine_kwargs
+        self.llm: Any = None
+        self.checkpoint = ""
+        self.k = self.max_len = 0
+        self.min_len = 0  # the context the engine is started with at least (rollout and eval both fit)
+        self.starts = 0
+
+    def get(self, checkpoint: str, k: int, max_len: int, seed: int) -> tuple[Any, float]:
+        """(engine, seconds spent starting or reloading it)."""
+        import time
+
+        t0 = time.perf_counter()
+        if self.llm is not None and (k > self.k or max_len > self.max_len):
+            self.close()
+        if self.llm is None:
+            max_len = max(max_len, self.min_len)
+            self.llm = make_llm(checkpoint, k, max_len, seed, **self.kwargs)
+            self.checkpoint, self.k, self.max_len = checkpoint, k, max_len
+            self.starts += 1
+        elif checkpoint != self.checkpoint:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": checkpoint})
+            self.llm.collective_rpc(_refresh_derived_weights)
+            self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
+            self.checkpoint = checkpoint
+        return self.llm, time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.llm is not None:
+            shutdown(self.llm)
+        self.llm, self.checkpoint = None, ""
+
+    def __enter__(self) -> PersistentEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _refresh_derived_weights(worker: Any) -> int:
+    """Runs in each vLLM worker after reload_weights, which replaces the parameters but not what was
+    derived from them at load time: a tied output layer's tensor and, on CPU, the packed GEMM closures
+    (``cpu_linear``). Without this the reloaded CPU engine samples from the old weights (measured).
+    Returns how many layers were refreshed."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    model = worker.model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None and embed is not None:
+        head.weight = embed.weight
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "cpu_linear") and getattr(module, "weight", None) is not None:
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            n += 1
+    return n
 
 
 def shutdown(llm: Any) -> None:

@@ -30,10 +30,19 @@ from opdcache.rundir import RunDir
 
 
 def rollout_round(
-    run: RunDir, r: int, cfg: RunConfig, max_tokens: int, progress: bool = True
+    run: RunDir,
+    r: int,
+    cfg: RunConfig,
+    max_tokens: int,
+    progress: bool = True,
+    engines: engine.PersistentEngine | None = None,
 ) -> RolloutResult:
-    """Generate round ``r``'s missing rollout parts at budget ``max_tokens`` (M_r, decided by the caller)."""
-    from transformers import AutoConfig, AutoTokenizer
+    """Generate round ``r``'s missing rollout parts at budget ``max_tokens`` (M_r, decided by the caller).
+
+    With ``engines`` (``opdcache run``) the engine outlives the round; without, one is started and
+    shut down here.
+    """
+    from transformers import AutoTokenizer
 
     run.require()
     rc = cfg.rollout
@@ -42,9 +51,7 @@ def rollout_round(
     student = student_checkpoint(run, cfg, r)
     tokenizer = AutoTokenizer.from_pretrained(student)
     encoded = encode_prompts(tokenizer, prompts, cfg.data.template, cfg.data.chat_template)
-    model_limit = getattr(AutoConfig.from_pretrained(student), "max_position_embeddings", None) or 1 << 30
-    longest = max(len(e) for e in encoded)
-    max_len = rc.max_model_len or min(model_limit, longest + plan(cfg).budget.max)
+    max_len = context_length(cfg, student, max(len(e) for e in encoded))
     for pr, ids in zip(prompts, encoded, strict=True):
         if len(ids) + max_tokens > max_len:
             raise OpdcacheError(
@@ -64,18 +71,11 @@ def rollout_round(
         student_fingerprint=model_fingerprint(student),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
     )
-    t_start = time.perf_counter()
-    llm = engine.make_llm(
-        student,
-        rc.k,
-        max_len,
-        int(np.random.default_rng([rc.seed, r]).integers(2**31)),  # the engine's seed: per round
-        rc.dtype,
-        rc.kv_cache_gib,
-        rc.gpu_memory_utilization,
-        rc.enforce_eager,
-        rc.max_num_batched_tokens,
-    )
+    seed = int(np.random.default_rng([rc.seed, r]).integers(2**31))  # the engine's seed: per round
+    own = engines is None
+    if own:
+        engines = engine.PersistentEngine(**engine_settings(cfg))
+    llm, startup = engines.get(student, rc.k, max_len, seed)
     bar = tqdm(
         total=len(prompts),
         initial=sum(len(parts[p]) for p in range(len(parts)) if done[p]),
@@ -101,9 +101,46 @@ def rollout_round(
             bar.update(len(idx))
             bar.set_postfix(tok_per_s=f"{tokens / (time.perf_counter() - t0):.0f}")
     finally:
-        engine.shutdown(llm)
+        if own:
+            engines.close()
     bar.close()
-    return RolloutResult(r, max_tokens, len(parts), sum(done), tokens, time.perf_counter() - t0, t0 - t_start)
+    return RolloutResult(r, max_tokens, len(parts), sum(done), tokens, time.perf_counter() - t0, startup)
+
+
+def context_length(cfg: RunConfig, checkpoint: str, longest_prompt: int) -> int:
+    """The rollout engine's context: rollout.max_model_len, else the longest prompt + the arm's M_max
+    (capped at the model's own limit); the same every round, so one engine serves the whole run."""
+    from transformers import AutoConfig
+
+    if cfg.rollout.max_model_len:
+        return cfg.rollout.max_model_len
+    limit = getattr(AutoConfig.from_pretrained(checkpoint), "max_position_embeddings", None) or 1 << 30
+    return min(limit, longest_prompt + plan(cfg).budget.max)
+
+
+def run_context_length(cfg: RunConfig, checkpoint: str) -> int:
+    """context_length over every training prompt (any round's batch fits)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    prompts = load_prompts(cfg.data.prompts, cfg.data.fields, quiet=True)
+    return context_length(
+        cfg,
+        checkpoint,
+        max(len(e) for e in encode_prompts(tok, prompts, cfg.data.template, cfg.data.chat_template)),
+    )
+
+
+def engine_settings(cfg: RunConfig) -> dict[str, Any]:
+    """make_llm's settings from the run config (besides model, k, context and seed)."""
+    rc = cfg.rollout
+    return {
+        "dtype": rc.dtype,
+        "kv_cache_gib": rc.kv_cache_gib,
+        "gpu_memory_utilization": rc.gpu_memory_utilization,
+        "enforce_eager": rc.enforce_eager,
+        "max_num_batched_tokens": rc.max_num_batched_tokens,
+    }
 
 
 def _columns(
