@@ -68,6 +68,7 @@ def eval_round(
                 fields=ec.fields,
                 checkpoint=ckpt,
             )
+            eng.release()
         res = dataclasses.replace(res, startup_seconds=startup)
         write_eval(res, run.eval_result(r))
         return EvalRoundResult(r, False, res.accuracy, startup)
@@ -130,6 +131,8 @@ def run_round(
     m_t = ctl.max_tokens_for(r)
     if generate:
         timed(run, r, "rollout", lambda: rollout_round(run, r, cfg, m_t, progress, engines))
+        if engines is not None:
+            engines.release()
         timed(run, r, "teacher", lambda: teacher_round(run, r, cfg, progress))
     elif not run.shards(run.cache_round(r)):
         raise OpdcacheError(f"{run.cache_round(r)}: no cached rollouts to replay")

@@ -98,6 +98,13 @@ class PersistentEngine:
             self.checkpoint = checkpoint
         return self.llm, time.perf_counter() - t0
 
+    def release(self) -> None:
+        """Between stages: on a GPU the teacher and the trainer need the memory the engine holds, so it
+        is shut down (vLLM's sleep mode would keep it; not written, as no GPU with vLLM was at hand to
+        test it). On CPU it stays."""
+        if torch.cuda.is_available():
+            self.close()
+
     def close(self) -> None:
         if self.llm is not None:
             shutdown(self.llm)
