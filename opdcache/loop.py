@@ -26,6 +26,7 @@ from opdcache.rollout.stage import engine_settings, run_context_length
 from opdcache.rundir import RunDir
 from opdcache.score.variant import VariantSpec
 from opdcache.stagetimes import timed
+from opdcache.teacher.stage import ResidentTeacher
 
 
 def eval_round(
@@ -87,6 +88,7 @@ def run_rounds(run: RunDir, rounds: int, cfg: RunConfig, progress: bool = True) 
 
     start = BudgetController(run, plan(cfg).budget).state.next_round
     out = []
+    teacher = ResidentTeacher()
     with PersistentEngine(**engine_settings(cfg)) as engines:
         first = student_checkpoint(run, cfg, start)
         engines.min_len = run_context_length(cfg, first)
@@ -104,7 +106,7 @@ def run_rounds(run: RunDir, rounds: int, cfg: RunConfig, progress: bool = True) 
         for r in range(start, rounds):
             if r % cfg.eval.every == 0:
                 eval_round(run, r, cfg, engines)
-            out.append(run_round(run, r, cfg, progress, engines=engines))
+            out.append(run_round(run, r, cfg, progress, engines=engines, teacher=teacher))
         eval_round(run, rounds, cfg, engines)
     return out
 
@@ -117,8 +119,11 @@ def run_round(
     generate: bool = True,
     train: bool = True,
     engines: PersistentEngine | None = None,
+    teacher: ResidentTeacher | None = None,
 ) -> RoundResult:
-    """One round of Algorithm 1. With ``generate=False`` (replay) the cache must already hold round r."""
+    """One round of Algorithm 1. With ``generate=False`` (replay) the cache must already hold round r.
+
+    ``engines`` and ``teacher`` (``run_rounds``) keep the rollout engine and the teacher across rounds."""
     from opdcache.query import refresh_duckdb_file
     from opdcache.rollout.stage import rollout_round
     from opdcache.score.stage import read_effective_lengths
@@ -133,7 +138,7 @@ def run_round(
         timed(run, r, "rollout", lambda: rollout_round(run, r, cfg, m_t, progress, engines))
         if engines is not None:
             engines.release()
-        timed(run, r, "teacher", lambda: teacher_round(run, r, cfg, progress))
+        timed(run, r, "teacher", lambda: teacher_round(run, r, cfg, progress, teacher))
     elif not run.shards(run.cache_round(r)):
         raise OpdcacheError(f"{run.cache_round(r)}: no cached rollouts to replay")
     for name, spec in p.variants:

@@ -214,6 +214,29 @@ def test_rollout_stage_survives_kills(tiny_overrides, tmp_path):
     _assert_consistent(root)
 
 
+def test_run_with_its_persistent_engine_survives_kills(tiny_overrides, tmp_path):
+    """`opdcache run` keeps one engine and one teacher across rounds; kill -9 anywhere, rerun, same end."""
+    pytest.importorskip("vllm")
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("{}\n")
+    sets = [x for s in tiny_overrides for x in ("--set", s)]
+    probe, root = tmp_path / "probe", tmp_path / "run"
+    full = _duration(_cli("run", cfg, probe, "--rounds", 2, "--quiet", *sets))
+    cmd = _cli("run", cfg, root, "--rounds", 2, "--quiet", *sets)
+    rng = random.Random(6)
+    for _ in range(max(1, TRIALS // 10)):
+        _kill_after(cmd, rng.uniform(0.2 * full, full))
+        if root.exists():
+            _assert_consistent(root)
+            if (root / "budget.json").exists():
+                rounds = [d.round for d in BudgetController(root).state.history]
+                assert rounds == list(range(len(rounds)))  # never decided twice, never skipped
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert [d.round for d in BudgetController(root).state.history] == [0, 1]
+    assert (RunDir(root).checkpoint(2) / "model.safetensors").exists()
+    _assert_consistent(root)
+
+
 def _report_run(tmp_path):
     import json
 

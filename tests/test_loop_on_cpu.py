@@ -256,6 +256,13 @@ def test_a_run_starts_one_engine_for_all_rollouts_and_evaluations(
         ("rollout", 1),
         ("eval", 2),
     ]
-    assert rows[0][2] > 1.0 and all(
-        0 < startup < rows[0][2] for _, _, startup in rows[1:]
-    )  # start once, then reloads
+    # the engine starts once, then reloads weights
+    assert rows[0][2] > 1.0 and all(0 < startup < rows[0][2] for _, _, startup in rows[1:])
+    loads = (
+        connect(run)
+        .execute(
+            "select round, seconds - work_seconds from stage_times where stage = 'teacher' order by round"
+        )
+        .fetchall()
+    )
+    assert loads[0][1] > 0 and loads[1][1] < 0.01 * loads[0][1]  # the teacher is loaded once per run

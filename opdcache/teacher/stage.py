@@ -52,8 +52,40 @@ def load_teacher(path: str, dtype: str, device: str, device_map: str) -> Any:
     return model.eval()
 
 
-def teacher_round(run: RunDir, r: int, cfg: RunConfig, progress: bool = True) -> TeacherResult:
-    """Complete round ``r``'s rollout parts that are not yet in the cache."""
+class ResidentTeacher:
+    """The teacher loaded once for all rounds of an ``opdcache run`` (its checkpoint never changes).
+
+    On a GPU ``release`` drops it after each teacher stage, so the trainer and the next rollout engine
+    get the memory; on CPU it stays loaded.
+    """
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.key: tuple = ()
+        self.fingerprint = ""
+
+    def get(self, cfg: RunConfig) -> tuple[Any, str, float]:
+        """(model, fingerprint, seconds spent loading it: 0 when it was resident)."""
+        tc = cfg.teacher
+        key = (cfg.models.teacher, tc.dtype, tc.device, tc.device_map)
+        t0 = time.perf_counter()
+        if self.model is None or key != self.key:
+            self.model = None
+            self.model = load_teacher(*key)
+            self.key, self.fingerprint = key, model_fingerprint(cfg.models.teacher)
+        return self.model, self.fingerprint, time.perf_counter() - t0
+
+    def release(self) -> None:
+        if torch.cuda.is_available():
+            self.model = None
+            release_gpu_memory()
+
+
+def teacher_round(
+    run: RunDir, r: int, cfg: RunConfig, progress: bool = True, teacher: ResidentTeacher | None = None
+) -> TeacherResult:
+    """Complete round ``r``'s rollout parts that are not yet in the cache (with ``teacher``: a model kept
+    loaded across rounds; without, one loaded for this call)."""
     from transformers import AutoConfig, AutoTokenizer
 
     run.require()
@@ -72,10 +104,8 @@ def teacher_round(run: RunDir, r: int, cfg: RunConfig, progress: bool = True) ->
     )
     for p in todo:  # unreadable rollout parts fail here, before the teacher is loaded
         read_cache_meta(p, rollout=True)
-    t_load = time.perf_counter()
-    model = load_teacher(cfg.models.teacher, cfg.teacher.dtype, cfg.teacher.device, cfg.teacher.device_map)
-    t_fp = model_fingerprint(cfg.models.teacher)
-    load_seconds = time.perf_counter() - t_load
+    resident = teacher or ResidentTeacher()
+    model, t_fp, load_seconds = resident.get(cfg)
 
     total_pos = 0
     t0 = time.perf_counter()
@@ -127,5 +157,9 @@ def teacher_round(run: RunDir, r: int, cfg: RunConfig, progress: bool = True) ->
         bar.set_postfix(tok_per_s=f"{total_pos / (time.perf_counter() - t0):.0f}")
     bar.close()
     del model
-    release_gpu_memory()
+    if teacher is None:
+        resident.model = None
+        release_gpu_memory()
+    else:
+        teacher.release()
     return TeacherResult(r, len(todo), total_pos, time.perf_counter() - t0, load_seconds)
