@@ -35,6 +35,12 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
         longest = run_sql(run.root, "select max(response_len) from rollouts").fetchall()[0][0]
         assert longest <= m0
     assert rows[("low", "opd")]["time_vs_opd"] == 1.0
+    # the one-time DeepSpeed op build happens before the arms, not inside the first arm's training
+    assert summary["warm_up_seconds"] >= 0
+    first_train = run_sql(
+        demo / "runs" / "low-opd-s0", "select seconds - work_seconds from stage_times where stage = 'train'"
+    ).fetchall()[0][0]
+    assert first_train < 10.0
 
 
 def test_smoke_demo_sweeps_gamma_and_reports(demo):
