@@ -89,13 +89,13 @@ def score(a: Args, run: RunDir):
 def budget(a: Args, run: RunDir):
     from opdcache.arms import plan
     from opdcache.budget import BudgetController
-    from opdcache.config import read_run_config
+    from opdcache.config import ScoreConfig, read_run_config
     from opdcache.score.stage import read_effective_lengths
 
     cfg = read_run_config(run)
     ctl = BudgetController(run, plan(cfg).budget if cfg is not None else None)
     if a.round is not None:
-        variant = a.variant or (plan(cfg).budget_variant if cfg is not None else "prune")
+        variant = a.variant or (plan(cfg).budget_variant if cfg is not None else ScoreConfig().variant)
         ctl.update(a.round, read_effective_lengths(run, variant, a.round))
     return ctl.state
 

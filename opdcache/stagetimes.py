@@ -28,6 +28,8 @@ def timed(run: RunDir, r: int, stage: str, fn: Callable[[], T]) -> T:
 
 
 def record(run: RunDir, r: int, stage: str, seconds: float, startup_seconds: float, skipped: bool) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher, one line per stage (rank 0's)
+        return
     row = {
         "run": run.label,
         "round": r,

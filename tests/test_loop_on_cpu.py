@@ -166,6 +166,7 @@ def test_training_under_the_launcher_with_two_processes(looped, tmp_path):
     shutil.rmtree(copy.checkpoint(2))
     shutil.rmtree(copy.deepspeed_state(2))
     torchrun = Path(sys.executable).with_name("torchrun")
+    before = len(copy.stage_times.read_text().splitlines())
     p = subprocess.run(
         [
             str(torchrun),
@@ -185,6 +186,8 @@ def test_training_under_the_launcher_with_two_processes(looped, tmp_path):
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert p.stdout.count("train round 1:") == 2  # both ranks trained
+    new = copy.stage_times.read_text().splitlines()[before:]
+    assert [(json.loads(x)["stage"], json.loads(x)["round"]) for x in new] == [("train", 1)]  # rank 0's line
     assert (copy.checkpoint(2) / "model.safetensors").exists()
     assert (copy.deepspeed_state(2) / "latest").exists()
 
