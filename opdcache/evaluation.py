@@ -91,11 +91,15 @@ def evaluate(
     kv_cache_gib: int = 2,
     enforce_eager: bool | str = "auto",
     out: str | Path | None = None,
+    engines: engine.PersistentEngine | None = None,
+    k: int = 1,
 ) -> EvalResult:
-    """Start an engine on ``checkpoint``, evaluate Avg@n, optionally write the result JSON.
+    """Evaluate Avg@n of ``checkpoint``, optionally writing the result JSON.
 
     The reference protocol is the default: Avg@16 at temperature 1.0, top-p 0.95, and a long budget
     (``max_tokens`` 0: as many tokens as the model's context leaves after the longest prompt).
+    ``engines`` (``opdcache run``) is an engine kept across stages (asked for ``k`` log-probs, so the
+    rollout can use it too); without it an engine is started and shut down here.
     """
     from transformers import AutoTokenizer
 
@@ -106,8 +110,11 @@ def evaluate(
         )
     longest, max_tokens = eval_context(checkpoint, data, max_tokens, template, chat, fields)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    with engine.PersistentEngine(kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager) as engines:
-        llm, startup = engines.get(checkpoint, 1, longest + max_tokens, seed)
+    own = engines is None
+    if own:
+        engines = engine.PersistentEngine(kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager)
+    try:
+        llm, startup = engines.get(checkpoint, k, longest + max_tokens, seed)
         res = evaluate_with(
             llm,
             tokenizer,
@@ -122,6 +129,8 @@ def evaluate(
             fields=fields,
             checkpoint=checkpoint,
         )
+    finally:
+        engines.close() if own else engines.release()
     res = dataclasses.replace(res, startup_seconds=startup)
     if out is not None:
         write_eval(res, out)

@@ -32,6 +32,17 @@ def _spec(base, a: Args):
     return base.replace(**{n: getattr(a, n, None) for n in names})
 
 
+def _pairs(items: list[str], flag: str, expected: str) -> dict[str, str]:
+    """``KEY=VALUE`` arguments of a repeated flag; the key must be an identifier."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise OpdcacheError(f"{flag} {item!r}: expected {expected}")
+        out[key] = value
+    return out
+
+
 def _round_list(a: Args) -> list[int] | None:
     return sorted({r for group in a.rounds for r in group}) if a.rounds else None
 
@@ -139,12 +150,7 @@ def query(a: Args, run: RunDir) -> None:
         sql = a.sql if a.sql is not None else Path(a.file).read_text()
     except OSError as e:
         raise OpdcacheError(f"{a.file}: cannot read ({e.strerror})") from e
-    params = {}
-    for item in a.param:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise OpdcacheError(f"--param {item!r}: expected name=value")
-        params[key] = value
+    params = _pairs(a.param, "--param", "name=value")
     try:
         rel = run_sql(run, sql, params)
         if rel is None:
@@ -206,14 +212,7 @@ def synth(a: Args, run: RunDir) -> str:
 def evaluate(a: Args, _: None) -> list[Any]:
     from opdcache.evaluation import evaluate as evaluate_checkpoint
 
-    fields = {}
-    for item in a.field:
-        role, sep, name = item.partition("=")
-        if not sep:
-            raise OpdcacheError(
-                f"--field {item!r}: expected ROLE=FIELD, e.g. answer=reward_model.ground_truth"
-            )
-        fields[role] = name
+    fields = _pairs(a.field, "--field", "ROLE=FIELD, e.g. answer=reward_model.ground_truth")
     res = evaluate_checkpoint(
         a.checkpoint,
         a.data,

@@ -36,9 +36,7 @@ def eval_round(
 
     With ``engines`` (``opdcache run``) the run's one vLLM engine evaluates, its weights swapped in place.
     """
-    from transformers import AutoTokenizer
-
-    from opdcache.evaluation import eval_context, evaluate_with, read_eval, write_eval
+    from opdcache.evaluation import evaluate, read_eval
     from opdcache.models.checkpoint import student_checkpoint
 
     ec = cfg.eval
@@ -48,31 +46,24 @@ def eval_round(
     def stage() -> EvalRoundResult:
         if run.done("eval", r):
             return EvalRoundResult(r, True, read_eval(run.eval_result(r)).accuracy)
-        ckpt = student_checkpoint(run, cfg, r)
-        template, chat = cfg.data.template, cfg.data.chat_template
-        longest, max_tokens = eval_context(
-            ckpt, ec.data, ec.max_tokens or cfg.budget.max, template, chat, ec.fields
-        )
         with nullcontext(engines) if engines else PersistentEngine(**engine_settings(cfg)) as eng:
-            llm, startup = eng.get(ckpt, cfg.rollout.k, longest + max_tokens, cfg.rollout.seed)
-            res = evaluate_with(
-                llm,
-                AutoTokenizer.from_pretrained(ckpt),
+            res = evaluate(
+                student_checkpoint(run, cfg, r),
                 ec.data,
                 n=ec.n,
                 temperature=ec.temperature,
                 top_p=ec.top_p,
-                max_tokens=max_tokens,
+                max_tokens=ec.max_tokens or cfg.budget.max,
                 checker=ec.checker,
-                template=template,
-                chat=chat,
+                template=cfg.data.template,
+                chat=cfg.data.chat_template,
                 fields=ec.fields,
-                checkpoint=ckpt,
+                seed=cfg.rollout.seed,
+                out=run.eval_result(r),
+                engines=eng,
+                k=cfg.rollout.k,
             )
-            eng.release()
-        res = dataclasses.replace(res, startup_seconds=startup)
-        write_eval(res, run.eval_result(r))
-        return EvalRoundResult(r, False, res.accuracy, startup)
+        return EvalRoundResult(r, False, res.accuracy, res.startup_seconds)
 
     return timed(run.require(), r, "eval", stage)
 

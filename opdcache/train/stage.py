@@ -21,6 +21,7 @@ One round's update, as the reference recipe (verl) does it:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -196,16 +197,15 @@ def _train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bo
 
     # old log-probs from the model being trained, before any step (verl's recomputed old_log_prob)
     engine.eval()
-    old: dict[int, np.ndarray] = {}
     diff_max = diff_sum = diff_n = 0.0
     with torch.no_grad():
         for idx in plan.recompute:
             batch = _batch(examples, idx, pad)
             lp = sequence_logprobs(engine, {k: v.to(dev) for k, v in batch.items()}).float().cpu()
             for row, i in enumerate(idx):
-                n_i = len(examples[i].response_ids)
-                old[i] = lp[row, :n_i].numpy()
-                d = np.abs(old[i] - examples[i].old)
+                recomputed = lp[row, : len(examples[i].response_ids)].numpy()
+                d = np.abs(recomputed - examples[i].old)  # against the cached vLLM values
+                examples[i] = dataclasses.replace(examples[i], old=recomputed)
                 diff_max, diff_sum, diff_n = (
                     max(diff_max, float(d.max())),
                     diff_sum + float(d.sum()),
@@ -221,12 +221,7 @@ def _train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bo
         n_global = _all_reduce(local_tokens)
         loss_sum, stats_sum = 0.0, {}
         for idx in micro_batches:
-            batch = _batch(examples, idx, pad)
-            if idx:
-                batch["old"] = collate_old([old[i] for i in idx], batch["old"].shape)
-            else:
-                batch["old"] = batch["old"].zero_()
-            batch = {k: v.to(dev) for k, v in batch.items()}
+            batch = {k: v.to(dev) for k, v in _batch(examples, idx, pad).items()}
             logp = sequence_logprobs(engine, batch)
             loss, stats = opd_policy_loss(
                 logp,
@@ -309,11 +304,3 @@ def _train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bo
         clip_frac_first=metrics[0]["clip_frac"] if metrics else None,
         **recompute,
     )
-
-
-def collate_old(rows: list[np.ndarray], shape: torch.Size) -> torch.Tensor:
-    """Right-padded ``[B, T, k]`` tensor of the recomputed old log-probs (0 on padding)."""
-    out = torch.zeros(shape)
-    for b, a in enumerate(rows):
-        out[b, : len(a)] = torch.from_numpy(a)
-    return out
