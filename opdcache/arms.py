@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from opdcache.budget import BudgetConfig
 from opdcache.config import RunConfig
+from opdcache.errors import OpdcacheError
 from opdcache.score.variant import VariantSpec
 
 
@@ -16,12 +17,20 @@ class ArmPlan:
     train_variant: str  # whose L scales the rewards
     budget_variant: str  # whose E drives Alg. 1
     budget: BudgetConfig
+    inflight: bool = False  # samples stop generating once R reaches 0 (rollout/inflight.py)
 
 
 def plan(cfg: RunConfig) -> ArmPlan:
     arm, name, spec = cfg.arm, cfg.score.variant, cfg.score.spec
     if arm.name == "prune":
         return ArmPlan([(name, spec)], name, name, cfg.budget)
+    if arm.name == "prune-inflight":
+        if spec.metric not in ("overlap", "top_p"):
+            raise OpdcacheError(
+                f"arm.name prune-inflight: score.metric must be overlap or top_p (bad events the rollout can "
+                f"count in flight), got {spec.metric!r}"
+            )
+        return ArmPlan([(name, spec)], name, name, cfg.budget, inflight=True)
     if arm.name in ("opd", "truncate"):
         m = cfg.budget.max if arm.name == "opd" else arm.truncate_tokens
         fixed = dataclasses.replace(cfg.budget, initial=m, min=m, max=m)

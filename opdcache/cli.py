@@ -37,6 +37,11 @@ def _rounds(text: str) -> list[int]:
     return out
 
 
+def _names(text: str) -> list[str]:
+    """'cache,config' -> ['cache', 'config']."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 RUN = arg("run", help="run directory")
 ROUND = arg("--round", type=int, required=True)
 QUIET = arg("--quiet", action="store_true", help="no progress bars")
@@ -147,6 +152,14 @@ def commands() -> dict[str, Command]:
             arg("--max-rows", type=int, default=100)]),
         "verify": Command(h.verify, "read", "check every part against its integrity record and the contract",
                           [RUN, QUIET]),
+        "pack": Command(h.pack, "read", "the run as one .tar.zst, streamed (not: .staging, .lock, opdcache.duckdb)", [
+            RUN, arg("out", help="archive to write, e.g. r1.tar.zst"),
+            arg("--only", type=_names, metavar="NAME,...",
+                help=f"components to pack (default: all): {', '.join(RunDir('.').components())}"),
+            arg("--force", action="store_true", help="replace an existing archive"), QUIET]),
+        "unpack": Command(h.unpack, "none", "a packed run into a new directory; every part checked before it appears", [
+            arg("archive", help="a .tar.zst written by opdcache pack"),
+            arg("dest", help="new run directory (absent or empty)"), QUIET]),
         "eval": Command(h.evaluate, "none", "Avg@n accuracy of a checkpoint on a prompt file (vLLM)", [
             arg("checkpoint"),
             arg("--data", required=True, help="JSONL/Parquet prompts (GSM8K, MATH-500, verl/DAPO shapes load as they are)"),

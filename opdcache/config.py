@@ -70,6 +70,12 @@ class RolloutConfig:
     enforce_eager: bool | Literal["auto"] = setting(
         "auto", "vLLM without compilation / graph capture; auto = on for CPU (start-up), off for GPU"
     )
+    chunk_tokens: int = setting(
+        32, "arm prune-inflight: tokens generated between the teacher's checks of each sample", ge=1
+    )
+    unreliable_tail: int = setting(
+        0, "arm prune-inflight: positions still generated after R reaches 0 before the sample stops", ge=0
+    )
 
     def __post_init__(self) -> None:
         validate(self, "rollout")
@@ -141,10 +147,12 @@ class TrainConfig:
 class ArmConfig:
     """Which comparison arm `opdcache run` executes (paper §4.1 baselines)."""
 
-    name: Literal["prune", "opd", "truncate", "random"] = setting(
+    name: Literal["prune", "prune-inflight", "opd", "truncate", "random"] = setting(
         "prune",
-        "prune: score.* weights the loss and drives the budget; opd: L = 1 at budget.max; "
-        "truncate: L = 1 at arm.truncate_tokens; random: random positions matched to score.*'s retention",
+        "prune: score.* weights the loss and drives the budget; prune-inflight: prune, and a sample stops "
+        "generating once its R reaches 0 (rollout.chunk_tokens, rollout.unreliable_tail); opd: L = 1 at "
+        "budget.max; truncate: L = 1 at arm.truncate_tokens; random: random positions matched to score.*'s "
+        "retention",
     )
     truncate_tokens: int = setting(4096, "the truncate arm's fixed budget", ge=1)
     random_match: Literal["fraction", "mass"] = setting(

@@ -25,15 +25,18 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from opdcache.arms import plan
+from opdcache.config import read_run_config
 from opdcache.lock import RunLock
 from opdcache.loop import replay, run_rounds, start_run
 from opdcache.query import run_sql
+from opdcache.report import ANALYSIS
 from opdcache.rundir import RunDir, atomic_write_bytes
 from opdcache.toy.models import build_toy_models
 from opdcache.toy.task import sample_problems, write_prompts
 
 PAIRS = {"low": "student_low", "high": "student_high"}
-ARMS = ("opd", "prune", "truncate")
+ARMS = ("opd", "prune", "truncate", "prune-inflight")
 GAMMAS = (0.6, 0.7, 0.8)
 
 
@@ -116,6 +119,12 @@ def run_summary(root: Path) -> dict[str, Any]:
     acc = q("SELECT accuracy, round FROM evals ORDER BY round DESC LIMIT 1")
     gen = q("SELECT sum(response_len), avg(response_len) FROM rollouts")
     last = q("SELECT effective_len_mean, max_tokens, next_max_tokens FROM budget ORDER BY round DESC LIMIT 1")
+    cfg = read_run_config(RunDir(root))
+    per_e = q(
+        f"SELECT sum(generated) / sum(effective), max(generated_per_effective) "
+        f"FROM ({(ANALYSIS / 'generated_per_effective.sql').read_text().rstrip().rstrip(';')}) "
+        f"WHERE variant = '{plan(cfg).budget_variant}'"
+    )
     return {
         "run": root.name,
         "accuracy_start": acc0[0] if acc0 else None,
@@ -123,6 +132,8 @@ def run_summary(root: Path) -> dict[str, Any]:
         "train_seconds": train_s or 0.0,
         "work_seconds": work_s or 0.0,
         "generated_tokens": int(gen[0] or 0),
+        "decoded_per_effective": per_e[0] if per_e else None,  # over the run (budget variant's E)
+        "decoded_per_effective_max": per_e[1] if per_e else None,  # the largest round's
         "mean_response_len": float(gen[1] or 0),
         "last_mean_effective_len": last[0] if last else None,
         "last_budget": last[1] if last else None,
@@ -133,15 +144,15 @@ def run_summary(root: Path) -> dict[str, Any]:
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| pair | arm | seed | acc. round 0 | acc. final | wall (s) | x OPD | work (s) | x OPD "
-        "| generated tokens | last mean E | last M_t -> M_t+1 |"
+        "| generated tokens | decoded / ΣE | last mean E | last M_t -> M_t+1 |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
         lines.append(
             f"| {r['pair']} | {r['arm']} | {r['seed']} | {f(r['accuracy_start'])} | {f(r['accuracy_final'])} "
             f"| {r['train_seconds']:.0f} | {f(r['time_vs_opd'], 2)} | {r['work_seconds']:.0f} "
-            f"| {f(r['work_vs_opd'], 2)} | {r['generated_tokens']} "
+            f"| {f(r['work_vs_opd'], 2)} | {r['generated_tokens']} | {f(r['decoded_per_effective'], 2)} "
             f"| {f(r['last_mean_effective_len'], 0)} | {r['last_budget']} -> {r['next_budget']} |"
         )
     return "\n".join(lines)

@@ -192,6 +192,23 @@ def verify(a: Args, run: RunDir) -> list[str]:
     return [f"verify: {n} parts OK" + (f" ({len(findings)} notes)" if findings else "")]
 
 
+def pack(a: Args, run: RunDir):
+    from opdcache.pack import pack_run
+
+    return pack_run(run, a.out, a.only, a.force, progress=not a.quiet)
+
+
+def unpack(a: Args, _: None):
+    from opdcache.pack import unpack_run
+    from opdcache.query import refresh_duckdb_file
+
+    res = unpack_run(a.archive, a.dest, progress=not a.quiet)
+    run = RunDir(res.dest)
+    for sub in (run, *run.replay_runs()):  # the views are not packed: they hold absolute paths
+        refresh_duckdb_file(sub)
+    return res
+
+
 def synth(a: Args, run: RunDir) -> str:
     from opdcache.cache.synthetic import write_synthetic_run
 

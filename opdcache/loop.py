@@ -27,6 +27,7 @@ from opdcache.rundir import RunDir
 from opdcache.score.variant import VariantSpec
 from opdcache.stagetimes import timed
 from opdcache.teacher.stage import ResidentTeacher
+from opdcache.train.stage import ResidentTrainer
 
 
 def eval_round(
@@ -72,14 +73,15 @@ def run_rounds(run: RunDir, rounds: int, cfg: RunConfig, progress: bool = True) 
     """Rounds from the controller's next round up to ``rounds``, evaluating every ``eval.every``.
 
     One vLLM engine serves every rollout and evaluation of the call: it starts with a context that
-    fits both, and each new checkpoint's weights are loaded into it in place.
+    fits both, and each new checkpoint's weights are loaded into it in place. The teacher and (on
+    CPU) the trainer with its optimizer state stay in memory across rounds too.
     """
     from opdcache.evaluation import eval_context
     from opdcache.models.checkpoint import student_checkpoint
 
     start = BudgetController(run, plan(cfg).budget).state.next_round
     out = []
-    teacher = ResidentTeacher()
+    teacher, trainer = ResidentTeacher(), ResidentTrainer()
     with PersistentEngine(**engine_settings(cfg)) as engines:
         first = student_checkpoint(run, cfg, start)
         engines.min_len = run_context_length(cfg, first)
@@ -97,7 +99,7 @@ def run_rounds(run: RunDir, rounds: int, cfg: RunConfig, progress: bool = True) 
         for r in range(start, rounds):
             if r % cfg.eval.every == 0:
                 eval_round(run, r, cfg, engines)
-            out.append(run_round(run, r, cfg, progress, engines=engines, teacher=teacher))
+            out.append(run_round(run, r, cfg, progress, engines=engines, teacher=teacher, trainer=trainer))
         eval_round(run, rounds, cfg, engines)
     return out
 
@@ -111,10 +113,12 @@ def run_round(
     train: bool = True,
     engines: PersistentEngine | None = None,
     teacher: ResidentTeacher | None = None,
+    trainer: ResidentTrainer | None = None,
 ) -> RoundResult:
     """One round of Algorithm 1. With ``generate=False`` (replay) the cache must already hold round r.
 
-    ``engines`` and ``teacher`` (``run_rounds``) keep the rollout engine and the teacher across rounds."""
+    ``engines``, ``teacher`` and ``trainer`` (``run_rounds``) keep the rollout engine, the teacher and the
+    trainer across rounds."""
     from opdcache.query import refresh_duckdb_file
     from opdcache.rollout.stage import rollout_round
     from opdcache.score.stage import read_effective_lengths
@@ -126,7 +130,7 @@ def run_round(
     ctl = BudgetController(run, p.budget)
     m_t = ctl.max_tokens_for(r)
     if generate:
-        timed(run, r, "rollout", lambda: rollout_round(run, r, cfg, m_t, progress, engines))
+        timed(run, r, "rollout", lambda: rollout_round(run, r, cfg, m_t, progress, engines, teacher))
         if engines is not None:
             engines.release()
         timed(run, r, "teacher", lambda: teacher_round(run, r, cfg, progress, teacher))
@@ -134,7 +138,11 @@ def run_round(
         raise OpdcacheError(f"{run.cache_round(r)}: no cached rollouts to replay")
     for name, spec in p.variants:
         timed(run, r, f"score:{name}", lambda n=name, s=spec: score_variant_round(run, r, n, s, progress))
-    t = timed(run, r, "train", lambda: train_round(run, r, cfg, p.train_variant, progress)) if train else None
+    t = (
+        timed(run, r, "train", lambda: train_round(run, r, cfg, p.train_variant, progress, trainer))
+        if train
+        else None
+    )
     d = timed(run, r, "budget", lambda: ctl.update(r, read_effective_lengths(run, p.budget_variant, r)))
     refresh_duckdb_file(run)
     return RoundResult(r, m_t, d, t)
@@ -207,6 +215,7 @@ def replay(
     if not sub.config.exists():
         write_run_config(sub, rcfg)
     # the replay trains on the original rollouts, so its budget merely records what Alg. 1 would decide
+    trainer = ResidentTrainer()
     for r in todo:
-        run_round(sub, r, rcfg, progress, generate=False, train=train)
+        run_round(sub, r, rcfg, progress, generate=False, train=train, trainer=trainer)
     return sub

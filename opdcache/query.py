@@ -110,6 +110,7 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
         ("skipped", "BOOLEAN"),
         ("host", "VARCHAR"),
         ("finished_at", "DOUBLE"),
+        ("generated_tokens", "BIGINT"),  # rollout stages: tokens decoded (cut-off ones included)
     ]
     if time_files:
         cols = ", ".join(f"{n}: '{t}'" for n, t in time_cols)

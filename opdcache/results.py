@@ -1,6 +1,6 @@
 """What each stage reports (small typed results) and how the CLI prints them.
 
-Every result has ``skipped`` (nothing was left to do) and ``startup_seconds`` (engine or model
+Every stage result has ``skipped`` (nothing was left to do) and ``startup_seconds`` (engine or model
 start-up inside the stage's wall time), which is what RUN/stage_times.jsonl records.
 """
 
@@ -20,9 +20,10 @@ class RolloutResult:
     max_tokens: int
     parts: int
     parts_done_before: int  # found complete (a resumed or repeated rollout)
-    tokens: int = 0
+    tokens: int = 0  # positions written
     seconds: float = 0.0  # generation only
-    startup_seconds: float = 0.0  # vLLM engine start
+    startup_seconds: float = 0.0  # vLLM engine start (and, in flight, the teacher's load)
+    generated_tokens: int = 0  # decoded by the engine: in flight, also those cut off after a stop
 
     @property
     def skipped(self) -> bool:
@@ -116,6 +117,35 @@ class RoundResult:
     train: TrainResult | None
 
 
+@dataclass(frozen=True)
+class PackResult:
+    archive: str
+    components: list[str]  # top-level names packed
+    files: int
+    bytes: int  # run data: the regular files packed
+    archive_bytes: int
+    seconds: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class UnpackResult:
+    archive: str
+    dest: str
+    files: int
+    bytes: int  # run data: the regular files unpacked
+    parts_checked: int  # Parquet parts checked against their integrity records
+    seconds: float  # all of it, checks included
+    check_seconds: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+
 @singledispatch
 def describe(result: object) -> str:
     """One human line (or table) per result, as the CLI prints it."""
@@ -124,10 +154,11 @@ def describe(result: object) -> str:
 
 @describe.register
 def _(s: RolloutResult) -> str:
-    rate = f", {s.tokens / s.seconds:.0f} tokens/s" if s.tokens and s.seconds else ""
+    rate = f", {s.generated_tokens / s.seconds:.0f} tokens/s" if s.generated_tokens and s.seconds else ""
+    cut = s.generated_tokens - s.tokens
     return (
         f"rollout round {s.round}: budget {s.max_tokens}, {s.parts} parts ({s.parts_done_before} already done), "
-        f"{s.tokens} tokens{rate}"
+        f"{s.tokens} tokens{rate}" + (f" ({cut} more decoded past in-flight stops)" if cut > 0 else "")
     )
 
 
@@ -202,4 +233,21 @@ def _(res: EvalResult) -> str:
         f"{res.checkpoint} on {res.data}: Avg@{res.n} = {res.accuracy:.4f}, pass@{res.n} = "
         f"{res.pass_at_n:.4f} over {res.prompts} prompts; mean length {res.mean_response_tokens:.0f} tokens, "
         f"{res.truncated:.1%} truncated ({res.seconds:.0f} s)"
+    )
+
+
+@describe.register
+def _(res: PackResult) -> str:
+    return (
+        f"packed {res.files} files, {res.bytes / 1e6:.1f} MB of run data ({', '.join(res.components)}), "
+        f"into {res.archive} ({res.archive_bytes / 1e6:.1f} MB) in {res.seconds:.1f} s: {res.mb_per_s:.0f} MB/s"
+    )
+
+
+@describe.register
+def _(res: UnpackResult) -> str:
+    return (
+        f"unpacked {res.archive} into {res.dest}: {res.files} files, {res.bytes / 1e6:.1f} MB, "
+        f"{res.parts_checked} Parquet parts checked against their records, in {res.seconds:.1f} s "
+        f"({res.check_seconds:.1f} s checking): {res.mb_per_s:.0f} MB/s"
     )

@@ -17,6 +17,9 @@ RUN/
   opdcache.duckdb                             DuckDB views over all of the above (query.py)
   .staging/                                   work in progress; never read by anything else
   .lock                                       the run lock (lock.py)
+
+``opdcache pack`` selects the named components of :meth:`RunDir.components`; the last three entries
+(and each replay's) stay behind (:meth:`RunDir.is_local_only`).
 """
 
 from __future__ import annotations
@@ -118,6 +121,41 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    def components(self) -> dict[str, Path]:
+        """The parts of a run by the names ``opdcache pack --only`` selects them with."""
+        return {
+            "cache": self.cache,
+            "rollouts": self.rollouts,
+            "scores": self.scores,
+            "budget": self.budget,
+            "config": self.config,
+            "checkpoints": self.checkpoints,
+            "deepspeed": self.deepspeed,
+            "eval": self.evals,
+            "stage_times": self.stage_times,
+            "replays": self.replays,
+        }
+
+    def is_local_only(self, path: Path) -> bool:
+        """Whether ``path`` stays behind when the run is packed: work in progress, the lock, and the
+        derived DuckDB file with its temporaries (any command recreates it), of the run or a replay."""
+        if path.parent != self.root and path.parent.parent != self.replays:
+            return False
+        names = (self.staging.name, self.lock.name, self.duckdb.name)  # the same in every run
+        return path.name in names or path.name.startswith(f".{self.duckdb.name}.")
+
+    def select(self, only: list[str] | None = None) -> list[Path]:
+        """Top-level entries to pack: the ``only`` components (each must exist), default all but
+        :meth:`is_local_only`."""
+        if only is None:
+            return sorted(p for p in self.root.iterdir() if not self.is_local_only(p))
+        known = self.components()
+        if unknown := [n for n in only if n not in known]:
+            raise OpdcacheError(f"unknown components {unknown}; valid: {', '.join(known)}")
+        if missing := [n for n in only if not known[n].exists() and not known[n].is_symlink()]:
+            raise OpdcacheError(f"{self.root}: no " + ", ".join(f"{n} ({known[n].name})" for n in missing))
+        return sorted({known[n] for n in only})
+
     @property
     def label(self) -> str:
         """How stage_times names this run: "main", or "replay:<name>" for RUN/replays/<name>."""
@@ -166,6 +204,21 @@ class RunDir:
     def shards(self, base: Path) -> list[Path]:
         """Visible Parquet parts directly under ``base``, sorted by name."""
         return sorted(p for p in base.glob("*.parquet") if not p.name.startswith((".", "_")))
+
+    def parts(self) -> list[tuple[str, int, Path]]:
+        """Every Parquet part of the cache, rollouts and scores as (kind, round, path); kind is
+        "cache", "rollout" or "score"."""
+        out = [("cache", r, p) for r in self.rounds() for p in self.shards(self.cache_round(r))]
+        out += [
+            ("rollout", r, p) for r in self.rounds(self.rollouts) for p in self.shards(self.rollout_round(r))
+        ]
+        for v in self.variants():
+            out += [
+                ("score", r, p)
+                for r in self.rounds(self.variant(v))
+                for p in self.shards(self.score_round(v, r))
+            ]
+        return out
 
     def variants(self) -> list[str]:
         if not self.scores.is_dir():

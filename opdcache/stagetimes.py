@@ -23,11 +23,28 @@ def timed(run: RunDir, r: int, stage: str, fn: Callable[[], T]) -> T:
     t0 = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - t0
-    record(run, r, stage, seconds, getattr(result, "startup_seconds", 0.0), getattr(result, "skipped", False))
+    record(
+        run,
+        r,
+        stage,
+        seconds,
+        getattr(result, "startup_seconds", 0.0),
+        getattr(result, "skipped", False),
+        getattr(result, "generated_tokens", None),
+    )
     return result
 
 
-def record(run: RunDir, r: int, stage: str, seconds: float, startup_seconds: float, skipped: bool) -> None:
+def record(
+    run: RunDir,
+    r: int,
+    stage: str,
+    seconds: float,
+    startup_seconds: float,
+    skipped: bool,
+    generated_tokens: int | None = None,
+) -> None:
+    """Append one stage's line; ``generated_tokens``: what a rollout decoded (absent for other stages)."""
     if int(os.environ.get("RANK", "0")) != 0:  # under a launcher, one line per stage (rank 0's)
         return
     row = {
@@ -37,6 +54,7 @@ def record(run: RunDir, r: int, stage: str, seconds: float, startup_seconds: flo
         "seconds": seconds,
         "work_seconds": seconds - startup_seconds,
         "skipped": skipped,
+        **({} if generated_tokens is None else {"generated_tokens": generated_tokens}),
         "host": socket.gethostname(),
         "finished_at": time.time(),
     }

@@ -38,16 +38,9 @@ def verify_run(run: RunDir, progress: bool = True) -> tuple[int, list[Finding]]:
     """Returns (parts checked, findings)."""
     run.require()
     findings: list[Finding] = []
-    parts: list[tuple[str, Path, int]] = []
-    for r in run.rounds():
-        parts += [("cache", p, r) for p in run.shards(run.cache_round(r))]
-    for r in run.rounds(run.rollouts):
-        parts += [("rollout", p, r) for p in run.shards(run.rollout_round(r))]
-    for v in run.variants():
-        for r in run.rounds(run.variant(v)):
-            parts += [("score", p, r) for p in run.shards(run.score_round(v, r))]
+    parts = run.parts()
     ks: dict[int, str] = {}
-    for kind, path, r in tqdm(parts, desc="verify", unit="part", disable=not progress):
+    for kind, r, path in tqdm(parts, desc="verify", unit="part", disable=not progress):
         try:
             check_manifest(path, full=True)
             if kind == "score":

@@ -24,6 +24,7 @@ EXPECTED = {
     ],
     "rollout_throughput.py": ["tokens/s", "positions/s", "ratio flat / dicts", "cache bytes/position"],
     "toy_overlap.py": ["mean response length"],
+    "pack_throughput.py": ["pack MB/s", "unpack MB/s", "unpack check MB/s", "archive / run size"],
 }
 SLOW = {"rollout_throughput.py", "toy_overlap.py"}  # a vLLM start; building the smoke toy models
 

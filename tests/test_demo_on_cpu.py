@@ -23,7 +23,8 @@ def demo(tmp_path_factory, smoke_toy_models):
 def test_smoke_demo_runs_every_pair_and_arm(demo):
     summary = json.loads((demo / "summary.json").read_text())
     rows = {(r["pair"], r["arm"]): r for r in summary["rows"]}
-    assert set(rows) == {(p, a) for p in ("low", "high") for a in ("opd", "prune", "truncate")}
+    arms = ("opd", "prune", "truncate", "prune-inflight")
+    assert set(rows) == {(p, a) for p in ("low", "high") for a in arms}
     for (pair, arm), r in rows.items():
         run = RunDir(demo / "runs" / f"{pair}-{arm}-s0")
         assert run.checkpoint(1).is_dir(), (pair, arm)
@@ -31,9 +32,16 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
         assert 0.0 <= r["accuracy_final"] <= 1.0 and r["train_seconds"] > 0
         # each arm sampled under its own budget: OPD at M_max, truncation at 256, Prune-OPD at M_0
         m0 = run_sql(run.root, "select max_tokens from budget where round = 0").fetchall()[0][0]
-        assert m0 == {"opd": 768, "truncate": 256, "prune": 256}[arm]
+        assert m0 == {"opd": 768, "truncate": 256, "prune": 256, "prune-inflight": 256}[arm]
         longest = run_sql(run.root, "select max(response_len) from rollouts").fetchall()[0][0]
         assert longest <= m0
+        stopped = run_sql(run.root, "select count(*) from rollouts where finish_reason = 'unreliable'")
+        n_stopped = stopped.fetchall()[0][0]
+        assert n_stopped == 0 if arm != "prune-inflight" else (n_stopped > 0 or pair == "high"), (pair, arm)
+        if arm.startswith("prune"):  # decoded tokens per effective token: in flight it stays near 1
+            assert r["decoded_per_effective"] >= 1.0
+    inflight, prune = rows[("low", "prune-inflight")], rows[("low", "prune")]
+    assert inflight["decoded_per_effective"] < prune["decoded_per_effective"]
     assert rows[("low", "opd")]["time_vs_opd"] == 1.0
     # the one-time DeepSpeed op build happens before the arms, not inside the first arm's training
     assert summary["warm_up_seconds"] >= 0

@@ -251,3 +251,26 @@ def test_a_run_starts_one_engine_for_all_rollouts_and_evaluations(
         .fetchall()
     )
     assert loads[0][1] > 0 and loads[1][1] < 0.01 * loads[0][1]  # the teacher is loaded once per run
+
+
+def test_resident_trainer_matches_reloading_from_disk(looped, monkeypatch):
+    """A replay keeps its trainer in memory from round 0 to round 1; the same replay with the trainer
+    reloaded from disk every round (model, DeepSpeed optimizer state) must train the same weights."""
+    import opdcache.train.stage as train_stage
+
+    run, cfg, *_ = looped
+    loads = []
+    real = train_stage.load_trainer
+    monkeypatch.setattr(train_stage, "load_trainer", lambda *a, **k: loads.append(a[1]) or real(*a, **k))
+    kept = replay(run, "kept", cfg.score.spec, progress=False)
+    assert loads == [0]  # round 1 trained the engine round 0 left in memory
+    monkeypatch.setattr(train_stage.ResidentTrainer, "take", lambda self, r: None)
+    reloaded = replay(run, "reloaded", cfg.score.spec, progress=False)
+    assert loads == [0, 0, 1]
+    ours = load_file(kept.checkpoint(2) / "model.safetensors")
+    theirs = load_file(reloaded.checkpoint(2) / "model.safetensors")
+    first = load_file(kept.checkpoint(1) / "model.safetensors")
+    assert max(float(np.abs(first[k] - theirs[k]).max()) for k in theirs) > 1e-4  # round 1 did train
+    assert max(float(np.abs(ours[k] - theirs[k]).max()) for k in theirs) < 1e-6
+    meta = json.loads((kept.checkpoint(2) / "opdcache_train.json").read_text())
+    assert meta["source"] == str(kept.checkpoint(1)) and meta["metrics"]

@@ -121,7 +121,7 @@ def check_manifest(path: Path, full: bool = False) -> dict[str, Any]:
         raise CacheFormatError(
             f"{path}: {size} bytes, but {record.get('bytes')} were written (truncated or replaced)"
         )
-    rows = pq.ParquetFile(path).metadata.num_rows
+    rows = open_parquet(path).metadata.num_rows  # a damaged footer is a CacheFormatError too
     if rows != record.get("rows"):
         raise CacheFormatError(f"{path}: {rows} rows, but {record.get('rows')} were written")
     if full and file_sha256(path) != record.get("sha256"):

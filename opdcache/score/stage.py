@@ -66,22 +66,33 @@ def _columns_needed(spec: VariantSpec) -> list[str]:
     return need
 
 
+def bad_events(
+    spec: VariantSpec,
+    tokens: np.ndarray,
+    student_topk_ids: np.ndarray | None,
+    teacher_topk_ids: np.ndarray,
+    teacher_topk_logprobs: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(metric values, B) per position: overlap O and B = [O < gamma] (eqs. 6-7), or for top_p the
+    acceptance and B = [y not in the visible nucleus] (App. A.10). Also used by the in-flight rollout."""
+    if spec.metric == "top_p":
+        bad = rl.topp_bad_events(tokens, teacher_topk_ids, teacher_topk_logprobs, spec.top_p)
+        return ~bad, bad
+    overlap = rl.topk_overlap(student_topk_ids, teacher_topk_ids)
+    return overlap, rl.overlap_bad_events(overlap, spec.gamma)
+
+
 def score_shard(table: pa.Table, k: int, spec: VariantSpec, keep: np.ndarray | None = None) -> ShardScores:
     """Score one cache table. ``keep`` (bool [N]) is the random arm's retained-position mask."""
     tokens, offsets = flat(table.column("response_ids"))
-    if spec.metric == "top_p":
-        bad = rl.topp_bad_events(
-            tokens,
-            _topk(table, "teacher_topk_ids", k),
-            _topk(table, "teacher_topk_logprobs", k),
-            spec.top_p,
-        )
-        metric_values = ~bad
-    else:
-        metric_values = rl.topk_overlap(
-            _topk(table, "student_topk_ids", k), _topk(table, "teacher_topk_ids", k)
-        )
-        bad = rl.overlap_bad_events(metric_values, spec.gamma)
+    top_p = spec.metric == "top_p"
+    metric_values, bad = bad_events(
+        spec,
+        tokens,
+        None if top_p else _topk(table, "student_topk_ids", k),
+        _topk(table, "teacher_topk_ids", k),
+        _topk(table, "teacher_topk_logprobs", k) if top_p else None,
+    )
     if spec.metric in ("overlap", "top_p"):
         rel = rl.reliability(rl.cumulative_bad(bad, offsets), spec.w_drop)
         weight = rl.loss_weight(rel, spec.w_base)

@@ -44,12 +44,16 @@ def score_response(
     k: int,
     vocab: int,
     chunk: int = 1024,
+    start: int = 0,
 ) -> TeacherOutputs:
-    """Teacher log-probs for one response on the student's prefixes (positions P-1 .. P+T-2)."""
+    """Teacher log-probs for one response on the student's prefixes (positions P-1 .. P+T-2); with
+    ``start``, only for response positions ``start`` .. T-1 (the in-flight rollout's new chunk)."""
     device = model.get_output_embeddings().weight.device
-    p, t = len(prompt_ids), len(response_ids)
+    p = len(prompt_ids)
     ids = torch.from_numpy(np.concatenate([prompt_ids, response_ids]).astype(np.int64))[None].to(device)
-    hidden = model.base_model(input_ids=ids).last_hidden_state[0, p - 1 : p - 1 + t]
+    hidden = model.base_model(input_ids=ids).last_hidden_state[0, p - 1 + start : p - 1 + len(response_ids)]
+    response_ids, student_topk_ids = response_ids[start:], student_topk_ids[start:]
+    t = len(response_ids)
     head = model.get_output_embeddings()
     resp = torch.from_numpy(response_ids.astype(np.int64)).to(device)
     stud = torch.from_numpy(student_topk_ids.astype(np.int64)).to(device)

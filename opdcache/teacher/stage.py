@@ -81,27 +81,31 @@ class ResidentTeacher:
             release_gpu_memory()
 
 
+def teacher_vocab(cfg: RunConfig, student: str) -> int:
+    """Check the teacher against the student's tokenizer (before any compute); the usable vocabulary."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not cfg.models.teacher:
+        raise OpdcacheError("models.teacher is not set in the run config")
+    require_checkpoint(cfg.models.teacher, "teacher")
+    s_tok, t_tok = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(cfg.models.teacher)
+    for w in check_tokenizers(s_tok, t_tok, student, cfg.models.teacher):
+        print(f"opdcache: warning: {w}", file=sys.stderr)
+    return usable_vocab(
+        AutoConfig.from_pretrained(cfg.models.teacher).vocab_size, len(t_tok), cfg.models.teacher
+    )
+
+
 def teacher_round(
     run: RunDir, r: int, cfg: RunConfig, progress: bool = True, teacher: ResidentTeacher | None = None
 ) -> TeacherResult:
     """Complete round ``r``'s rollout parts that are not yet in the cache (with ``teacher``: a model kept
     loaded across rounds; without, one loaded for this call)."""
-    from transformers import AutoConfig, AutoTokenizer
-
     run.require()
     todo = [p for p in run.shards(run.rollout_round(r)) if not run.done("teacher", r, part=p.name)]
     if not todo:
         return TeacherResult(r, 0)
-    if not cfg.models.teacher:
-        raise OpdcacheError("models.teacher is not set in the run config")
-    student = student_checkpoint(run, cfg, r)
-    require_checkpoint(cfg.models.teacher, "teacher")
-    s_tok, t_tok = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(cfg.models.teacher)
-    for w in check_tokenizers(s_tok, t_tok, student, cfg.models.teacher):
-        print(f"opdcache: warning: {w}", file=sys.stderr)
-    vocab = usable_vocab(
-        AutoConfig.from_pretrained(cfg.models.teacher).vocab_size, len(t_tok), cfg.models.teacher
-    )
+    vocab = teacher_vocab(cfg, student_checkpoint(run, cfg, r))
     for p in todo:  # unreadable rollout parts fail here, before the teacher is loaded
         read_cache_meta(p, rollout=True)
     resident = teacher or ResidentTeacher()

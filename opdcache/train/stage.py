@@ -133,15 +133,81 @@ def plan_batches(n: int, rank: int, world: int, mini: int, micro: int, epochs: i
     return BatchPlan(owned, recompute, steps)
 
 
-def train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bool = True) -> TrainResult:
-    """Train round ``r``'s student on its cache weighted by ``variant``'s L -> checkpoints/round=<r+1>."""
+@dataclass
+class Trainer:
+    """A DeepSpeed engine holding the student that round ``r`` samples from, with its optimizer state."""
+
+    engine: Any
+    model: Any
+    tokenizer: Any
+    source: str
+    r: int
+
+
+class ResidentTrainer:
+    """The trainer kept in memory across the rounds of an ``opdcache run`` (CPU).
+
+    After round r trains, its engine already holds checkpoint r+1 and the optimizer state saved with
+    it, so round r+1 skips loading both from disk (they are still written every round, and a resumed
+    run loads them). On a GPU ``release`` drops it after each train stage so the rollout engine and
+    the teacher get the memory.
+    """
+
+    def __init__(self) -> None:
+        self.held: Trainer | None = None
+
+    def take(self, r: int) -> Trainer | None:
+        held, self.held = self.held, None
+        return held if held is not None and held.r == r else None
+
+    def keep(self, trainer: Trainer) -> None:
+        self.held = None if torch.cuda.is_available() else trainer
+
+    def release(self) -> None:
+        self.held = None
+        release_gpu_memory()
+
+
+def train_round(
+    run: RunDir,
+    r: int,
+    cfg: RunConfig,
+    variant: str,
+    progress: bool = True,
+    resident: ResidentTrainer | None = None,
+) -> TrainResult:
+    """Train round ``r``'s student on its cache weighted by ``variant``'s L -> checkpoints/round=<r+1>.
+
+    With ``resident`` (``opdcache run``) the engine trained in round r-1 is reused when it holds round
+    r's student, and the one trained here is kept for round r+1."""
     run.require()
     if run.done("train", r):
         return TrainResult(r, skipped=True)
     with single_process_env():
-        res = _train_round(run, r, cfg, variant, progress)
-    release_gpu_memory()
+        res = _train_round(run, r, cfg, variant, progress, resident)
+    if resident is None or torch.cuda.is_available():
+        release_gpu_memory()
     return res
+
+
+def load_trainer(run: RunDir, r: int, cfg: RunConfig) -> Trainer:
+    """The student of round r (checkpoint r, or the initial student) and its optimizer state, under DeepSpeed."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = student_checkpoint(run, cfg, r)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    ds_prev = run.deepspeed_state(r)
+    if ds_prev.is_dir():
+        engine.load_checkpoint(str(ds_prev), load_module_strict=True, load_module_only=False)
+    return Trainer(engine, model, tokenizer, source, r)
 
 
 def _batch(examples: list[Example], idx: list[int], pad: int) -> dict[str, torch.Tensor]:
@@ -165,26 +231,17 @@ def _all_reduce(value: float, op: str = "sum") -> float:
     return float(t.item())
 
 
-def _train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bool) -> TrainResult:
+def _train_round(
+    run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bool, resident: ResidentTrainer | None
+) -> TrainResult:
     import deepspeed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t_load = time.perf_counter()
     final = run.checkpoint(r + 1)
     examples = load_examples(run, r, variant)
-    source = student_checkpoint(run, cfg, r)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.manual_seed(cfg.train.seed + r)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
-    ds_prev = run.deepspeed_state(r)
-    if ds_prev.is_dir():
-        engine.load_checkpoint(str(ds_prev), load_module_strict=True, load_module_only=False)
+    trainer = (resident.take(r) if resident else None) or load_trainer(run, r, cfg)
+    engine, model, tokenizer, source = trainer.engine, trainer.model, trainer.tokenizer, trainer.source
+    torch.manual_seed(cfg.train.seed + r)  # after loading: a resident and a loaded trainer draw alike
     rank, world = engine.global_rank, engine.world_size
     t = cfg.train
     plan = plan_batches(
@@ -292,10 +349,12 @@ def _train_round(run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bo
             for old_state in run.rounds(run.deepspeed)[: -t.keep_states]:
                 shutil.rmtree(run.deepspeed_state(old_state), ignore_errors=True)
     deepspeed.comm.barrier()
+    if resident is not None:
+        resident.keep(dataclasses.replace(trainer, r=r + 1, source=student_checkpoint(run, cfg, r + 1)))
     return TrainResult(
         r,
         skipped=False,
-        steps=int(engine.global_steps),
+        steps=len(plan.steps),
         tokens=int(_all_reduce(tokens)),
         seconds=time.perf_counter() - t0,
         loss_first=metrics[0]["loss"] if metrics else None,
