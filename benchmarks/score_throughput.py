@@ -15,6 +15,7 @@ Goals (issue #2): math >= 20 M positions/s/core; stage close to decode; <= 160 B
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -139,10 +140,14 @@ def main() -> None:
                 read_cache_shard(f, _columns_needed(spec), validate=False)
 
         t_decode = best_of(decode)
-        t_stage = best_of(lambda: score_run(run, "bench", spec, progress=False), repeat=2)
+        t_stage = best_of(lambda: score_run(run, "bench", spec, progress=False, workers=1), repeat=2)
         print(f"parquet decode (needed cols): {n / t_decode / 1e6:6.2f} M positions/s")
-        print(f"score stage (read+score+write): {n / t_stage / 1e6:4.2f} M positions/s")
+        print(f"score stage (read+score+write), 1 worker: {n / t_stage / 1e6:4.2f} M positions/s")
         print(f"stage time / decode time:      {t_stage / t_decode:4.2f}")
+        cores = os.cpu_count() or 1
+        t_par = best_of(lambda: score_run(run, "bench", spec, progress=False, workers=cores), repeat=2)
+        print(f"score stage, {cores} workers: {n / t_par / 1e6:4.2f} M positions/s")
+        print(f"speed-up {cores} workers / 1:  {t_stage / t_par:4.2f}x  (goal >= 1.7 with 2)")
         score_bytes = sum(f.stat().st_size for f in run.shards(run.variant("bench") / "round=0"))
         print(f"score bytes/position: {score_bytes / n:.1f}")
 

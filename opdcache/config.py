@@ -107,8 +107,10 @@ class ScoreConfig:
 
     variant: str = setting("prune", "name of the variant under RUN/scores/")
     spec: VariantSpec = setting(default_factory=VariantSpec, inline=True)
+    workers: int = setting(0, "cache parts scored at once (threads); 0 = one per CPU core", ge=0)
 
     def __post_init__(self) -> None:
+        validate(self, "score")
         try:
             check_variant_name(self.variant)
         except Exception as e:

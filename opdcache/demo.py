@@ -37,6 +37,17 @@ from opdcache.toy.task import sample_problems, write_prompts
 
 PAIRS = {"low": "student_low", "high": "student_high"}
 ARMS = ("opd", "prune", "truncate", "prune-inflight")
+CONTROLS = ("prune-topp", "random")  # the paper's controls, run on the low pair only
+ARM_OVERRIDES = {  # demo arm -> run config (the others are arm.name=<arm>)
+    "prune-topp": ["arm.name=prune", "score.variant=topp", "score.metric=top_p", "score.top_p=0.95"],
+    "random": ["arm.name=random", "arm.random_match=fraction"],
+}
+
+
+def arms_for(pair: str) -> tuple[str, ...]:
+    return ARMS + CONTROLS if pair == "low" else ARMS
+
+
 GAMMAS = (0.6, 0.7, 0.8)
 
 
@@ -82,7 +93,7 @@ def toy_overrides(
         "train.micro_batch_size=8",
         "train.mini_batch_responses=8",  # 8 optimizer steps per round (not the reference's one): the toy's choice
         f"train.seed={seed}",
-        f"arm.name={arm}",
+        *ARM_OVERRIDES.get(arm, [f"arm.name={arm}"]),
         "arm.truncate_tokens=256",
         f"eval.data={data / 'eval.jsonl'}",
         f"eval.every={size.eval_every}",
@@ -166,7 +177,7 @@ def seed_means_markdown(rows: list[dict[str, Any]]) -> str:
         "|" + "---|" * 7,
     ]
     for pair in PAIRS:
-        for arm in ARMS:
+        for arm in arms_for(pair):
             group = [r for r in rows if (r["pair"], r["arm"]) == (pair, arm)]
             if not group:
                 continue
@@ -179,6 +190,27 @@ def seed_means_markdown(rows: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {pair} | {arm} | {len(group)} | {acc_s} | {m['time_vs_opd']} | {m['work_vs_opd']} | {e} |"
             )
+    return "\n".join(lines)
+
+
+def verdicts(runs: Path) -> list[dict[str, Any]]:
+    """The paper's claims and the demo's verdicts (``analysis/demo_verdicts.sql`` over OUT/runs)."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET VARIABLE runs = ?", [str(runs)])
+    rel = con.sql((ANALYSIS / "demo_verdicts.sql").read_text())
+    return [dict(zip(rel.columns, row, strict=True)) for row in rel.fetchall()]
+
+
+def verdicts_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| claim | pair | seeds | value ± s.e. | verdict |", "|" + "---|" * 5]
+    for v in rows:
+        value = "-" if v["value"] is None else f"{v['value']:.3f}"
+        if v["se"] is not None:
+            value += f" ± {v['se']:.3f}"
+        verdict = "-" if v["holds"] is None else ("holds" if v["holds"] else "does not hold")
+        lines.append(f"| {v['claim']} | {v['pair']} | {v['seeds']} | {value} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -217,7 +249,7 @@ def run_demo(
     data = outd / "data"
     write_toy_data(data, size)
     rows, roots = [], []
-    jobs = [(pair, arm, seed) for seed in seeds for pair in PAIRS for arm in ARMS]
+    jobs = [(pair, arm, seed) for seed in seeds for pair in PAIRS for arm in arms_for(pair)]
     for pair, arm, seed in tqdm(jobs, desc="demo runs", unit="run", disable=not progress):
         run = RunDir(outd / "runs" / f"{pair}-{arm}-s{seed}")
         run.root.mkdir(parents=True, exist_ok=True)
@@ -244,6 +276,8 @@ def run_demo(
     table = summary_markdown(rows)
     if len(seeds) > 1:
         table += "\n\nMean over seeds " + ", ".join(map(str, seeds)) + ":\n\n" + seed_means_markdown(rows)
+    claims = verdicts(outd / "runs")
+    table += "\n\nThe paper's claims (`analysis/demo_verdicts.sql`):\n\n" + verdicts_markdown(claims)
     total = time.perf_counter() - t0
     text = (
         f"# opdcache demo{' (smoke)' if smoke else ''}\n\n{table}\n\nModels built/reused in {t_models:.0f} s; "
@@ -254,7 +288,14 @@ def run_demo(
     atomic_write_bytes(
         outd / "summary.json",
         json.dumps(
-            {"rows": rows, "seconds": total, "models_seconds": t_models, "warm_up_seconds": t_warm}, indent=1
+            {
+                "rows": rows,
+                "verdicts": claims,
+                "seconds": total,
+                "models_seconds": t_models,
+                "warm_up_seconds": t_warm,
+            },
+            indent=1,
         ).encode(),
     )
     return {"rows": rows, "table": table, "report": report, "seconds": total, "summary": outd / "summary.md"}

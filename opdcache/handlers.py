@@ -91,7 +91,7 @@ def score(a: Args, run: RunDir):
     cfg = read_run_config(run)
     base = cfg.score if cfg is not None else ScoreConfig()
     name = a.variant or base.variant
-    res = score_run(run, name, _spec(base.spec, a), _round_list(a), progress=not a.quiet)
+    res = score_run(run, name, _spec(base.spec, a), _round_list(a), not a.quiet, base.workers)
     for r in res.rounds:
         record(run, r.round, f"score:{name}", r.seconds, 0.0, False)
     return res

@@ -137,7 +137,12 @@ def run_round(
     elif not run.shards(run.cache_round(r)):
         raise OpdcacheError(f"{run.cache_round(r)}: no cached rollouts to replay")
     for name, spec in p.variants:
-        timed(run, r, f"score:{name}", lambda n=name, s=spec: score_variant_round(run, r, n, s, progress))
+        timed(
+            run,
+            r,
+            f"score:{name}",
+            lambda n=name, s=spec: score_variant_round(run, r, n, s, progress, cfg.score.workers),
+        )
     t = (
         timed(run, r, "train", lambda: train_round(run, r, cfg, p.train_variant, progress, trainer))
         if train
@@ -148,14 +153,14 @@ def run_round(
     return RoundResult(r, m_t, d, t)
 
 
-def score_variant_round(run: RunDir, r: int, name: str, spec: VariantSpec, progress: bool):
+def score_variant_round(run: RunDir, r: int, name: str, spec: VariantSpec, progress: bool, workers: int = 0):
     """Score round ``r`` as ``name`` unless it already is (a result with no rounds means skipped)."""
     from opdcache.results import ScoreResult
     from opdcache.score.stage import score_run
 
     if run.done("score", r, variant=name):
         return ScoreResult(name, spec, [])
-    return score_run(run, name, spec, rounds=[r], progress=progress)
+    return score_run(run, name, spec, rounds=[r], progress=progress, workers=workers)
 
 
 def start_run(config_path: str | Path | None, run: RunDir, overrides: list[str] | None = None) -> RunConfig:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,60 @@ def run_label(root: Path) -> str:
     return root.name if arm in root.name else f"{root.name} ({arm})"
 
 
-def _plot_lines(ax: Any, xs: list, ys: list, label: str, marker: str = "o") -> None:
-    ax.plot(xs, ys, marker=marker, markersize=3, label=label)
+RUN_NAME = re.compile(r"^(?P<pair>[A-Za-z0-9]+)-(?P<arm>.+)-s(?P<seed>\d+)$")
+ARM_ORDER = ("opd", "prune", "truncate", "prune-inflight", "prune-topp", "random")
+ARM_NAMES = {  # the paper's terms in legends
+    "opd": "OPD",
+    "prune": "Prune-OPD",
+    "truncate": "truncation",
+    "prune-inflight": "Prune-OPD in flight",
+    "prune-topp": "Prune-OPD top-p",
+    "random": "random pruning",
+}
+
+
+@dataclass(frozen=True)
+class RunId:
+    """Where a run sits in the figures: a panel per ``pair``, a colour per ``arm``, seeds averaged.
+    Runs named ``<pair>-<arm>-s<seed>`` (the demo's) are grouped; any other run is its own arm."""
+
+    label: str
+    pair: str
+    arm: str
+    seed: int
+    variant: str  # whose weights L train the run (the random arm scores two)
+
+
+def run_id(root: Path, label: str) -> RunId:
+    from opdcache.arms import plan
+    from opdcache.config import read_run_config
+
+    cfg = read_run_config(root)
+    variant = plan(cfg).train_variant if cfg is not None else ""
+    m = RUN_NAME.match(root.name)
+    if m:
+        return RunId(label, m["pair"], m["arm"], int(m["seed"]), variant)
+    return RunId(label, "", label, 0, variant)
+
+
+def arm_colours(arms: list[str]) -> dict[str, Any]:
+    """One colour per arm, the same in every figure (known arms keep their place in the palette)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors
+    known = [a for a in ARM_ORDER if a in arms] + sorted(a for a in arms if a not in ARM_ORDER)
+    slot = {a: ARM_ORDER.index(a) if a in ARM_ORDER else len(ARM_ORDER) + i for i, a in enumerate(known)}
+    return {a: palette[slot[a] % len(palette)] for a in known}
+
+
+def seed_mean(points: list[list[tuple[float, float]]]) -> tuple[list[float], list[float], list[float]]:
+    """Per index over the seeds' (x, y) series (cut to the shortest): mean x, mean y, s.d. of y."""
+    import numpy as np
+
+    n = min(len(p) for p in points)
+    a = np.array([p[:n] for p in points], dtype=float)  # seeds x n x 2
+    sd = a[:, :, 1].std(axis=0, ddof=1) if len(points) > 1 else np.zeros(n)
+    return a[:, :, 0].mean(axis=0).tolist(), a[:, :, 1].mean(axis=0).tolist(), sd.tolist()
 
 
 def make_report(
@@ -152,69 +205,137 @@ def make_report(
         atomic_write_bytes(outd / f"{name}.png", buf.getvalue())
         return f"{name}.png"
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for lb in labels:
-        t = acc.where(run=lb)
-        if t.rows:
-            _plot_lines(ax, [s / 60 for s in t.col("wall_seconds")], t.col("accuracy"), lb)
-    ax.set(xlabel="training wall time (min)", ylabel="Avg@n accuracy", title="Accuracy vs wall time")
-    ax.legend(fontsize=7)
+    ids = [run_id(r, lb) for r, lb in zip(roots, labels, strict=True)]
+    pairs = list(dict.fromkeys(i.pair for i in ids))
+    colour = arm_colours([i.arm for i in ids])
+
+    def groups(pair: str) -> dict[str, list[RunId]]:
+        """The pair's runs by arm, in the palette's order."""
+        out: dict[str, list[RunId]] = {}
+        for arm in colour:
+            if runs_ := [i for i in ids if i.pair == pair and i.arm == arm]:
+                out[arm] = runs_
+        return out
+
+    def panels(n: int, height: float = 3.4) -> tuple[Any, list[Any]]:
+        fig, axes = plt.subplots(1, n, figsize=(4.6 * n, height), squeeze=False)
+        return fig, list(axes[0])
+
+    def title(pair: str, what: str) -> str:
+        return f"{pair} pair: {what}" if pair else what
+
+    def name(arm: str) -> str:
+        return ARM_NAMES.get(arm, arm)
+
+    def seeds(table: Table, runs_: list[RunId], x: str, y: str, key: dict[str, Any] | None = None) -> list:
+        return [
+            list(zip(t.col(x), t.col(y), strict=True))
+            for i in runs_
+            if (t := table.where(run=i.label, **(key or {}))).rows
+        ]
+
+    # accuracy against wall time: mean over seeds with +- s.d. bars, each seed faint
+    fig, axes = panels(len(pairs))
+    for ax, pair in zip(axes, pairs, strict=True):
+        for arm, runs_ in groups(pair).items():
+            series = seeds(acc, runs_, "wall_seconds", "accuracy")
+            if not series:
+                continue
+            for s_ in series if len(series) > 1 else []:
+                ax.plot([x / 60 for x, _ in s_], [y for _, y in s_], color=colour[arm], alpha=0.25, lw=0.8)
+            xs, ys, sd = seed_mean(series)
+            ax.errorbar([x / 60 for x in xs], ys, yerr=sd, color=colour[arm], marker="o", ms=3, capsize=2,
+                        label=name(arm))  # fmt: skip
+        ax.set(
+            xlabel="training wall time (min)", ylabel="Avg@n accuracy", title=title(pair, "accuracy vs time")
+        )
+        ax.legend(fontsize=7)
     figures.append(("Accuracy against wall time", save(fig, "accuracy_vs_time"), acc))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for lb in labels:
-        t = bud.where(run=lb)
-        if t.rows:
-            line = ax.plot(t.col("round"), t.col("max_tokens"), drawstyle="steps-post", label=f"{lb} M_t")[0]
-            ax.plot(
-                t.col("round"),
-                t.col("effective_len_mean"),
-                "--",
-                marker="o",
-                markersize=3,
-                color=line.get_color(),
-                label=f"{lb} mean E",
-            )
-    ax.set(xlabel="round", ylabel="tokens", title="Budget M_t and mean effective length")
-    ax.legend(fontsize=6)
+    # budget M_t (steps) and mean effective length E (dashed), mean over seeds
+    fig, axes = panels(len(pairs))
+    for ax, pair in zip(axes, pairs, strict=True):
+        for arm, runs_ in groups(pair).items():
+            m = seeds(bud, runs_, "round", "max_tokens")
+            e = seeds(bud, runs_, "round", "effective_len_mean")
+            if not m:
+                continue
+            xs, ys, _ = seed_mean(m)
+            ax.plot(xs, ys, drawstyle="steps-post", color=colour[arm], label=f"{name(arm)} M_t")
+            xs, ys, _ = seed_mean(e)
+            ax.plot(xs, ys, "--", marker="o", ms=3, color=colour[arm], label=f"{name(arm)} mean E")
+        ax.set(xlabel="round t", ylabel="tokens", title=title(pair, "budget M_t and effective length E"))
+        ax.legend(fontsize=6)
     figures.append(("Effective length and budget per round", save(fig, "budget"), bud))
 
-    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.5), squeeze=False)
-    for ax, lb in zip(axes[0], labels, strict=True):
-        t = wts.where(run=lb)
-        for rnd in sorted(set(t.col("round")))[::every]:
-            tr = t.where(round=rnd)
-            _plot_lines(ax, tr.col("pos_start"), tr.col("mean_weight"), f"round {rnd}", "")
-        ax.set(xlabel="response position", ylabel="mean L", title=lb, ylim=(0, 1.6))
-        ax.legend(fontsize=6)
-    figures.append(("Mean weight L by position", save(fig, "weight_by_position"), wts))
+    # mean weight L_tau by position, last round (solid) and first (dotted), only arms where L varies
+    varying = {
+        (i.pair, i.arm)
+        for i in ids
+        if len({round(w, 6) for w in wts.where(run=i.label, variant=i.variant).col("mean_weight")}) > 1
+    }
+    wt_pairs = [p for p in pairs if any(q == p for q, _ in varying)]
+    if wt_pairs:
+        fig, axes = panels(len(wt_pairs))
+        for ax, pair in zip(axes, wt_pairs, strict=True):
+            for arm, runs_ in groups(pair).items():
+                if (pair, arm) not in varying:
+                    continue
+                rounds = sorted(set(wts.where(run=runs_[0].label).col("round")))
+                for rnd, style in [(rounds[-1], "-"), (rounds[0], ":")][: len(rounds)]:
+                    key = {"round": rnd, "variant": runs_[0].variant}
+                    series = seeds(wts, runs_, "pos_start", "mean_weight", key)
+                    xs, ys, _ = seed_mean(series)
+                    ax.plot(xs, ys, style, color=colour[arm], label=f"{name(arm)} round {rnd}")
+            ax.set(xlabel="response position tau", ylabel="mean L_tau", ylim=(0, 1.6),
+                   title=title(pair, "weight L by position"))  # fmt: skip
+            ax.legend(fontsize=6)
+        figures.append(("Mean weight L by position", save(fig, "weight_by_position"), wts))
 
+    # overlap by depth: first round (dotted) and last (solid) per arm
     if ovl.rows:
-        ov_labels = sorted(set(ovl.col("run")), key=labels.index)
-        fig, axes = plt.subplots(1, len(ov_labels), figsize=(4 * len(ov_labels), 3.5), squeeze=False)
-        for ax, lb in zip(axes[0], ov_labels, strict=True):
-            t = ovl.where(run=lb)
-            for rnd in sorted(set(t.col("round")))[::every]:
-                tr = t.where(round=rnd)
-                _plot_lines(ax, tr.col("band_start"), tr.col("mean_overlap"), f"round {rnd}")
-            ax.set(
-                xlabel=f"response position (bands of {band_scale} tokens)",
-                ylabel="mean overlap",
-                title=lb,
-                ylim=(0, 1),
-            )
+        ov_ids = [i for i in ids if ovl.where(run=i.label).rows]
+        ov_pairs = list(dict.fromkeys(i.pair for i in ov_ids))
+        fig, axes = panels(len(ov_pairs))
+        for ax, pair in zip(axes, ov_pairs, strict=True):
+            for arm, runs_ in groups(pair).items():
+                runs_ = [i for i in runs_ if i in ov_ids]
+                if not runs_:
+                    continue
+                rounds = sorted(set(ovl.where(run=runs_[0].label).col("round")))
+                for rnd, style in [(rounds[-1], "-"), (rounds[0], ":")][: len(rounds)]:
+                    series = seeds(ovl, runs_, "band_start", "mean_overlap", {"round": rnd})
+                    xs, ys, _ = seed_mean(series)
+                    ax.plot(
+                        xs, ys, style, marker="o", ms=3, color=colour[arm], label=f"{name(arm)} round {rnd}"
+                    )
+            ax.set(xlabel=f"response position (bands of {band_scale} tokens)", ylabel="mean overlap O",
+                   ylim=(0, 1), title=title(pair, "top-k overlap by depth"))  # fmt: skip
             ax.legend(fontsize=6)
         figures.append(("Overlap by depth band", save(fig, "overlap_by_depth"), ovl))
 
     if sweep.rows:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for lb in labels:
-            t = sweep.where(run=lb)
-            for g in sorted(set(t.col("gamma"))):
-                tg = t.where(gamma=g)
-                _plot_lines(ax, tg.col("round"), tg.col("next_max_tokens"), f"{lb} gamma={g:g}")
-        ax.set(xlabel="round", ylabel="next budget M_{t+1}", title="Gamma sweep (score-only replays)")
-        ax.legend(fontsize=6)
+        sw_ids = [i for i in ids if sweep.where(run=i.label).rows]
+        sw_pairs = list(dict.fromkeys(i.pair for i in sw_ids))
+        fig, axes = panels(len(sw_pairs))
+        gammas = sorted(set(sweep.col("gamma")))
+        for ax, pair in zip(axes, sw_pairs, strict=True):
+            for arm, runs_ in groups(pair).items():
+                runs_ = [i for i in runs_ if i in sw_ids]
+                for g, style in zip(gammas, ("-", "--", ":", "-.") * 4, strict=False):
+                    if series := seeds(sweep, runs_, "round", "mean_effective_len", {"gamma": g}):
+                        xs, ys, _ = seed_mean(series)
+                        ax.plot(
+                            xs,
+                            ys,
+                            style,
+                            marker="o",
+                            ms=3,
+                            color=colour[arm],
+                            label=f"{name(arm)} gamma={g:g}",
+                        )
+            ax.set(xlabel="round t", ylabel="mean E", title=title(pair, "gamma sweep (score-only replays)"))
+            ax.legend(fontsize=6)
         figures.append(("Gamma sweep", save(fig, "gamma_sweep"), sweep))
 
     md = ["# opdcache report", "", "Runs: " + ", ".join(f"`{r}`" for r in roots), ""]

@@ -24,7 +24,8 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
     summary = json.loads((demo / "summary.json").read_text())
     rows = {(r["pair"], r["arm"]): r for r in summary["rows"]}
     arms = ("opd", "prune", "truncate", "prune-inflight")
-    assert set(rows) == {(p, a) for p in ("low", "high") for a in arms}
+    controls = ("prune-topp", "random")  # the paper's controls, low pair only
+    assert set(rows) == {(p, a) for p in ("low", "high") for a in arms} | {("low", a) for a in controls}
     for (pair, arm), r in rows.items():
         run = RunDir(demo / "runs" / f"{pair}-{arm}-s0")
         assert run.checkpoint(1).is_dir(), (pair, arm)
@@ -32,7 +33,7 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
         assert 0.0 <= r["accuracy_final"] <= 1.0 and r["train_seconds"] > 0
         # each arm sampled under its own budget: OPD at M_max, truncation at 256, Prune-OPD at M_0
         m0 = run_sql(run.root, "select max_tokens from budget where round = 0").fetchall()[0][0]
-        assert m0 == {"opd": 768, "truncate": 256, "prune": 256, "prune-inflight": 256}[arm]
+        assert m0 == (768 if arm == "opd" else 256)
         longest = run_sql(run.root, "select max(response_len) from rollouts").fetchall()[0][0]
         assert longest <= m0
         stopped = run_sql(run.root, "select count(*) from rollouts where finish_reason = 'unreliable'")
@@ -40,6 +41,16 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
         assert n_stopped == 0 if arm != "prune-inflight" else (n_stopped > 0 or pair == "high"), (pair, arm)
         if arm.startswith("prune"):  # decoded tokens per effective token: in flight it stays near 1
             assert r["decoded_per_effective"] >= 1.0
+        variants = {v for (v,) in run_sql(run.root, "select distinct variant from scores").fetchall()}
+        expected = {
+            "opd": {"opd"},
+            "truncate": {"opd"},
+            "prune-topp": {"topp"},
+            "random": {"prune", "random"},
+        }
+        assert variants == expected.get(arm, {"prune"}), (pair, arm)
+        if arm == "prune-topp":  # App. A.10's acceptance, not the overlap
+            assert run_sql(run.root, "select count(accept) from scores").fetchall()[0][0] > 0
     inflight, prune = rows[("low", "prune-inflight")], rows[("low", "prune")]
     assert inflight["decoded_per_effective"] < prune["decoded_per_effective"]
     assert rows[("low", "opd")]["time_vs_opd"] == 1.0

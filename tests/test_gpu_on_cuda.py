@@ -131,3 +131,43 @@ def test_teacher_stage_gives_the_gpu_back(tmp_path, big, rollout_parts_from):
     )
     assert res.parts == 2 and torch.cuda.max_memory_allocated() > 128 * 2**20
     assert torch.cuda.memory_reserved() - before < 0.1 * torch.cuda.max_memory_allocated()
+
+
+def test_engine_sleeps_between_stages_and_wakes_with_new_weights(models, tmp_path):
+    """PersistentEngine.release on a GPU: vLLM sleep level 2 hands the memory back; the next get wakes
+    it with another checkpoint's weights, which must give a fresh engine's log-probs."""
+    pytest.importorskip("vllm")
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from opdcache.rollout.engine import PersistentEngine, completion_arrays, generate
+
+    trained = tmp_path / "trained"
+    shutil.copytree(models / "student", trained)
+    m = AutoModelForCausalLM.from_pretrained(models / "student")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.05)
+    m.save_pretrained(trained)
+    prompt = [[1, 2, 3, 4]]
+
+    def logprobs(llm):
+        (out,) = generate(llm, prompt, 1, 1.0, 16, 8)
+        return completion_arrays(out.outputs[0], 8)
+
+    kw = {"dtype": "float32", "gpu_memory_utilization": 0.3, "enforce_eager": True}
+    with PersistentEngine(**kw) as eng:
+        eng.get(str(models / "student"), 8, 64, 0)
+        free_awake = torch.cuda.mem_get_info()[0]
+        eng.release()
+        assert eng.asleep and torch.cuda.mem_get_info()[0] > free_awake + 0.2 * torch.cuda.mem_get_info()[1]
+        llm, _ = eng.get(str(trained), 8, 64, 0)
+        assert not eng.asleep and eng.starts == 1
+        woken = logprobs(llm)
+    with PersistentEngine(**kw) as fresh:
+        llm, _ = fresh.get(str(trained), 8, 64, 0)
+        ref = logprobs(llm)
+    # same seed, same weights: the same tokens, and log-probs equal to fp32 noise
+    assert np.array_equal(woken["response_ids"], ref["response_ids"])
+    assert np.abs(woken["student_topk_logprobs"] - ref["student_topk_logprobs"]).max() < 1e-4

@@ -205,3 +205,21 @@ def test_shard_scores_agree_with_math_directly(synth_run):
     )
     np.testing.assert_array_equal(s.metric_values, o)
     np.testing.assert_array_equal(s.rel, rl.reliability(rl.cumulative_bad(o < 0.7, offsets), 0.02))
+
+
+@pytest.mark.parametrize("spec", [VariantSpec(gamma=0.7, w_drop=0.05), VariantSpec(metric="top_p")])
+def test_parallel_workers_write_the_same_bytes(synth_run, spec):
+    """score.workers: parts scored at once in threads; every file and each round's summary as with one."""
+    one = score_run(synth_run, "w1", spec, progress=False, workers=1)
+    many = score_run(synth_run, "w4", spec, progress=False, workers=4)
+    assert sum(len(synth_run.shards(synth_run.cache_round(r))) for r in (0, 1)) > 2  # something to share
+    for r in (0, 1):
+        a, b = synth_run.score_round("w1", r), synth_run.score_round("w4", r)
+        names = sorted(p.name for p in a.iterdir())
+        assert names == sorted(p.name for p in b.iterdir())
+        for n in names:
+            if n.endswith(".parquet"):
+                assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    for x, y in zip(one.rounds, many.rounds, strict=True):
+        fields = ("responses", "positions", "mean_metric", "retained_fraction", "effective_len_mean")
+        assert [getattr(x, f) for f in fields] == [getattr(y, f) for f in fields]

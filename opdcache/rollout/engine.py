@@ -51,6 +51,7 @@ def make_llm(
         kwargs["max_num_batched_tokens"] = max_num_batched_tokens
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs["enable_sleep_mode"] = True  # PersistentEngine.release: the teacher and trainer get the GPU
     return LLM(
         model=model,
         dtype=default_dtype(dtype),
@@ -78,6 +79,7 @@ class PersistentEngine:
         self.k = self.max_len = 0
         self.min_len = 0  # the context the engine is started with at least (rollout and eval both fit)
         self.starts = 0
+        self.asleep = False  # GPU: weights and KV cache discarded by release()
 
     def get(self, checkpoint: str, k: int, max_len: int, seed: int) -> tuple[Any, float]:
         """(engine, seconds spent starting or reloading it)."""
@@ -91,24 +93,30 @@ class PersistentEngine:
             self.llm = make_llm(checkpoint, k, max_len, seed, **self.kwargs)
             self.checkpoint, self.k, self.max_len = checkpoint, k, max_len
             self.starts += 1
-        elif checkpoint != self.checkpoint:
+        elif checkpoint != self.checkpoint or self.asleep:
+            if self.asleep:  # level 2 discarded the weights: memory for them first, then load
+                self.llm.wake_up(tags=["weights"])
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": checkpoint})
             self.llm.collective_rpc(_refresh_derived_weights)
+            if self.asleep:
+                self.llm.wake_up()  # the KV cache and the scheduler
+                self.asleep = False
             self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
             self.checkpoint = checkpoint
         return self.llm, time.perf_counter() - t0
 
     def release(self) -> None:
         """Between stages: on a GPU the teacher and the trainer need the memory the engine holds, so it
-        is shut down (vLLM's sleep mode would keep it; not written, as no GPU with vLLM was at hand to
-        test it). On CPU it stays."""
-        if torch.cuda.is_available():
-            self.close()
+        sleeps at vLLM's level 2 (weights and KV cache discarded, the process, its compiled graphs and
+        allocator kept); the next ``get`` loads the checkpoint into it. On CPU it stays as it is."""
+        if torch.cuda.is_available() and self.llm is not None and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
 
     def close(self) -> None:
         if self.llm is not None:
             shutdown(self.llm)
-        self.llm, self.checkpoint = None, ""
+        self.llm, self.checkpoint, self.asleep = None, "", False
 
     def __enter__(self) -> PersistentEngine:
         return self

@@ -1,0 +1,112 @@
+-- The paper's claims, each with the demo's verdict (issue 14), computed from the demo's run
+-- directories: OUT/runs/<pair>-<arm>-s<seed>/ (eval results, stage times, budget decisions, replays).
+--   duckdb -c "SET VARIABLE runs = 'demo/runs'; .read analysis/demo_verdicts.sql"
+-- Accuracy is Avg@n of the last evaluated round; its standard error is the s.d. of the per-prompt
+-- accuracies over sqrt(prompts). A difference of two arms is averaged over seeds, with
+-- s.e. = sqrt(sum of the arms' squared s.e.) / seeds. Wall time is every stage but evaluation (an
+-- engine start made by evaluation counts: the run's one engine serves its rollouts too).
+WITH runs AS (
+    SELECT DISTINCT regexp_extract(filename, '([^/]+)/config\.yaml$', 1) AS run
+    FROM glob(getvariable('runs') || '/*/config.yaml') t(filename)
+), ids AS (
+    SELECT run, regexp_extract(run, '^([A-Za-z0-9]+)-', 1) AS pair,
+           regexp_extract(run, '^[A-Za-z0-9]+-(.+)-s[0-9]+$', 1) AS arm,
+           regexp_extract(run, '-s([0-9]+)$', 1)::INTEGER AS seed
+    FROM runs
+), evals AS (
+    SELECT regexp_extract(filename, '([^/]+)/eval/round=', 1) AS run,
+           regexp_extract(filename, 'round=([0-9]+)', 1)::INTEGER AS round, accuracy,
+           (SELECT stddev_samp(value::DOUBLE) / sqrt(count(*)) FROM json_each(per_prompt)) AS se
+    FROM read_json(getvariable('runs') || '/*/eval/round=*.json', filename = true,
+                   columns = {accuracy: 'DOUBLE', per_prompt: 'JSON'})
+), acc AS (
+    SELECT run, arg_max(accuracy, round) AS final, arg_max(se, round) AS final_se,
+           arg_min(accuracy, round) AS start, arg_min(se, round) AS start_se
+    FROM evals GROUP BY run
+), times AS (
+    SELECT regexp_extract(filename, '([^/]+)/stage_times\.jsonl$', 1) AS run,
+           sum(CASE WHEN stage = 'eval' THEN seconds - coalesce(work_seconds, seconds) ELSE seconds END) AS wall
+    FROM read_json(getvariable('runs') || '/*/stage_times.jsonl', format = 'newline_delimited',
+                   filename = true, ignore_errors = true,
+                   columns = {run: 'VARCHAR', stage: 'VARCHAR', seconds: 'DOUBLE', work_seconds: 'DOUBLE'})
+    WHERE run = 'main' GROUP BY ALL
+), budget AS (
+    SELECT regexp_extract(filename, '([^/]+)/budget\.json$', 1) AS run,
+           max(h.max_tokens) AS max_budget, arg_min(h.max_tokens, h.round) AS first_budget,
+           arg_max(h.effective_len_mean, h.round) AS last_e
+    FROM (SELECT filename, unnest(history) AS h
+          FROM read_json(getvariable('runs') || '/*/budget.json', filename = true))
+    GROUP BY ALL
+), sweep AS (  -- score-only replays gamma<g>: mean E over the rounds
+    SELECT regexp_extract(filename, '([^/]+)/replays/gamma', 1) AS run,
+           regexp_extract(filename, 'replays/gamma([0-9.]+)/', 1)::DOUBLE AS gamma,
+           avg(h.effective_len_mean) AS mean_e
+    FROM (SELECT filename, unnest(history) AS h
+          FROM read_json(getvariable('runs') || '/*/replays/gamma*/budget.json', filename = true))
+    GROUP BY ALL
+), arm AS (
+    SELECT i.*, a.final, a.final_se, a.start, a.start_se, t.wall, b.max_budget, b.first_budget, b.last_e
+    FROM ids i LEFT JOIN acc a USING (run) LEFT JOIN times t USING (run) LEFT JOIN budget b USING (run)
+), diff AS (  -- arm x minus arm y, per pair, averaged over the seeds both ran
+    SELECT x.pair, x.arm AS x, y.arm AS y, count(*) AS seeds,
+           avg(x.final - y.final) AS acc_diff,
+           sqrt(sum(x.final_se ^ 2 + y.final_se ^ 2)) / count(*) AS acc_diff_se,
+           avg(x.wall / y.wall) AS wall_ratio, avg(x.last_e / y.last_e) AS e_ratio
+    FROM arm x JOIN arm y USING (pair, seed) WHERE x.arm <> y.arm GROUP BY ALL
+), gain AS (  -- OPD's gain over the demo (final minus round 0), per pair
+    SELECT pair, count(*) AS seeds, avg(final - start) AS gain,
+           sqrt(sum(final_se ^ 2 + start_se ^ 2)) / count(*) AS gain_se
+    FROM arm WHERE arm = 'opd' GROUP BY pair
+), mono AS (
+    SELECT s.run, bool_and(s.mean_e >= coalesce(n.mean_e, s.mean_e)) AS monotone
+    FROM sweep s LEFT JOIN sweep n ON n.run = s.run AND n.gamma = (
+        SELECT min(gamma) FROM sweep m WHERE m.run = s.run AND m.gamma > s.gamma)
+    GROUP BY s.run
+)
+SELECT 'OPD teaches: accuracy gain over the demo >= 3 s.e.' AS claim, pair, seeds,
+       gain AS value, gain_se AS se, gain > 3 * gain_se AS holds
+FROM gain
+UNION ALL
+SELECT '(a) low pair: Prune-OPD wall / OPD wall <= 0.5', pair, seeds, wall_ratio, NULL, wall_ratio <= 0.5
+FROM diff WHERE pair = 'low' AND x = 'prune' AND y = 'opd'
+UNION ALL
+SELECT '(a) low pair: Prune-OPD accuracy - OPD within 2 s.e. (or above)', pair, seeds, acc_diff, acc_diff_se,
+       acc_diff >= -2 * acc_diff_se
+FROM diff WHERE pair = 'low' AND x = 'prune' AND y = 'opd'
+UNION ALL
+SELECT '(a) low pair: Prune-OPD last mean E / OPD last mean length < 0.5 (E collapses)', pair, seeds,
+       e_ratio, NULL, e_ratio < 0.5
+FROM diff WHERE pair = 'low' AND x = 'prune' AND y = 'opd'
+UNION ALL
+SELECT '(b) high pair: Prune-OPD largest budget / M_0 >= 2 (the budget opens)', pair, count(*),
+       avg(max_budget / first_budget), NULL, avg(max_budget / first_budget) >= 2
+FROM arm WHERE pair = 'high' AND arm = 'prune' GROUP BY pair
+UNION ALL
+SELECT '(b) high pair: Prune-OPD wall / OPD wall within 0.85-1.15', pair, seeds, wall_ratio, NULL,
+       wall_ratio BETWEEN 0.85 AND 1.15
+FROM diff WHERE pair = 'high' AND x = 'prune' AND y = 'opd'
+UNION ALL
+SELECT '(c) gamma sweep: mean E falls as gamma rises (runs monotone / runs)', i.pair, count(*),
+       avg(m.monotone::INTEGER), NULL, bool_and(m.monotone)
+FROM mono m JOIN ids i USING (run) GROUP BY i.pair
+UNION ALL
+SELECT '(d) high pair: Prune-OPD accuracy - truncation >= 2 s.e.', pair, seeds, acc_diff, acc_diff_se,
+       acc_diff > 2 * acc_diff_se
+FROM diff WHERE pair = 'high' AND x = 'prune' AND y = 'truncate'
+UNION ALL
+SELECT '(e) low pair: top-p wall / overlap wall > 1 (overlap saves more time)', pair, seeds, 1 / wall_ratio,
+       NULL, wall_ratio < 1
+FROM diff WHERE pair = 'low' AND x = 'prune' AND y = 'prune-topp'
+UNION ALL
+SELECT '(f) low pair: Prune-OPD accuracy - random pruning >= 2 s.e.', pair, seeds, acc_diff, acc_diff_se,
+       acc_diff > 2 * acc_diff_se
+FROM diff WHERE pair = 'low' AND x = 'prune' AND y = 'random'
+UNION ALL
+SELECT 'in flight: low pair Prune-OPD in flight wall / OPD wall <= 0.5', pair, seeds, wall_ratio, NULL,
+       wall_ratio <= 0.5
+FROM diff WHERE pair = 'low' AND x = 'prune-inflight' AND y = 'opd'
+UNION ALL
+SELECT 'in flight: low pair accuracy in flight - Prune-OPD within 2 s.e. (or above)', pair, seeds, acc_diff,
+       acc_diff_se, acc_diff >= -2 * acc_diff_se
+FROM diff WHERE pair = 'low' AND x = 'prune-inflight' AND y = 'prune'
+ORDER BY claim, pair;

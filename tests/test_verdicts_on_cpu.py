@@ -1,0 +1,105 @@
+"""analysis/demo_verdicts.sql on a hand-made demo directory: every figure restated by hand."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from opdcache.demo import verdicts
+
+EVAL = {  # run -> (round-0 per-prompt accuracies, final per-prompt accuracies)
+    "low-opd-s0": ([0.0, 0.5, 0.25, 0.25], [0.5, 0.75, 0.5, 1.0]),
+    "low-prune-s0": ([0.0, 0.5, 0.25, 0.25], [0.5, 0.5, 0.75, 0.75]),
+    "low-random-s0": ([0.0, 0.5, 0.25, 0.25], [0.0, 0.25, 0.0, 0.25]),
+    "high-opd-s0": ([0.5, 0.5, 0.75, 0.75], [0.5, 0.5, 0.75, 0.75]),
+    "high-prune-s0": ([0.5, 0.5, 0.75, 0.75], [1.0, 1.0, 0.75, 1.0]),
+    "high-truncate-s0": ([0.5, 0.5, 0.75, 0.75], [0.5, 0.25, 0.5, 0.5]),
+}
+WALL = {"low-opd-s0": 100.0, "low-prune-s0": 40.0, "low-random-s0": 45.0, "high-opd-s0": 80.0,
+        "high-prune-s0": 84.0, "high-truncate-s0": 60.0}  # fmt: skip
+BUDGET = {  # run -> [(round, M_t, mean E)]
+    "low-opd-s0": [(0, 768, 500.0), (1, 768, 520.0)],
+    "low-prune-s0": [(0, 256, 200.0), (1, 192, 150.0)],
+    "low-random-s0": [(0, 256, 200.0), (1, 192, 160.0)],
+    "high-opd-s0": [(0, 768, 300.0), (1, 768, 310.0)],
+    "high-prune-s0": [(0, 256, 250.0), (1, 320, 300.0), (2, 512, 400.0)],
+    "high-truncate-s0": [(0, 256, 250.0), (1, 256, 250.0)],
+}
+SWEEP = {
+    "low-prune-s0": {0.6: 220.0, 0.7: 200.0, 0.8: 180.0},
+    "high-prune-s0": {0.6: 300.0, 0.7: 310.0, 0.8: 290.0},
+}
+
+
+def _budget(path, history):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"round": r, "max_tokens": m, "effective_len_mean": e} for r, m, e in history]
+    path.write_text(json.dumps({"next_round": len(rows), "history": rows}))
+
+
+@pytest.fixture
+def demo_runs(tmp_path):
+    runs = tmp_path / "runs"
+    for name, (first, last) in EVAL.items():
+        d = runs / name
+        (d / "eval").mkdir(parents=True)
+        (d / "config.yaml").write_text("{}\n")
+        for r, pp in ((0, first), (4, last)):
+            res = {"accuracy": float(np.mean(pp)), "per_prompt": {f"p{i}": v for i, v in enumerate(pp)}}
+            (d / "eval" / f"round={r}.json").write_text(json.dumps(res))
+        lines = [  # 30 % of the wall in one stage, the rest in another; eval: only its start-up counts
+            {"run": "main", "round": 0, "stage": "rollout", "seconds": 0.3 * WALL[name], "work_seconds": 0.1},
+            {
+                "run": "main",
+                "round": 0,
+                "stage": "train",
+                "seconds": 0.7 * WALL[name] - 2.0,
+                "work_seconds": 1.0,
+            },
+            {"run": "main", "round": 0, "stage": "eval", "seconds": 9.0, "work_seconds": 7.0},
+            {"run": "replay:x", "round": 0, "stage": "train", "seconds": 1000.0, "work_seconds": 1000.0},
+        ]
+        (d / "stage_times.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        _budget(d / "budget.json", BUDGET[name])
+        for g, e in SWEEP.get(name, {}).items():
+            _budget(d / "replays" / f"gamma{g:g}" / "budget.json", [(0, 256, e), (1, 256, e)])
+    return runs
+
+
+def _se(pp):
+    return np.std(pp, ddof=1) / math.sqrt(len(pp))
+
+
+def test_verdicts_restated_by_hand(demo_runs):
+    got = {(v["claim"].split(":")[0], v["claim"], v["pair"]): v for v in verdicts(demo_runs)}
+
+    def find(prefix, text, pair):
+        (v,) = [v for (p, c, q), v in got.items() if p == prefix and text in c and q == pair]
+        return v
+
+    for pair in ("low", "high"):  # OPD's gain: final - round 0, s.e. from both evaluations
+        first, last = EVAL[f"{pair}-opd-s0"]
+        v = find("OPD teaches", "gain", pair)
+        gain, se = np.mean(last) - np.mean(first), math.hypot(_se(last), _se(first))
+        assert v["value"] == pytest.approx(gain) and v["se"] == pytest.approx(se)
+        assert v["holds"] == (gain > 3 * se)
+    v = find("(a) low pair", "wall", "low")
+    assert v["value"] == pytest.approx(40.0 / 100.0) and v["holds"]  # eval's 2 s start-up counted in both
+    v = find("(a) low pair", "accuracy", "low")
+    diff = np.mean(EVAL["low-prune-s0"][1]) - np.mean(EVAL["low-opd-s0"][1])
+    assert v["value"] == pytest.approx(diff)
+    assert v["se"] == pytest.approx(math.hypot(_se(EVAL["low-prune-s0"][1]), _se(EVAL["low-opd-s0"][1])))
+    assert find("(a) low pair", "E collapses", "low")["value"] == pytest.approx(150.0 / 520.0)
+    v = find("(b) high pair", "budget opens", "high")
+    assert v["value"] == pytest.approx(512 / 256) and v["holds"]
+    assert find("(b) high pair", "wall", "high")["value"] == pytest.approx(84.0 / 80.0)
+    assert find("(c) gamma sweep", "gamma", "low")["holds"] is True
+    assert find("(c) gamma sweep", "gamma", "high")["holds"] is False  # 300 < 310: not monotone
+    v = find("(d) high pair", "truncation", "high")
+    diff = np.mean(EVAL["high-prune-s0"][1]) - np.mean(EVAL["high-truncate-s0"][1])
+    se = math.hypot(_se(EVAL["high-prune-s0"][1]), _se(EVAL["high-truncate-s0"][1]))
+    assert v["value"] == pytest.approx(diff) and v["holds"] == (diff > 2 * se)
+    v = find("(f) low pair", "random", "low")
+    assert v["value"] == pytest.approx(np.mean(EVAL["low-prune-s0"][1]) - np.mean(EVAL["low-random-s0"][1]))
+    assert not [c for (p, c, q) in got if p == "(e) low pair"]  # no top-p run here: no verdict made up
