@@ -8,6 +8,7 @@ them. Every command that names a run refreshes the run's DuckDB views when it en
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -44,6 +45,11 @@ def _names(text: str) -> list[str]:
 
 RUN = arg("run", help="run directory")
 ROUND = arg("--round", type=int, required=True)
+SHARD = arg(
+    "--shard",
+    metavar="i/N",
+    help="worker i of N: parts p with p mod N = i (default: RANK/WORLD_SIZE under torchrun, else all)",
+)
 QUIET = arg("--quiet", action="store_true", help="no progress bars")
 SET = arg("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
 ROUNDS = arg("--rounds", type=_rounds, nargs="+", help="rounds, e.g. 0-3 or 0,4-5 (default: all)")
@@ -72,13 +78,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cmd = commands()[args.command]
+    if os.environ.get("OPDCACHE_DRY_RUN"):  # pipelines' recipes are checked this way (tests)
+        print(f"opdcache: dry run: {args.command} " + " ".join(sys.argv[1:] if argv is None else argv))
+        return 0
     try:
         run = None if cmd.kind == "none" else RunDir(args.run)
         if run is not None and cmd.kind == "create":
             run.root.mkdir(parents=True, exist_ok=True)
         elif run is not None:
             run.require()
-        with RunLock(run) if cmd.kind in ("create", "write") else nullcontext():
+        job = None
+        if hasattr(args, "shard"):  # a sharded stage's worker
+            from opdcache.shard import Shard
+
+            args.shard = Shard.of(args.shard)
+            job = args.shard.job(args.command, args.round)
+        with RunLock(run, job=job) if cmd.kind in ("create", "write") else nullcontext():
             try:
                 out = cmd.handler(args, run)
             finally:
@@ -120,9 +135,10 @@ def commands() -> dict[str, Command]:
     return {
         "init": Command(h.init, "create", "create a run directory from a YAML config (keys: see below)",
                         [RUN, arg("--config", help="YAML config (default: built-in defaults)"), SET]),
-        "rollout": Command(h.rollout, "write", "student rollouts with vLLM into RUN/rollouts/", [RUN, ROUND, QUIET]),
+        "rollout": Command(h.rollout, "write", "student rollouts with vLLM into RUN/rollouts/",
+                           [RUN, ROUND, SHARD, QUIET]),
         "teacher": Command(h.teacher, "write", "teacher top-k and gathered log-probs into RUN/cache/",
-                           [RUN, ROUND, QUIET]),
+                           [RUN, ROUND, SHARD, QUIET]),
         "score": Command(h.score, "write", "score cached rounds with one reliability variant (eqs. 6-12)", [
             RUN, arg("--variant", help="variant name (default: the run config's score.variant)"),
             arg("--metric", choices=["overlap", "top_p", "none", "random"]), *VARIANT_ARGS,

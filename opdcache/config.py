@@ -70,6 +70,9 @@ class RolloutConfig:
     enforce_eager: bool | Literal["auto"] = setting(
         "auto", "vLLM without compilation / graph capture; auto = on for CPU (start-up), off for GPU"
     )
+    tensor_parallel_size: int = setting(
+        1, "vLLM tensor parallelism: GPUs one engine spans (data parallelism: sharded workers, --shard)", ge=1
+    )
     chunk_tokens: int = setting(
         32, "arm prune-inflight: tokens generated between the teacher's checks of each sample", ge=1
     )

@@ -58,19 +58,33 @@ def rollout(a: Args, run: RunDir):
     from opdcache.arms import plan
     from opdcache.budget import BudgetController
     from opdcache.rollout.stage import rollout_round
+    from opdcache.shard import pin_devices
     from opdcache.stagetimes import timed
 
     cfg = _config(run)
+    if a.shard.count > 1:
+        pin_devices(cfg.rollout.tensor_parallel_size)
     m_t = BudgetController(run, plan(cfg).budget).max_tokens_for(a.round)
-    return timed(run, a.round, "rollout", lambda: rollout_round(run, a.round, cfg, m_t, not a.quiet))
+    return timed(
+        run,
+        a.round,
+        "rollout",
+        lambda: rollout_round(run, a.round, cfg, m_t, not a.quiet, shard=a.shard),
+        primary=a.shard.index == 0,
+    )
 
 
 def teacher(a: Args, run: RunDir):
+    from opdcache.shard import pin_devices
     from opdcache.stagetimes import timed
     from opdcache.teacher.stage import teacher_round
 
     cfg = _config(run)
-    return timed(run, a.round, "teacher", lambda: teacher_round(run, a.round, cfg, not a.quiet))
+    if a.shard.count > 1 and not cfg.teacher.device_map:
+        pin_devices()
+    return timed(
+        run, a.round, "teacher", lambda: teacher_round(run, a.round, cfg, not a.quiet, shard=a.shard)
+    )
 
 
 def train(a: Args, run: RunDir):

@@ -16,7 +16,7 @@ RUN/
   replays/<name>/                             a run directory of its own whose cache/ links to RUN/cache
   opdcache.duckdb                             DuckDB views over all of the above (query.py)
   .staging/                                   work in progress; never read by anything else
-  .lock                                       the run lock (lock.py)
+  .lock, .lock.gate                           the run lock (lock.py)
 
 ``opdcache pack`` selects the named components of :meth:`RunDir.components`; the last three entries
 (and each replay's) stay behind (:meth:`RunDir.is_local_only`).
@@ -36,6 +36,7 @@ from opdcache.errors import OpdcacheError
 
 _VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ROUND_RE = re.compile(r"^round=(\d+)$")
+_PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 
 Stage = Literal["rollout", "teacher", "score", "train", "eval"]
 
@@ -101,6 +102,11 @@ class RunDir:
         return self.root / ".lock"
 
     @property
+    def lock_gate(self) -> Path:
+        """Held for a moment while the workers of a sharded stage join or leave the lock (lock.py)."""
+        return self.root / ".lock.gate"
+
+    @property
     def evals(self) -> Path:
         return self.root / "eval"
 
@@ -141,7 +147,7 @@ class RunDir:
         derived DuckDB file with its temporaries (any command recreates it), of the run or a replay."""
         if path.parent != self.root and path.parent.parent != self.replays:
             return False
-        names = (self.staging.name, self.lock.name, self.duckdb.name)  # the same in every run
+        names = (self.staging.name, self.lock.name, self.lock_gate.name, self.duckdb.name)  # in every run
         return path.name in names or path.name.startswith(f".{self.duckdb.name}.")
 
     def select(self, only: list[str] | None = None) -> list[Path]:
@@ -189,6 +195,14 @@ class RunDir:
     @staticmethod
     def part_name(p: int) -> str:
         return f"part-{p:05d}.parquet"
+
+    @staticmethod
+    def part_index(name: str) -> int:
+        """part_name's inverse: part-00003.parquet -> 3."""
+        m = _PART_RE.match(name)
+        if not m:
+            raise OpdcacheError(f"{name}: not a part name (expected part-<number>.parquet)")
+        return int(m[1])
 
     def variant(self, name: str) -> Path:
         return self.scores / check_variant_name(name)

@@ -18,11 +18,15 @@ from opdcache.rundir import RunDir
 T = TypeVar("T")
 
 
-def timed(run: RunDir, r: int, stage: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` (a stage returning a result with ``skipped`` and ``startup_seconds``) and record it."""
+def timed(run: RunDir, r: int, stage: str, fn: Callable[[], T], primary: bool = True) -> T:
+    """Run ``fn`` (a stage returning a result with ``skipped`` and ``startup_seconds``) and record it.
+
+    Of a sharded stage's workers only the first (``primary``) records: its wall time and its tokens."""
     t0 = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - t0
+    if not primary:
+        return result
     record(
         run,
         r,

@@ -18,7 +18,7 @@ from opdcache.lock import RunLock
 from opdcache.pack import pack_run, unpack_run
 from opdcache.rundir import RunDir
 
-LOCAL_ONLY = {".staging", ".lock", "opdcache.duckdb", ".opdcache.duckdb.99999.tmp"}
+LOCAL_ONLY = {".staging", ".lock", ".lock.gate", "opdcache.duckdb", ".opdcache.duckdb.99999.tmp"}
 
 
 def _tree(root, skip=LOCAL_ONLY):

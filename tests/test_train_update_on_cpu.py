@@ -108,7 +108,9 @@ def test_two_processes_on_an_uneven_count_match_one(tmp_path, tiny_overrides, tr
     assert m2["world_size"] == 2 and len(m1["metrics"]) == len(m2["metrics"]) == 1
     assert m1["metrics"][0]["tokens"] == m2["metrics"][0]["tokens"]
     assert abs(m1["metrics"][0]["loss"] - m2["metrics"][0]["loss"]) <= 1e-5
-    assert m1["metrics"][0]["grad_norm"] == pytest.approx(m2["metrics"][0]["grad_norm"], rel=1e-4)
+    # one process measures the norm DeepSpeed clips with (it reports none for a client optimizer at
+    # ZeRO 0); across processes the gradients are only reduced inside step(), so none is claimed
+    assert m1["metrics"][0]["grad_norm"] > 0 and m2["metrics"][0]["grad_norm"] is None
 
 
 def test_zero3_export_loads_in_transformers(tmp_path, tiny_overrides, models):

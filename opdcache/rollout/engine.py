@@ -31,6 +31,7 @@ def make_llm(
     gpu_memory_utilization: float = 0.85,
     enforce_eager: bool | str = "auto",
     max_num_batched_tokens: int = 0,
+    tensor_parallel_size: int = 1,
 ) -> Any:
     """Start a vLLM engine on ``model`` that returns k log-probs per generated position.
 
@@ -49,6 +50,8 @@ def make_llm(
     kwargs: dict[str, Any] = {}
     if max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = max_num_batched_tokens
+    if tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = tensor_parallel_size
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs["enable_sleep_mode"] = True  # PersistentEngine.release: the teacher and trainer get the GPU
@@ -143,6 +146,19 @@ def _refresh_derived_weights(worker: Any) -> int:
             dispatch_cpu_unquantized_gemm(module, remove_weight=False)
             n += 1
     return n
+
+
+def reseed(llm: Any, seed: int) -> None:
+    """Re-seed the sampling generator in every engine worker: calls that follow draw the same samples
+    for the same requests whatever ran before (the rollout re-seeds per part, so a part's rows do not
+    depend on which worker, or which resumed launch, generates it)."""
+    llm.collective_rpc(_seed_worker, args=(seed,))
+
+
+def _seed_worker(worker: Any, seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
 
 
 def shutdown(llm: Any) -> None:

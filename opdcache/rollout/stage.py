@@ -27,6 +27,7 @@ from opdcache.results import RolloutResult
 from opdcache.rollout import engine, inflight
 from opdcache.rollout.prompts import Prompt, encode_prompts, load_prompts, round_prompts
 from opdcache.rundir import RunDir
+from opdcache.shard import WHOLE, Shard
 from opdcache.teacher.forward import score_response
 from opdcache.teacher.stage import ResidentTeacher, teacher_vocab
 
@@ -39,11 +40,14 @@ def rollout_round(
     progress: bool = True,
     engines: engine.PersistentEngine | None = None,
     teacher: ResidentTeacher | None = None,
+    shard: Shard = WHOLE,
 ) -> RolloutResult:
     """Generate round ``r``'s missing rollout parts at budget ``max_tokens`` (M_r, decided by the caller).
 
     With ``engines`` (``opdcache run``) the engine outlives the round; without, one is started and
     shut down here. Arm prune-inflight also needs the teacher (``teacher``: kept across rounds).
+    With ``shard`` i/N this worker generates parts p with p mod N = i; each part is sampled from a
+    seed of its own, so its rows are the same whichever worker generates it.
     """
     from transformers import AutoTokenizer
 
@@ -65,7 +69,8 @@ def rollout_round(
     parts = [
         list(range(i, min(i + rc.part_size, len(prompts)))) for i in range(0, len(prompts), rc.part_size)
     ]
-    done = [run.done("rollout", r, part=run.part_name(p)) for p in range(len(parts))]
+    # another worker's parts count as done here
+    done = [not shard.owns(p) or run.done("rollout", r, part=run.part_name(p)) for p in range(len(parts))]
     if all(done):
         return RolloutResult(r, max_tokens, len(parts), len(parts))
     meta = CacheMeta(
@@ -98,6 +103,7 @@ def rollout_round(
             if done[p]:
                 continue
             batch = [encoded[i] for i in idx]
+            engine.reseed(llm, int(np.random.default_rng([rc.seed, r, p]).integers(2**31)))
             if scorer is None:
                 outs = engine.generate(llm, batch, rc.n_samples, rc.temperature, max_tokens, rc.k)
                 samples = [
@@ -169,6 +175,7 @@ def engine_settings(cfg: RunConfig) -> dict[str, Any]:
         "gpu_memory_utilization": rc.gpu_memory_utilization,
         "enforce_eager": rc.enforce_eager,
         "max_num_batched_tokens": rc.max_num_batched_tokens,
+        "tensor_parallel_size": rc.tensor_parallel_size,
     }
 
 

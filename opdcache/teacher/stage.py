@@ -26,6 +26,7 @@ from opdcache.models.fingerprint import model_fingerprint
 from opdcache.models.memory import release_gpu_memory
 from opdcache.results import TeacherResult
 from opdcache.rundir import RunDir
+from opdcache.shard import WHOLE, Shard
 from opdcache.teacher.compat import check_tokenizers, usable_vocab
 from opdcache.teacher.forward import check_architecture, score_response
 
@@ -97,12 +98,21 @@ def teacher_vocab(cfg: RunConfig, student: str) -> int:
 
 
 def teacher_round(
-    run: RunDir, r: int, cfg: RunConfig, progress: bool = True, teacher: ResidentTeacher | None = None
+    run: RunDir,
+    r: int,
+    cfg: RunConfig,
+    progress: bool = True,
+    teacher: ResidentTeacher | None = None,
+    shard: Shard = WHOLE,
 ) -> TeacherResult:
     """Complete round ``r``'s rollout parts that are not yet in the cache (with ``teacher``: a model kept
-    loaded across rounds; without, one loaded for this call)."""
+    loaded across rounds; without, one loaded for this call; with ``shard`` i/N, parts p mod N = i)."""
     run.require()
-    todo = [p for p in run.shards(run.rollout_round(r)) if not run.done("teacher", r, part=p.name)]
+    todo = [
+        p
+        for p in run.shards(run.rollout_round(r))
+        if shard.owns(run.part_index(p.name)) and not run.done("teacher", r, part=p.name)
+    ]
     if not todo:
         return TeacherResult(r, 0)
     vocab = teacher_vocab(cfg, student_checkpoint(run, cfg, r))

@@ -219,6 +219,12 @@ def _batch(examples: list[Example], idx: list[int], pad: int) -> dict[str, torch
     return batch
 
 
+def _grad_norm(model: Any) -> float:
+    """2-norm of all gradients (what gradient clipping compares with train.grad_clip)."""
+    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
 def _all_reduce(value: float, op: str = "sum") -> float:
     """A scalar reduced over ranks (on the accelerator: NCCL has no CPU tensors)."""
     import deepspeed
@@ -297,7 +303,11 @@ def _train_round(
             loss_sum += loss.item()
             for k_, v in stats.items():
                 stats_sum[k_] = stats_sum.get(k_, 0.0) + v.item()
+        # DeepSpeed records the norm only in its own optimizer wrappers (ZeRO, bf16); with a client
+        # optimizer at ZeRO 0 in fp32 it clips without telling, so one process measures it here
+        local_norm = _grad_norm(engine.module) if world == 1 and t.zero_stage == 0 and not t.bf16 else None
         engine.step()
+        norm = engine.get_global_grad_norm()
         tokens += local_tokens
         metrics.append(
             {
@@ -305,7 +315,7 @@ def _train_round(
                 "loss": _all_reduce(loss_sum),
                 "tokens": int(n_global),
                 **{k_: _all_reduce(v) for k_, v in stats_sum.items()},
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "grad_norm": float(norm) if norm is not None else local_norm,  # before clipping
             }
         )
         bar.update(1)
