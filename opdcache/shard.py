@@ -59,19 +59,23 @@ WHOLE = Shard(0, 1)
 
 def pin_devices(per_worker: int = 1) -> None:
     """Under a launcher, give this worker its own GPUs (LOCAL_RANK's ``per_worker`` of the visible ones)
-    before CUDA starts, so N workers on a node do not all land on GPU 0. Without LOCAL_RANK, or with
-    CUDA_VISIBLE_DEVICES already naming exactly ``per_worker`` devices (a job array), nothing changes."""
+    before anything starts CUDA (which reads CUDA_VISIBLE_DEVICES once), so N workers on a node do not
+    all land on GPU 0. Without LOCAL_RANK, or with CUDA_VISIBLE_DEVICES already naming exactly
+    ``per_worker`` devices (a job array's task), nothing changes. On a machine without GPUs the
+    variable is set and ignored."""
     local = os.environ.get("LOCAL_RANK")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if local is None or (visible is not None and len(visible.split(",")) == per_worker):
         return
-    import torch
-
-    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    mine = devices[int(local) * per_worker : (int(local) + 1) * per_worker]
-    if len(mine) < per_worker:
-        raise OpdcacheError(
-            f"worker LOCAL_RANK={local} needs {per_worker} GPU(s); the node shows {len(devices)} "
-            f"({visible or 'all'})"
-        )
+    first = int(local) * per_worker
+    if visible is None:  # no CUDA call here: it would fix the device list before we narrow it
+        mine = [str(d) for d in range(first, first + per_worker)]
+    else:
+        devices = visible.split(",")
+        mine = devices[first : first + per_worker]
+        if len(mine) < per_worker:
+            raise OpdcacheError(
+                f"worker LOCAL_RANK={local} needs {per_worker} GPU(s); CUDA_VISIBLE_DEVICES={visible} "
+                f"has {len(devices)}"
+            )
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)

@@ -132,3 +132,22 @@ def test_a_killed_worker_is_redone_by_the_next_launch(one_worker, tmp_path):
     p = _cli("verify", str(run.root))
     out = p.stdout.read()
     assert p.wait(timeout=120) == 0, out
+
+
+def test_workers_under_a_launcher_get_their_own_gpus(monkeypatch):
+    from opdcache.shard import pin_devices
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    pin_devices(2)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    pin_devices(1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    pin_devices(1)  # already one device: a job array's task, left alone
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(OpdcacheError, match="needs 1 GPU"):
+        pin_devices(1)
