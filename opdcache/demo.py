@@ -194,12 +194,12 @@ def seed_means_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def verdicts(runs: Path) -> list[dict[str, Any]]:
-    """The paper's claims and the demo's verdicts (``analysis/demo_verdicts.sql`` over OUT/runs)."""
+    """The paper's claims and the demo's verdicts (``analysis/demo/verdicts.sql`` over OUT/runs)."""
     import duckdb
 
     con = duckdb.connect()
     con.execute("SET VARIABLE runs = ?", [str(runs)])
-    rel = con.sql((ANALYSIS / "demo_verdicts.sql").read_text())
+    rel = con.sql((ANALYSIS / "demo" / "verdicts.sql").read_text())
     return [dict(zip(rel.columns, row, strict=True)) for row in rel.fetchall()]
 
 
@@ -277,7 +277,7 @@ def run_demo(
     if len(seeds) > 1:
         table += "\n\nMean over seeds " + ", ".join(map(str, seeds)) + ":\n\n" + seed_means_markdown(rows)
     claims = verdicts(outd / "runs")
-    table += "\n\nThe paper's claims (`analysis/demo_verdicts.sql`):\n\n" + verdicts_markdown(claims)
+    table += "\n\nThe paper's claims (`analysis/demo/verdicts.sql`):\n\n" + verdicts_markdown(claims)
     total = time.perf_counter() - t0
     text = (
         f"# opdcache demo{' (smoke)' if smoke else ''}\n\n{table}\n\nModels built/reused in {t_models:.0f} s; "

@@ -1,4 +1,4 @@
-"""analysis/demo_verdicts.sql on a hand-made demo directory: every figure restated by hand."""
+"""analysis/demo/verdicts.sql on a hand-made demo directory: every figure restated by hand."""
 
 import json
 import math

@@ -1,6 +1,6 @@
 -- The paper's claims, each with the demo's verdict (issue 14), computed from the demo's run
 -- directories: OUT/runs/<pair>-<arm>-s<seed>/ (eval results, stage times, budget decisions, replays).
---   duckdb -c "SET VARIABLE runs = 'demo/runs'; .read analysis/demo_verdicts.sql"
+--   duckdb -c "SET VARIABLE runs = 'demo/runs'; .read analysis/demo/verdicts.sql"
 -- Accuracy is Avg@n of the last evaluated round; its standard error is the s.d. of the per-prompt
 -- accuracies over sqrt(prompts). A difference of two arms is averaged over seeds, with
 -- s.e. = sqrt(sum of the arms' squared s.e.) / seeds. Wall time is every stage but evaluation (an
