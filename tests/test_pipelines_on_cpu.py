@@ -17,7 +17,8 @@ SLURM_ARRAY_TASK_ID=0 SLURM_ARRAY_TASK_COUNT=$count SLURM_JOB_ID=7 SLURM_NNODES=
   SLURM_JOB_NODELIST=node[1-2] bash "$script" >> "$LOG" 2>&1 || exit 1
 echo 7""",
     "srun": '#!/usr/bin/env bash\nexec "$@"',
-    "scontrol": "#!/usr/bin/env bash\necho node1; echo node2",
+    # many nodes: a reader that stops early (head -n 1) would kill it with SIGPIPE under pipefail
+    "scontrol": "#!/usr/bin/env bash\nfor i in $(seq 1 20000); do echo node$i; done",
     # torchrun: drop the launcher's options, run the module as one process
     "torchrun": '#!/usr/bin/env bash\nwhile [ "$1" != "-m" ]; do shift; done\nexec "$PYTHON" "$@"',
 }
