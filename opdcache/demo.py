@@ -227,6 +227,9 @@ def warm_up() -> float:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.comm.torch import build_shm_op
 
+        from opdcache.train.extensions import clear_stale_locks
+
+        clear_stale_locks()
         build_shm_op()
     return time.perf_counter() - t0
 

@@ -43,6 +43,7 @@ from opdcache.models.memory import release_gpu_memory
 from opdcache.results import TrainResult
 from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir
 from opdcache.train.data import Example, collate, load_examples
+from opdcache.train.extensions import clear_stale_locks
 from opdcache.train.loss import opd_policy_loss
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -199,6 +200,7 @@ def load_trainer(run: RunDir, r: int, cfg: RunConfig) -> Trainer:
     tokenizer = AutoTokenizer.from_pretrained(source)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        clear_stale_locks()  # a dead process's lock on DeepSpeed's CPU op would hang initialize()
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32
     )
