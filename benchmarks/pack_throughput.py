@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from opdcache.cache.synthetic import write_synthetic_run
+from opdcache.cache.synthetic import write_benchmark_cache
 from opdcache.loop import start_run
 from opdcache.pack import pack_run, unpack_run
 
@@ -36,21 +36,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         base = Path(tmp)
-        prompts_per_part = 50
-        parts = max(1, -(-args.positions // (prompts_per_part * 2 * args.mean_len)))
         t0 = time.perf_counter()
-        run = write_synthetic_run(
-            base / "run",
-            rounds=1,
-            parts_per_round=parts,
-            prompts_per_part=prompts_per_part,
-            mean_len=args.mean_len,
-            max_tokens=2 * args.mean_len,
-            vocab=152_064,
-            k=16,
-            overlap=0.7,
-        )
+        run = write_benchmark_cache(base / "run", args.positions, args.mean_len)
         start_run(None, run, [])
+        parts = len(run.shards(run.cache_round(0)))
         print(f"synthetic run: {parts} parts written in {time.perf_counter() - t0:.1f} s")
 
         packed = pack_run(run, base / "run.tar.zst", progress=False)

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from opdcache.cache.shards import flat, read_cache_shard
-from opdcache.cache.synthetic import write_synthetic_run
+from opdcache.cache.synthetic import write_benchmark_cache
 from opdcache.score import reliability as rl
 from opdcache.score.stage import _columns_needed, score_run
 from opdcache.score.torch_reference import prune_opd_weights
@@ -58,21 +58,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.dir or tmp) / "bench-run"
-        prompts_per_part = 50
-        per_part = prompts_per_part * 2 * args.mean_len
-        parts = max(1, -(-args.positions // per_part))
         t0 = time.perf_counter()
-        run = write_synthetic_run(
-            root,
-            rounds=1,
-            parts_per_round=parts,
-            prompts_per_part=prompts_per_part,
-            mean_len=args.mean_len,
-            max_tokens=2 * args.mean_len,
-            vocab=152_064,
-            k=16,
-            overlap=0.7,
-        )
+        run = write_benchmark_cache(root, args.positions, args.mean_len)
         files = run.shards(run.cache_round(0))
         print(f"synthetic cache: {len(files)} shards written in {time.perf_counter() - t0:.1f} s")
 

@@ -12,7 +12,6 @@ two runs (fp32: they should agree). Figures only; nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ def main() -> None:
 
     from opdcache.models.tiny import build_tiny_model
     from opdcache.train.data import Example, collate
+    from opdcache.train.extensions import before_deepspeed
     from opdcache.train.loss import opd_policy_loss
     from opdcache.train.stage import sequence_logprobs, single_process_env
 
@@ -97,7 +97,7 @@ def main() -> None:
 
         t_recompute, _ = run(recompute, plain)
 
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        before_deepspeed()
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         with single_process_env():

@@ -220,16 +220,13 @@ def warm_up() -> float:
     comparison. Returns the seconds it took (about 0 once cached)."""
     import torch
 
-    t0 = time.perf_counter()
-    if not torch.cuda.is_available():
-        import os
+    from opdcache.train.extensions import before_deepspeed
 
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    t0 = time.perf_counter()
+    before_deepspeed()
+    if not torch.cuda.is_available():
         from deepspeed.comm.torch import build_shm_op
 
-        from opdcache.train.extensions import clear_stale_locks
-
-        clear_stale_locks()
         build_shm_op()
     return time.perf_counter() - t0
 

@@ -83,7 +83,11 @@ def teacher(a: Args, run: RunDir):
     if a.shard.count > 1 and not cfg.teacher.device_map:
         pin_devices()
     return timed(
-        run, a.round, "teacher", lambda: teacher_round(run, a.round, cfg, not a.quiet, shard=a.shard)
+        run,
+        a.round,
+        "teacher",
+        lambda: teacher_round(run, a.round, cfg, not a.quiet, shard=a.shard),
+        primary=a.shard.index == 0,
     )
 
 

@@ -30,7 +30,7 @@ from opdcache.cache.shards import check_manifest
 from opdcache.errors import OpdcacheError
 from opdcache.lock import RunLock
 from opdcache.results import PackResult, UnpackResult
-from opdcache.rundir import RunDir, pid_alive, temp_path_for
+from opdcache.rundir import RunDir, remove_dead_leftovers, temp_path_for
 
 CHUNK = 1 << 20  # tar record buffer, copy buffer and compressed read size
 ZSTD_LEVEL = 3  # Parquet parts are zstd already; higher levels cost time and save little
@@ -61,7 +61,7 @@ def pack_run(
     if out.exists() and not force:
         raise OpdcacheError(f"{out}: exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out.parent, f".{out.name}.", ".tmp")
+    remove_dead_leftovers(out.parent, f".{out.name}.", ".tmp")
     with RunLock(run, shared=True):
         top = run.select(only)
         entries = [e for path in top for e in _walk(run, path)]
@@ -110,7 +110,7 @@ def unpack_run(archive: str | os.PathLike, dest: str | os.PathLike, progress: bo
         raise OpdcacheError(f"{dest}: exists and is not empty; unpack into a new directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
     parent = Path(os.path.realpath(dest.parent))
-    _clean_stale(parent, f".{dest.name}.unpacking-", "")
+    remove_dead_leftovers(parent, f".{dest.name}.unpacking-", "")
     staging = parent / f".{dest.name}.unpacking-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -276,14 +276,6 @@ def _check_parts(archive: Path, staging: Path, progress: bool) -> int:
                 raise OpdcacheError(f"{archive}: member {name}: {why}; nothing was unpacked") from None
             bar.update(path.stat().st_size)
     return len(parts)
-
-
-def _clean_stale(parent: Path, prefix: str, suffix: str) -> None:
-    """Remove ``<prefix><pid><suffix>`` leftovers of a killed pack or unpack in ``parent``."""
-    for p in parent.glob(f"{prefix}*{suffix}"):
-        pid = p.name[len(prefix) : len(p.name) - len(suffix)]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 class _Counted:

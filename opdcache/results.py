@@ -18,7 +18,7 @@ from opdcache.score.variant import VariantSpec
 class RolloutResult:
     round: int
     max_tokens: int
-    parts: int
+    parts: int  # the parts this worker generates (all of the round's unless sharded)
     parts_done_before: int  # found complete (a resumed or repeated rollout)
     tokens: int = 0  # positions written
     seconds: float = 0.0  # generation only

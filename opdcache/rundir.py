@@ -332,14 +332,21 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_staging(run: RunDir, prefix: str) -> None:
-    """Remove RUN/.staging/<prefix>-...-<pid> entries whose process is gone (a killed stage)."""
-    if not run.staging.is_dir():
+def remove_dead_leftovers(parent: Path, prefix: str, suffix: str = "") -> None:
+    """Remove ``parent/<prefix><pid><suffix>`` files or directories whose process is gone (killed)."""
+    if not parent.is_dir():
         return
-    for p in run.staging.glob(f"{prefix}-*"):
-        pid = p.name.rsplit("-", 1)[-1]
+    for p in parent.glob(f"{prefix}*{suffix}"):
+        pid = p.name[len(prefix) : len(p.name) - len(suffix)]
         if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(
+                missing_ok=True
+            )
+
+
+def clean_stale_staging(run: RunDir, prefix: str) -> None:
+    """Remove RUN/.staging/<prefix>-<pid> entries whose process is gone (a killed stage)."""
+    remove_dead_leftovers(run.staging, f"{prefix}-")
 
 
 def recover_interrupted_swaps(parent: Path) -> None:

@@ -110,3 +110,22 @@ def write_synthetic_run(
             )
             write_cache_shard(run.cache_round(r) / run.part_name(part), cols, meta)
     return run
+
+
+def write_benchmark_cache(
+    root: str | Path, positions: int, mean_len: int, prompts_per_part: int = 50
+) -> RunDir:
+    """One round of about ``positions`` synthetic positions at a real model's size (Qwen's 152,064-token
+    vocabulary, k = 16, 70 % overlap, 2 samples per prompt): what the storage benchmarks measure."""
+    parts = max(1, -(-positions // (prompts_per_part * 2 * mean_len)))
+    return write_synthetic_run(
+        root,
+        rounds=1,
+        parts_per_round=parts,
+        prompts_per_part=prompts_per_part,
+        mean_len=mean_len,
+        max_tokens=2 * mean_len,
+        vocab=152_064,
+        k=16,
+        overlap=0.7,
+    )

@@ -69,10 +69,10 @@ def rollout_round(
     parts = [
         list(range(i, min(i + rc.part_size, len(prompts)))) for i in range(0, len(prompts), rc.part_size)
     ]
-    # another worker's parts count as done here
-    done = [not shard.owns(p) or run.done("rollout", r, part=run.part_name(p)) for p in range(len(parts))]
-    if all(done):
-        return RolloutResult(r, max_tokens, len(parts), len(parts))
+    mine = [p for p in range(len(parts)) if shard.owns(p)]
+    done = {p: run.done("rollout", r, part=run.part_name(p)) for p in mine}
+    if all(done.values()):
+        return RolloutResult(r, max_tokens, len(mine), len(mine))
     meta = CacheMeta(
         k=rc.k,
         student_model=student,
@@ -91,17 +91,18 @@ def rollout_round(
         startup += load_seconds
         scorer = _teacher_chunk(model, vocab, rc.k, cfg.teacher.chunk_positions)
     bar = tqdm(
-        total=len(prompts),
-        initial=sum(len(parts[p]) for p in range(len(parts)) if done[p]),
+        total=sum(len(parts[p]) for p in mine),
+        initial=sum(len(parts[p]) for p in mine if done[p]),
         desc=f"rollout round {r}",
         unit="prompt",
         disable=not progress,
     )
     t0, tokens, generated = time.perf_counter(), 0, 0
     try:
-        for p, idx in enumerate(parts):
+        for p in mine:
             if done[p]:
                 continue
+            idx = parts[p]
             batch = [encoded[i] for i in idx]
             engine.reseed(llm, int(np.random.default_rng([rc.seed, r, p]).integers(2**31)))
             if scorer is None:
@@ -128,7 +129,7 @@ def rollout_round(
             engines.close()
     bar.close()
     return RolloutResult(
-        r, max_tokens, len(parts), sum(done), tokens, time.perf_counter() - t0, startup, generated
+        r, max_tokens, len(mine), sum(done.values()), tokens, time.perf_counter() - t0, startup, generated
     )
 
 

@@ -10,6 +10,7 @@ library exists (a load holds it for a moment), or older than ``max_seconds`` in 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,3 +47,13 @@ def clear_stale_locks(
                 break
             time.sleep(poll)
     return removed
+
+
+def before_deepspeed() -> None:
+    """What every DeepSpeed start in this project does first: on a machine without CUDA, DeepSpeed's
+    CPU accelerator, and no dead process's lock left on its communication op."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        clear_stale_locks()

@@ -43,7 +43,7 @@ from opdcache.models.memory import release_gpu_memory
 from opdcache.results import TrainResult
 from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir
 from opdcache.train.data import Example, collate, load_examples
-from opdcache.train.extensions import clear_stale_locks
+from opdcache.train.extensions import before_deepspeed
 from opdcache.train.loss import opd_policy_loss
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -150,8 +150,8 @@ class ResidentTrainer:
 
     After round r trains, its engine already holds checkpoint r+1 and the optimizer state saved with
     it, so round r+1 skips loading both from disk (they are still written every round, and a resumed
-    run loads them). On a GPU ``release`` drops it after each train stage so the rollout engine and
-    the teacher get the memory.
+    run loads them). On a GPU ``keep`` drops it (train_round then empties the cache) so the rollout
+    engine and the teacher get the memory.
     """
 
     def __init__(self) -> None:
@@ -163,10 +163,6 @@ class ResidentTrainer:
 
     def keep(self, trainer: Trainer) -> None:
         self.held = None if torch.cuda.is_available() else trainer
-
-    def release(self) -> None:
-        self.held = None
-        release_gpu_memory()
 
 
 def train_round(
@@ -198,9 +194,7 @@ def load_trainer(run: RunDir, r: int, cfg: RunConfig) -> Trainer:
 
     source = student_checkpoint(run, cfg, r)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        clear_stale_locks()  # a dead process's lock on DeepSpeed's CPU op would hang initialize()
+    before_deepspeed()
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32
     )
