@@ -1,10 +1,11 @@
 -- Avg@n accuracy of each evaluated checkpoint against the wall time spent producing it: every
 -- stage of the rounds before it, evaluation excluded (paper Fig. 1 / Fig. 4). work_seconds leaves
--- out the vLLM engine start-up of each rollout (a fixed cost that dominates tiny CPU rounds).
+-- out the vLLM engine start-up of each rollout (a fixed cost that dominates tiny CPU rounds). A
+-- sharded stage's wall is its slowest worker's (view stage_walls).
 --   opdcache query RUN --file analysis/accuracy_vs_time.sql [--param run_label=main]
 WITH per_round AS (
-    SELECT round, sum(seconds) AS seconds, sum(coalesce(work_seconds, seconds)) AS work_seconds
-    FROM stage_times
+    SELECT round, sum(seconds) AS seconds, sum(work_seconds) AS work_seconds
+    FROM stage_walls
     WHERE run = coalesce(getvariable('run_label'), 'main') AND stage <> 'eval'
     GROUP BY round
 )

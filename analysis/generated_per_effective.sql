@@ -1,10 +1,11 @@
 -- Tokens the rollout decoded per effective token, per round (issue 13's in-flight figure): decoded =
 -- the rollout stage's generated_tokens (cut-off tokens of in-flight stops included; the stored
--- response lengths where a stage line predates that field), E from the variant that drives the
+-- response lengths where a stage line predates that field; summed over a sharded rollout's workers,
+-- view stage_walls), E from the variant that drives the
 -- budget (scores of metric none, OPD's and truncation's, count every position: ratio 1 by definition).
 --   opdcache query RUN --file analysis/generated_per_effective.sql
 WITH decoded AS (
-    SELECT round, sum(generated_tokens) AS generated FROM stage_times
+    SELECT round, sum(generated_tokens) AS generated FROM stage_walls
     WHERE run = 'main' AND stage = 'rollout' GROUP BY round
 ), stored AS (
     SELECT round, sum(response_len) AS tokens FROM rollouts GROUP BY round

@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from opdcache.shard import Shard
 
             args.shard = Shard.of(args.shard)
-            job = args.shard.job(args.command, args.round)
+            job = args.shard.job(args.command, _job_subject(args))
         with RunLock(run, job=job) if cmd.kind in ("create", "write") else nullcontext():
             try:
                 out = cmd.handler(args, run)
@@ -109,6 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("opdcache: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _job_subject(args: argparse.Namespace) -> int | str:
+    """What a sharded stage's workers share besides stage and worker count: the round, or for score
+    the variant and rounds exactly as given (workers are launched with the same arguments)."""
+    if args.command != "score":
+        return args.round
+    rounds = ",".join(str(r) for group in args.rounds or [] for r in group) or "all"
+    return f"variant={args.variant or '(config)'} rounds={rounds}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +153,7 @@ def commands() -> dict[str, Command]:
             arg("--metric", choices=["overlap", "top_p", "none", "random"]), *VARIANT_ARGS,
             arg("--reference", help="random: variant whose retention is matched"),
             arg("--match", choices=["fraction", "mass"], help="random: match token fraction or reward mass"),
-            arg("--seed", type=int, help="random: seed"), QUIET]),
+            arg("--seed", type=int, help="random: seed"), SHARD, QUIET]),
         "train": Command(h.train, "write", "one round of OPD training under DeepSpeed -> RUN/checkpoints/round=R+1", [
             RUN, ROUND, arg("--variant", help="variant whose weights L scale the rewards (default: the arm's)"),
             QUIET]),

@@ -123,7 +123,7 @@ def run_summary(root: Path) -> dict[str, Any]:
     # serves its rollouts too (whichever stage starts it)
     train_s, work_s = q(
         "SELECT sum(CASE WHEN stage = 'eval' THEN seconds - coalesce(work_seconds, seconds) ELSE seconds END), "
-        "sum(CASE WHEN stage = 'eval' THEN 0 ELSE coalesce(work_seconds, seconds) END) FROM stage_times "
+        "sum(CASE WHEN stage = 'eval' THEN 0 ELSE work_seconds END) FROM stage_walls "
         "WHERE run = 'main'"
     )
     acc0 = q("SELECT accuracy FROM evals ORDER BY round LIMIT 1")

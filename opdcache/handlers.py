@@ -70,7 +70,7 @@ def rollout(a: Args, run: RunDir):
         a.round,
         "rollout",
         lambda: rollout_round(run, a.round, cfg, m_t, not a.quiet, shard=a.shard),
-        primary=a.shard.index == 0,
+        shard=a.shard,
     )
 
 
@@ -87,7 +87,7 @@ def teacher(a: Args, run: RunDir):
         a.round,
         "teacher",
         lambda: teacher_round(run, a.round, cfg, not a.quiet, shard=a.shard),
-        primary=a.shard.index == 0,
+        shard=a.shard,
     )
 
 
@@ -109,9 +109,9 @@ def score(a: Args, run: RunDir):
     cfg = read_run_config(run)
     base = cfg.score if cfg is not None else ScoreConfig()
     name = a.variant or base.variant
-    res = score_run(run, name, _spec(base.spec, a), _round_list(a), not a.quiet, base.workers)
+    res = score_run(run, name, _spec(base.spec, a), _round_list(a), not a.quiet, base.workers, a.shard)
     for r in res.rounds:
-        record(run, r.round, f"score:{name}", r.seconds, 0.0, False)
+        record(run, r.round, f"score:{name}", r.seconds, 0.0, False, shard=a.shard)
     return res
 
 

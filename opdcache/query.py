@@ -7,7 +7,11 @@ Views (see docs/cache-format.md for columns):
             pos (0-based), token_id, student_logprob, teacher_logprob, overlap, accept, bad, R, L
   variants  one row per variant with its parameters (from the score files' metadata)
   budget    the budget controller's decisions, one row per round
-  stage_times  wall time of every stage per round (run = "main" or "replay:<variant>")
+  stage_times  wall time of every stage per round (run = "main" or "replay:<variant>"), one line per
+            call, and per worker of a sharded stage (shard "i/N")
+  stage_walls  one row per run, round and stage: generated_tokens summed over all lines; seconds and
+            work_seconds the slowest worker's (each worker's lines summed, e.g. a relaunch), summed
+            over worker counts (jobs of different worker counts cannot overlap: the run lock)
 
 ``RUN/opdcache.duckdb`` holds the same views for any DuckDB client. Views use absolute paths;
 any ``opdcache`` command on the run refreshes them (after moving a run, run ``opdcache query``).
@@ -111,6 +115,7 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
         ("host", "VARCHAR"),
         ("finished_at", "DOUBLE"),
         ("generated_tokens", "BIGINT"),  # rollout stages: tokens decoded (cut-off ones included)
+        ("shard", "VARCHAR"),  # "i/N": worker i of a sharded stage's N (NULL: not sharded)
     ]
     if time_files:
         cols = ", ".join(f"{n}: '{t}'" for n, t in time_cols)
@@ -120,6 +125,22 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
         )
     else:
         stage_times = _empty(time_cols)
+    stage_walls = """
+        WITH per_worker AS (
+            SELECT run, round, stage, coalesce(split_part(shard, '/', 2)::INTEGER, 1) AS workers,
+                   coalesce(split_part(shard, '/', 1)::INTEGER, 0) AS worker, sum(seconds) AS seconds,
+                   sum(coalesce(work_seconds, seconds)) AS work_seconds,
+                   sum(generated_tokens) AS generated_tokens, count(*) AS lines, bool_and(skipped) AS skipped
+            FROM stage_times GROUP BY ALL
+        ), per_job AS (
+            SELECT run, round, stage, workers, max(seconds) AS seconds, max(work_seconds) AS work_seconds,
+                   sum(generated_tokens) AS generated_tokens, sum(lines) AS lines, bool_and(skipped) AS skipped
+            FROM per_worker GROUP BY ALL
+        )
+        SELECT run, round, stage, sum(seconds) AS seconds, sum(work_seconds) AS work_seconds,
+               sum(generated_tokens)::BIGINT AS generated_tokens, max(workers) AS workers,
+               sum(lines)::BIGINT AS lines, bool_and(skipped) AS skipped
+        FROM per_job GROUP BY ALL"""
     eval_cols = [
         ("round", "INTEGER"),
         ("accuracy", "DOUBLE"),
@@ -146,6 +167,7 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
         "variants": variants,
         "budget": budget,
         "stage_times": stage_times,
+        "stage_walls": stage_walls,
         "evals": evals,
     }
     return [f"CREATE OR REPLACE VIEW {name} AS {sql}" for name, sql in views.items()]

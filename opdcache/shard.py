@@ -2,6 +2,7 @@
 
     opdcache rollout RUN --round R --shard i/N             # job arrays: worker i of N
     torchrun --nproc_per_node N -m opdcache.cli teacher RUN --round R   # RANK / WORLD_SIZE
+    opdcache score RUN --rounds R --shard i/N               # parts scored in place (score/stage.py)
 
 Parts are the unit: each is written atomically and skipped when present, so workers never wait on
 each other, a killed worker's parts are redone by the next launch (of any worker count), and the
@@ -46,9 +47,11 @@ class Shard:
     def owns(self, part: int) -> bool:
         return part % self.count == self.index
 
-    def job(self, stage: str, r: int) -> str | None:
-        """The lock's job key: the workers of one stage, round and worker count cooperate."""
-        return f"{stage} round={r} workers={self.count}" if self.count > 1 else None
+    def job(self, stage: str, r: int | str) -> str | None:
+        """The lock's job key: the workers of one stage, round (or, for score, a description of the
+        variant and rounds) and worker count cooperate."""
+        what = f"round={r}" if isinstance(r, int) else r
+        return f"{stage} {what} workers={self.count}" if self.count > 1 else None
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"

@@ -2,6 +2,10 @@
 
 Wall time is the paper's headline metric; ``work_seconds`` is wall time less the stage's engine or
 model start-up. Lines are appended and fsynced; a torn last line (crash) is ignored by readers.
+
+Every worker of a sharded stage appends its own line, with ``shard`` "i/N": its wall time and the
+tokens it generated. The view ``stage_walls`` (query.py) folds them into one row per run, round and
+stage: tokens summed over lines, wall the slowest worker's.
 """
 
 from __future__ import annotations
@@ -14,19 +18,17 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from opdcache.rundir import RunDir
+from opdcache.shard import WHOLE, Shard
 
 T = TypeVar("T")
 
 
-def timed(run: RunDir, r: int, stage: str, fn: Callable[[], T], primary: bool = True) -> T:
-    """Run ``fn`` (a stage returning a result with ``skipped`` and ``startup_seconds``) and record it.
-
-    Of a sharded stage's workers only the first (``primary``) records: its wall time and its tokens."""
+def timed(run: RunDir, r: int, stage: str, fn: Callable[[], T], shard: Shard = WHOLE) -> T:
+    """Run ``fn`` (a stage returning a result with ``skipped`` and ``startup_seconds``) and record it
+    (``shard``: this worker of a sharded stage, its own line)."""
     t0 = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - t0
-    if not primary:
-        return result
     record(
         run,
         r,
@@ -35,6 +37,7 @@ def timed(run: RunDir, r: int, stage: str, fn: Callable[[], T], primary: bool = 
         getattr(result, "startup_seconds", 0.0),
         getattr(result, "skipped", False),
         getattr(result, "generated_tokens", None),
+        shard,
     )
     return result
 
@@ -47,9 +50,11 @@ def record(
     startup_seconds: float,
     skipped: bool,
     generated_tokens: int | None = None,
+    shard: Shard = WHOLE,
 ) -> None:
-    """Append one stage's line; ``generated_tokens``: what a rollout decoded (absent for other stages)."""
-    if int(os.environ.get("RANK", "0")) != 0:  # under a launcher, one line per stage (rank 0's)
+    """Append one stage's line; ``generated_tokens``: what a rollout decoded (absent for other stages).
+    Under a launcher an unsharded stage (training) records once, from rank 0; a sharded one per worker."""
+    if shard.count == 1 and int(os.environ.get("RANK", "0")) != 0:
         return
     row = {
         "run": run.label,
@@ -59,6 +64,7 @@ def record(
         "work_seconds": seconds - startup_seconds,
         "skipped": skipped,
         **({} if generated_tokens is None else {"generated_tokens": generated_tokens}),
+        **({"shard": str(shard)} if shard.count > 1 else {}),
         "host": socket.gethostname(),
         "finished_at": time.time(),
     }

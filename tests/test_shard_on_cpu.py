@@ -1,7 +1,10 @@
-"""Sharded stages: N workers of rollout / teacher split a round's parts; the run lock admits them
-together and refuses anyone else; a killed worker's parts are redone by the next launch."""
+"""Sharded stages: N workers of rollout / teacher / score split a round's parts; the run lock admits
+them together and refuses anyone else; a killed worker's parts are redone by the next launch; every
+worker records its own stage_times line."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,10 +13,14 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from opdcache.cache.synthetic import write_synthetic_run
 from opdcache.errors import OpdcacheError
 from opdcache.lock import RunLock
 from opdcache.loop import start_run
+from opdcache.query import connect
 from opdcache.rundir import RunDir
+from opdcache.score.stage import read_effective_lengths, score_run
+from opdcache.score.variant import VariantSpec
 from opdcache.shard import Shard
 
 JOB = "rollout round=0 workers=2"
@@ -105,7 +112,29 @@ def test_two_workers_write_the_parts_of_one(one_worker, tmp_path):
         workers = [_cli(stage, str(run.root), "--round", "0", "--shard", f"{i}/2") for i in range(2)]
         for w in workers:
             assert w.wait(timeout=300) == 0, w.stdout.read()[-3000:]
+        if stage == "rollout":  # stored tokens, counted before the teacher replaces the rollout parts
+            stored = sum(
+                len(ids)
+                for t in _rows(run.rollout_round(0)).values()
+                for ids in (r["response_ids"] for r in t)
+            )
     assert not any(run.rollout_round(0).glob("*.parquet"))
+    lines = [json.loads(x) for x in run.stage_times.read_text().splitlines()]
+    rollout = [x for x in lines if x["stage"] == "rollout"]
+    assert sorted(x["shard"] for x in rollout) == ["0/2", "1/2"]  # every worker records its own line
+    assert sum(x["generated_tokens"] for x in rollout) == stored > 0  # no in-flight stops: decoded = stored
+    walls = (
+        connect(run)
+        .execute(
+            "select stage, seconds, generated_tokens, lines from stage_walls where round = 0 order by stage"
+        )
+        .fetchall()
+    )
+    teacher = [x for x in lines if x["stage"] == "teacher"]
+    assert walls == [
+        ("rollout", max(x["seconds"] for x in rollout), stored, 2),
+        ("teacher", max(x["seconds"] for x in teacher), None, 2),
+    ]
     ours, theirs = _rows(run.cache_round(0)), _rows(ref.cache_round(0))
     assert sorted(ours) == sorted(theirs) and len(ours) == 6
     for name in ours:  # the same samples (each part has its own seed) and the same teacher columns
@@ -151,3 +180,126 @@ def test_workers_under_a_launcher_get_their_own_gpus(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(OpdcacheError, match="needs 1 GPU"):
         pin_devices(1)
+
+
+SCORE_JOB = "score variant=(config) rounds=all workers=2"  # what `opdcache score RUN --shard i/2` holds
+
+
+@pytest.fixture(scope="module")
+def scored_once(tmp_path_factory):
+    """A synthetic cache (2 rounds x 5 parts) and, beside it, its scores by one unsharded call."""
+    base = tmp_path_factory.mktemp("score")
+    cache = write_synthetic_run(
+        base / "cache", rounds=2, parts_per_round=5, prompts_per_part=3, k=8, vocab=3000
+    )
+    ref = RunDir(base / "ref")
+    shutil.copytree(cache.root, ref.root)
+    for extra in ((), ("--variant", "rnd", "--metric", "random", "--reference", "prune")):
+        p = _cli("score", str(ref.root), *extra)
+        assert p.wait(timeout=300) == 0, p.stdout.read()
+    return cache, ref
+
+
+def _score_files(run, variant="prune"):
+    d = run.variant(variant)
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def _fresh(scored_once, tmp_path):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(scored_once[0].root, run.root)
+    return run
+
+
+def _score_workers(run, *extra, shards=("0/2", "1/2")):
+    workers = [_cli("score", str(run.root), *extra, "--shard", s) for s in shards]
+    for w in workers:
+        assert w.wait(timeout=300) == 0, w.stdout.read()[-3000:]
+
+
+def test_two_score_workers_write_the_bytes_of_one(scored_once, tmp_path):
+    ref = scored_once[1]
+    run = _fresh(scored_once, tmp_path)
+    _score_workers(run)
+    _score_workers(run, "--variant", "rnd", "--metric", "random", "--reference", "prune")  # matched per round
+    for variant in ("prune", "rnd"):
+        ours, theirs = _score_files(run, variant), _score_files(ref, variant)
+        assert len(theirs) == 2 * 5 * 2  # parts and their integrity records
+        assert ours == theirs, variant
+    lines = [json.loads(x) for x in run.stage_times.read_text().splitlines()]
+    assert sorted((x["stage"], x["round"], x["shard"]) for x in lines) == sorted(
+        (f"score:{v}", r, s) for v in ("prune", "rnd") for r in (0, 1) for s in ("0/2", "1/2")
+    )
+    p = _cli("verify", str(run.root))
+    out = p.stdout.read()
+    assert p.wait(timeout=120) == 0 and "notes" not in out, out
+
+
+def test_a_killed_score_worker_is_redone_and_the_partial_round_is_not_read(scored_once, tmp_path):
+    ref = scored_once[1]
+    run = _fresh(scored_once, tmp_path)
+    _score_workers(run, shards=("1/2",))  # worker 0 never ran
+    mine = {
+        "part-00001.parquet",
+        "part-00003.parquet",
+        "_part-00001.parquet.json",
+        "_part-00003.parquet.json",
+    }
+    assert sorted(_score_files(run)) == sorted(n for n in _score_files(ref) if n.split("/")[1] in mine)
+    # worker 1 "killed" writing part 3 of round 0: the part gone, its record and a temporary left
+    d = run.score_round("prune", 0)
+    (d / "part-00003.parquet").unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (d / f".part-00003.parquet.{dead.pid}.tmp").write_bytes(b"torn")
+    with pytest.raises(OpdcacheError, match="1 of 5 cache parts scored"):
+        read_effective_lengths(run, "prune", 0)  # the budget never sees a partial round
+    _score_workers(run)  # relaunch both
+    assert _score_files(run) == _score_files(ref)  # the temporary is gone, the parts are the reference's
+    p = _cli("verify", str(run.root))
+    out = p.stdout.read()
+    assert p.wait(timeout=120) == 0 and "notes" not in out, out
+
+
+def test_score_workers_share_the_lock_and_refuse_other_writers(scored_once, tmp_path):
+    run = _fresh(scored_once, tmp_path)
+    with RunLock(run, job=SCORE_JOB):  # worker 0 of 2, busy
+        for intruder in (
+            ("score", str(run.root)),
+            ("score", str(run.root), "--rounds", "0", "--shard", "1/2"),
+        ):
+            p = _cli(*intruder)
+            out = p.stdout.read()
+            assert p.wait(timeout=120) == 2 and "writing this run" in out, out
+        _score_workers(run, shards=("1/2",))  # its fellow worker is admitted
+    assert {n.split("/")[1] for n in _score_files(run) if n.endswith(".parquet")} == {
+        "part-00001.parquet",
+        "part-00003.parquet",
+    }
+
+
+def test_a_sharded_score_completes_a_variant_and_never_mixes_parameters(scored_once, tmp_path):
+    run = _fresh(scored_once, tmp_path)
+    score_run(run, "prune", VariantSpec(), rounds=[0], progress=False, shard=Shard(0, 2))
+    with pytest.raises(OpdcacheError, match="would mix settings"):
+        score_run(run, "prune", VariantSpec(gamma=0.5), rounds=[0], progress=False, shard=Shard(1, 2))
+
+
+def test_stage_walls_sum_tokens_and_take_the_slowest_worker(tmp_path):
+    run = RunDir(tmp_path)
+    lines = [  # a 2-worker rollout whose worker 0 was relaunched, then a 1-worker rerun; a training line
+        {"stage": "rollout", "seconds": 3.0, "work_seconds": 2.0, "generated_tokens": 10, "shard": "0/2"},
+        {"stage": "rollout", "seconds": 4.0, "work_seconds": 3.0, "generated_tokens": 20, "shard": "0/2"},
+        {"stage": "rollout", "seconds": 6.0, "work_seconds": 1.0, "generated_tokens": 40, "shard": "1/2"},
+        {"stage": "rollout", "seconds": 2.0, "work_seconds": 2.0, "generated_tokens": 5},
+        {"stage": "train", "seconds": 9.0, "work_seconds": 8.0},
+    ]
+    run.stage_times.write_text("".join(json.dumps({"run": "main", "round": 0, **x}) + "\n" for x in lines))
+    rows = (
+        connect(run)
+        .execute(
+            "select stage, seconds, work_seconds, generated_tokens, workers, lines from stage_walls order by stage"
+        )
+        .fetchall()
+    )
+    assert rows == [("rollout", 7.0 + 2.0, 5.0 + 2.0, 75, 2, 4), ("train", 9.0, 8.0, None, 1, 1)]

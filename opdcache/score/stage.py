@@ -7,6 +7,14 @@ with the same rows in the same order. The variant is built under ``RUN/.staging`
 with renames, so readers see the old variant or the new one, never a mix, and a crash leaves the
 old one untouched. Re-scoring only some rounds keeps the others (hard links), and is refused when
 the parameters differ from those the existing variant was scored with.
+
+Sharded (``--shard i/N``, or RANK / WORLD_SIZE under torchrun), worker i scores the cache parts p with
+p mod N = i that the variant lacks, each written in place atomically (no staging, no swap), so N
+workers complete the variant together and a killed worker's parts are redone by the next launch of
+any worker count. Nothing is written once all parts are present: the variant is its parts, and a
+round counts as scored only when every cache part has its score part (``RunDir.done``; the budget's
+``read_effective_lengths`` refuses a partial round). A sharded call completes a variant, it never
+re-scores one: existing parts scored with other parameters are refused (re-score unsharded).
 """
 
 from __future__ import annotations
@@ -36,9 +44,17 @@ from opdcache.cache.shards import (
 )
 from opdcache.errors import CacheFormatError, OpdcacheError
 from opdcache.results import ScoreResult, ScoreRound
-from opdcache.rundir import RunDir, clean_stale_staging, recover_interrupted_swaps, replace_dir, round_dir
+from opdcache.rundir import (
+    RunDir,
+    clean_stale_staging,
+    recover_interrupted_swaps,
+    remove_dead_leftovers,
+    replace_dir,
+    round_dir,
+)
 from opdcache.score import reliability as rl
 from opdcache.score.variant import VariantSpec
+from opdcache.shard import WHOLE, Shard
 
 
 @dataclass
@@ -182,11 +198,14 @@ def score_run(
     rounds: list[int] | None = None,
     progress: bool = True,
     workers: int = 0,
+    shard: Shard = WHOLE,
 ) -> ScoreResult:
     """Score the cached ``rounds`` (default: all) of a run as variant ``name``; one summary per round.
 
     ``workers`` parts at once (0: one per core) in threads: Parquet decoding, the numba kernels and
-    the encoder release the GIL. Output bytes do not depend on ``workers``."""
+    the encoder release the GIL. Output bytes do not depend on ``workers`` or ``shard``. With ``shard``
+    i/N (N > 1): only this worker's missing parts, written in place (module docstring); its summaries
+    cover those parts only."""
     run.require()
     final = run.variant(name)
     available = run.rounds()
@@ -199,7 +218,7 @@ def score_run(
         raise OpdcacheError("random variant: the reference must be another variant")
     recover_interrupted_swaps(run.scores)
     old = _existing_params(run, name) if final.exists() else None
-    partial = set(todo) != set(available)
+    partial = set(todo) != set(available) or shard.count > 1
     if old is not None and partial and old != spec.to_meta():
         raise OpdcacheError(
             f"variant {name!r} exists with parameters {old}; re-scoring only rounds {todo} with "
@@ -219,23 +238,43 @@ def score_run(
         )
     k = next(iter(ks))
 
-    clean_stale_staging(run, f"scores-{name}")
-    staged = run.staging / f"scores-{name}-{os.getpid()}"
-    shutil.rmtree(staged, ignore_errors=True)
+    sharded = shard.count > 1
+    mine = {  # which parts of each round this call scores
+        r: [
+            not sharded
+            or shard.owns(run.part_index(p.name))
+            and not run.done("score", r, part=p.name, variant=name)
+            for p in paths
+        ]
+        for r, paths in parts.items()
+    }
+    if sharded:  # in place: a killed worker's temporaries go; nothing is staged
+        staged = final
+        for r, paths in parts.items():
+            for p in paths:
+                remove_dead_leftovers(run.score_round(name, r), f".{p.name}.", ".tmp")
+    else:
+        clean_stale_staging(run, f"scores-{name}")
+        staged = run.staging / f"scores-{name}-{os.getpid()}"
+        shutil.rmtree(staged, ignore_errors=True)
     summaries = []
     try:
         bar = tqdm(
-            total=sum(len(p) for p in parts.values()),
+            total=sum(sum(m) for m in mine.values()),
             desc=f"score {name}",
             unit="shard",
             disable=not progress,
         )
         for r in todo:
-            masks, match = (
+            if not any(mine[r]):
+                continue
+            masks, match = (  # the random arm's mask is matched over the whole round, then split
                 _random_keep_masks(run, r, parts[r], k, spec)
                 if spec.metric == "random"
                 else ([None] * len(parts[r]), {})
             )
+            todo_parts = [p for p, m in zip(parts[r], mine[r], strict=True) if m]
+            todo_masks = [x for x, m in zip(masks, mine[r], strict=True) if m]
             stats, t_round = _RoundStats(r), time.perf_counter()
             meta = {**spec.to_meta(), **({"match_stats": match} if match else {})}
 
@@ -247,13 +286,15 @@ def score_run(
                 write_parquet(staged / round_dir(r) / part.name, out, len(scores.rel))
                 return scores
 
-            with ThreadPoolExecutor(min(workers or os.cpu_count() or 1, len(parts[r]))) as pool:
-                for scores in pool.map(one, parts[r], masks):  # in part order
+            with ThreadPoolExecutor(min(workers or os.cpu_count() or 1, len(todo_parts))) as pool:
+                for scores in pool.map(one, todo_parts, todo_masks):  # in part order
                     stats.add(scores)
                     bar.update(1)
                     bar.set_postfix(pos_per_s=f"{stats.positions / (time.perf_counter() - t_round):.3g}")
             summaries.append(stats.summary(match, time.perf_counter() - t_round))
         bar.close()
+        if sharded:
+            return ScoreResult(name, spec, summaries)
         if final.exists():  # keep rounds that were not re-scored
             for r in sorted(set(run.rounds(final)) - set(todo)):
                 (staged / round_dir(r)).mkdir(parents=True, exist_ok=True)
@@ -262,7 +303,8 @@ def score_run(
                         os.link(f, staged / round_dir(r) / f.name)
         replace_dir(staged, final)
     finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        if not sharded:
+            shutil.rmtree(staged, ignore_errors=True)
     return ScoreResult(name, spec, summaries)
 
 
@@ -299,6 +341,11 @@ def read_effective_lengths(run: RunDir, name: str, r: int) -> np.ndarray:
     files = run.shards(d)
     if not files:
         raise OpdcacheError(f"{d}: no score shards; run `opdcache score {run.root} --variant {name}` first")
+    if not run.done("score", r, variant=name):  # a sharded score still running, or one killed
+        raise OpdcacheError(
+            f"{d}: {len(files)} of {len(run.shards(run.cache_round(r)))} cache parts scored; finish the "
+            f"score stage (`opdcache score {run.root} --variant {name} --rounds {r}`, sharded or not) first"
+        )
     cols = [SCORE_BY_NAME["effective_len"]]
     return np.concatenate(
         [read_score_shard(f, cols, validate=False)[0].column("effective_len").to_numpy() for f in files]
