@@ -248,11 +248,14 @@ def score_run(
         ]
         for r, paths in parts.items()
     }
-    if sharded:  # in place: a killed worker's temporaries go; nothing is staged
+    if sharded:
+        # in place, nothing staged; a killed worker's temporaries go, of our own parts only: a pid
+        # names a process on its own host, and the other workers may run elsewhere
         staged = final
         for r, paths in parts.items():
             for p in paths:
-                remove_dead_leftovers(run.score_round(name, r), f".{p.name}.", ".tmp")
+                if shard.owns(run.part_index(p.name)):
+                    remove_dead_leftovers(run.score_round(name, r), f".{p.name}.", ".tmp")
     else:
         clean_stale_staging(run, f"scores-{name}")
         staged = run.staging / f"scores-{name}-{os.getpid()}"
