@@ -3,7 +3,8 @@
 Per Parquet part (cache, rollouts, scores): the integrity record exists, bytes, rows and sha256
 match, every page decodes with its checksum, the schema version, columns, types and list lengths
 are right, log-probs are finite; score parts have the rows of their cache part; all cache parts
-share k; the budget state parses. Also reports leftovers of interrupted writes.
+share k; the budget state parses. Also reports leftovers of interrupted writes and score rounds
+with fewer parts than the cache (notes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from opdcache.cache.shards import (
     read_variant_params,
 )
 from opdcache.errors import OpdcacheError
-from opdcache.rundir import RunDir
+from opdcache.rundir import RunDir, round_dir
 
 
 @dataclass
@@ -74,6 +75,19 @@ def verify_run(run: RunDir, progress: bool = True) -> tuple[int, list[Finding]]:
                 findings.append(
                     Finding(str(t), "temporary file of an interrupted write (invisible to readers)", "note")
                 )
+    if run.scores.is_dir():  # a sharded score stopped early leaves a round with some parts only
+        for vdir in sorted(d for d in run.scores.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            for r in run.rounds(vdir):
+                have, want = len(run.shards(vdir / round_dir(r))), len(run.shards(run.cache_round(r)))
+                if have < want:
+                    findings.append(
+                        Finding(
+                            str(vdir / round_dir(r)),
+                            f"{have} of {want} cache parts scored (a sharded score not finished; rerun "
+                            f"`opdcache score {run.root} --variant {vdir.name} --rounds {r}`)",
+                            "note",
+                        )
+                    )
     if run.budget.exists():
         try:
             BudgetController(run.root)

@@ -52,6 +52,16 @@ def test_interrupted_write_leftovers_are_notes(synth_run):
     assert {f.severity for f in findings} == {"note"} and len(findings) == 2
 
 
+def test_a_partly_scored_round_is_a_note(synth_run):
+    score_run(synth_run, "prune", VariantSpec(), progress=False)
+    gone = synth_run.shards(synth_run.score_round("prune", 1))[0]
+    gone.unlink()
+    manifest_path(gone).unlink()
+    _, findings = verify_run(synth_run, progress=False)
+    assert [(f.path, f.severity) for f in findings] == [(str(synth_run.score_round("prune", 1)), "note")]
+    assert "1 of 2 cache parts scored" in findings[0].problem
+
+
 def test_disk_full_while_writing_the_record_leaves_nothing(tmp_path, monkeypatch):
     from opdcache.cache.schema import CacheMeta
     from opdcache.cache.synthetic import synthetic_columns
