@@ -23,6 +23,8 @@ def demo(tmp_path_factory, smoke_toy_models):
 def test_smoke_demo_runs_every_pair_and_arm(demo):
     summary = json.loads((demo / "summary.json").read_text())
     rows = {(r["pair"], r["arm"]): r for r in summary["rows"]}
+    untaught = any(v["claim"].startswith("OPD teaches") and v["holds"] is False for v in summary["verdicts"])
+    assert ("OPD does not teach here" in (demo / "summary.md").read_text()) == untaught
     arms = ("opd", "prune", "truncate", "prune-inflight")
     controls = ("prune-topp", "random")  # the paper's controls, low pair only
     assert set(rows) == {(p, a) for p in ("low", "high") for a in arms} | {("low", a) for a in controls}
@@ -31,9 +33,9 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
         assert run.checkpoint(1).is_dir(), (pair, arm)
         assert run.eval_result(0).exists() and run.eval_result(1).exists()
         assert 0.0 <= r["accuracy_final"] <= 1.0 and r["train_seconds"] > 0
-        # each arm sampled under its own budget: OPD at M_max, truncation at 256, Prune-OPD at M_0
+        # each arm sampled under its own budget: OPD at M_max, truncation and Prune-OPD at M_0 = 128
         m0 = run_sql(run.root, "select max_tokens from budget where round = 0").fetchall()[0][0]
-        assert m0 == (768 if arm == "opd" else 256)
+        assert m0 == (768 if arm == "opd" else 128)
         longest = run_sql(run.root, "select max(response_len) from rollouts").fetchall()[0][0]
         assert longest <= m0
         stopped = run_sql(run.root, "select count(*) from rollouts where finish_reason = 'unreliable'")
