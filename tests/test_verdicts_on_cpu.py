@@ -48,14 +48,16 @@ def demo_runs(tmp_path):
         for r, pp in ((0, first), (4, last)):
             res = {"accuracy": float(np.mean(pp)), "per_prompt": {f"p{i}": v for i, v in enumerate(pp)}}
             (d / "eval" / f"round={r}.json").write_text(json.dumps(res))
-        lines = [  # 30 % of the wall in one stage, the rest in another; eval: only its start-up counts
-            {"run": "main", "round": 0, "stage": "rollout", "seconds": 0.3 * WALL[name], "work_seconds": 0.1},
+        w = WALL[name]
+        lines = [  # 30 % of the wall in one stage (5 s of it start-up), the rest in another; eval: only
+            # its 2 s start-up counts in the wall; work = wall less every start-up = w - 7
+            {"run": "main", "round": 0, "stage": "rollout", "seconds": 0.3 * w, "work_seconds": 0.3 * w - 5},
             {
                 "run": "main",
                 "round": 0,
                 "stage": "train",
-                "seconds": 0.7 * WALL[name] - 2.0,
-                "work_seconds": 1.0,
+                "seconds": 0.7 * w - 2.0,
+                "work_seconds": 0.7 * w - 2,
             },
             {"run": "main", "round": 0, "stage": "eval", "seconds": 9.0, "work_seconds": 7.0},
             {"run": "replay:x", "round": 0, "stage": "train", "seconds": 1000.0, "work_seconds": 1000.0},
@@ -84,8 +86,10 @@ def test_verdicts_restated_by_hand(demo_runs):
         gain, se = np.mean(last) - np.mean(first), math.hypot(_se(last), _se(first))
         assert v["value"] == pytest.approx(gain) and v["se"] == pytest.approx(se)
         assert v["holds"] == (gain > 3 * se)
-    v = find("(a) low pair", "wall", "low")
+    v = find("(a) low pair", "wall / OPD wall", "low")
     assert v["value"] == pytest.approx(40.0 / 100.0) and v["holds"]  # eval's 2 s start-up counted in both
+    v = find("(a) low pair", "start-ups", "low")
+    assert v["value"] == pytest.approx((40.0 - 7) / (100.0 - 7)) and v["holds"]
     v = find("(a) low pair", "accuracy", "low")
     diff = np.mean(EVAL["low-prune-s0"][1]) - np.mean(EVAL["low-opd-s0"][1])
     assert v["value"] == pytest.approx(diff)
