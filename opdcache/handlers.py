@@ -148,9 +148,9 @@ def round_(a: Args, run: RunDir):
 
 
 def run_all(a: Args, run: RunDir) -> list[Any]:
+    shard = _run_shard(a)  # first: nothing may start CUDA before the worker's GPUs are pinned
     from opdcache.loop import run_rounds, start_run, start_sharded_run
 
-    shard = _run_shard(a)
     if shard.count == 1:
         cfg = start_run(a.config, run, a.set)
         done = run_rounds(run, a.rounds, cfg, progress=not a.quiet)

@@ -8,7 +8,9 @@
 Parts are the unit: each is written atomically and skipped when present, so workers never wait on
 each other, a killed worker's parts are redone by the next launch (of any worker count), and the
 stage is done when every part is. The workers of one stage and round hold the run lock together
-(``RunLock(job=...)``); any other writer is refused meanwhile.
+(``RunLock(job=...)``); any other writer is refused meanwhile. The ranks of a sharded ``opdcache
+run`` also wait for each other between stages (``join_ranks``, ``barrier``); there rank 0 alone
+holds the run lock, as under any launcher.
 """
 
 from __future__ import annotations

@@ -155,10 +155,13 @@ def sharded(tiny_overrides, models, tmp_path_factory):
     t1 = time.time()
     log = d / "two.log"
     p = _start(_run_cmd(2, cfg, two.root, 2, sets), log)
-    deadline = time.time() + 400
+    deadline, intruder = time.time() + 400, None
     while p.poll() is None and time.time() < deadline:
         if any(two.rollout_round(1).glob("part-*.parquet")) or any(two.cache_round(1).glob("part-*.parquet")):
             break
+        if intruder is None and two.config.exists():  # rank 0 holds the run lock: another writer
+            cmd = [sys.executable, "-m", "opdcache.cli", "budget", str(two.root), "--round", "0"]
+            intruder = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         time.sleep(0.2)
     killed = p.poll() is None
     if killed:  # the whole launch, as a node failure would: torchrun, the ranks, their engines
@@ -166,12 +169,12 @@ def sharded(tiny_overrides, models, tmp_path_factory):
     p = _start(_run_cmd(2, cfg, two.root, 2, sets), log)
     assert _finish(p, log, 400) == 0, log.read_text()[-4000:]
     print(f"1 process: {t1 - t0:.0f} s; 2 ranks, killed and relaunched: {time.time() - t1:.0f} s")
-    return one, two, killed, log
+    return one, two, killed, log, intruder
 
 
 @pytest.mark.slow
 def test_two_ranks_make_the_rounds_of_one_process(sharded):
-    one, two, killed, _ = sharded
+    one, two, killed, *_ = sharded
     assert killed, "the first launch finished before round 1 had a part: nothing was resumed"
     # round 1 samples from checkpoint 1, which 2 ranks train to within float rounding of 1 process
     # (other micro-batches, reduction order), so its samples are the same too
@@ -220,7 +223,7 @@ def test_rank_0_decides_the_budget_by_algorithm_1(sharded):
 
 @pytest.mark.slow
 def test_the_sharded_run_verifies(sharded):
-    _, two, _, log = sharded
+    _, two, _, log, _ = sharded
     p = subprocess.run(
         [sys.executable, "-m", "opdcache.cli", "verify", str(two.root), "--quiet"],
         capture_output=True,
@@ -230,3 +233,10 @@ def test_the_sharded_run_verifies(sharded):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "parts OK" in p.stdout
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.slow
+def test_rank_0_holds_the_run_lock_against_other_writers(sharded):
+    *_, intruder = sharded
+    assert intruder is not None and intruder.returncode == 2, intruder
+    assert "another opdcache process is writing this run" in intruder.stderr
