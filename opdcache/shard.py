@@ -102,8 +102,9 @@ def join_ranks() -> None:
     import torch.distributed as dist
 
     # vLLM forks its engine process by default; a fork of this process inherits the initialised
-    # process group and hangs in vLLM's own distributed set-up (seen on CPU, vllm 0.32). A spawned
-    # one starts clean (on GPUs vLLM spawns anyway, once CUDA is initialised).
+    # process group of N ranks (vLLM makes its own one-process world only when none is initialised)
+    # and hangs in its set-up (seen on CPU, vllm 0.32; the launcher's RANK etc. are harmless). A
+    # spawned one starts clean (on GPUs vLLM spawns anyway, once CUDA is initialised).
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         # pin_devices left this worker only its own GPUs; DeepSpeed selects GPU LOCAL_RANK of those
