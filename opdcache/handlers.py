@@ -129,25 +129,59 @@ def budget(a: Args, run: RunDir):
     return ctl.state
 
 
+def _one_process(command: str) -> None:
+    """``command`` drives every stage from one process: under a launcher each rank would redo all of it."""
+    from opdcache.shard import Shard
+
+    if Shard.of(None).count > 1:
+        raise OpdcacheError(
+            f"opdcache {command} runs in one process, not under a launcher (WORLD_SIZE > 1); use "
+            "`torchrun ... -m opdcache.cli run CONFIG RUN --rounds R` or the sharded stage commands"
+        )
+
+
 def round_(a: Args, run: RunDir):
     from opdcache.loop import run_round
 
+    _one_process("round")
     return run_round(run, a.round, _config(run), progress=not a.quiet)
 
 
 def run_all(a: Args, run: RunDir) -> list[Any]:
-    from opdcache.loop import run_rounds, start_run
+    shard = _run_shard(a)  # first: nothing may start CUDA before the worker's GPUs are pinned
+    from opdcache.loop import run_rounds, start_run, start_sharded_run
 
-    cfg = start_run(a.config, run, a.set)
-    done = run_rounds(run, a.rounds, cfg, progress=not a.quiet)
+    if shard.count == 1:
+        cfg = start_run(a.config, run, a.set)
+        done = run_rounds(run, a.rounds, cfg, progress=not a.quiet)
+    else:
+        cfg = start_sharded_run(a.config, run, a.set, shard)
+        done = run_rounds(run, a.rounds, cfg, progress=not a.quiet and shard.index == 0, shard=shard)
+        if shard.index != 0:
+            return []  # worker 0 reports the rounds
     return [
         *done,
         f"{run.root}: {a.rounds} rounds done; wall times: opdcache query {run.root} 'select * from stage_times'",
     ]
 
 
+def _run_shard(a: Args):
+    """This worker of ``opdcache run``: the launcher's RANK / WORLD_SIZE. Under a launcher the workers
+    are pinned to their own GPUs and joined in a process group before anything starts CUDA."""
+    from opdcache.config import load_config
+    from opdcache.shard import Shard, join_ranks, pin_devices
+
+    shard = Shard.of(None)
+    if shard.count > 1:
+        pin_devices(load_config(a.config, a.set).rollout.tensor_parallel_size)
+        join_ranks()
+    return shard
+
+
 def replay(a: Args, run: RunDir) -> str:
     from opdcache.loop import replay as replay_run
+
+    _one_process("replay")
 
     spec = _spec(_config(run).score.spec, a)
     sub = replay_run(run, a.variant, spec, _round_list(a), progress=not a.quiet, train=not a.no_train)

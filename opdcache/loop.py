@@ -1,12 +1,21 @@
 """The round loop: rollout -> teacher -> score -> train -> budget, each stage skipped when done.
 
     opdcache run CONFIG RUN [--rounds R]
+    torchrun --nproc_per_node N -m opdcache.cli run CONFIG RUN --rounds R   # sharded over N ranks
     opdcache round RUN --round r
     opdcache replay RUN --variant NAME [scoring params]
 
 A killed run resumes at the stage it was in: every stage's outputs are written atomically and a
 stage whose outputs exist is skipped (``RunDir.done``). Each stage's wall time is appended to
 RUN/stage_times.jsonl (view ``stage_times``), wall time being the paper's headline metric.
+
+Under a launcher (WORLD_SIZE > 1) ``opdcache run`` shards every round: rank i rolls out, completes
+with the teacher and scores the parts p with p mod N = i (shard.py), all ranks train together
+(DeepSpeed), and rank 0 alone creates the run, evaluates and decides the budget. Barriers: after
+rank 0 starts the run, before each score variant (a ``random`` variant matches its mask over the
+whole round), before training (every part scored) and after the budget decision. Rollout part p
+and teacher part p belong to the same rank, so the teacher waits for no one. ``opdcache round`` and
+``replay`` are one process and refuse a launcher.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from opdcache.rollout.engine import PersistentEngine
 from opdcache.rollout.stage import engine_settings, run_context_length
 from opdcache.rundir import RunDir
 from opdcache.score.variant import VariantSpec
+from opdcache.shard import WHOLE, Shard, barrier
 from opdcache.stagetimes import timed
 from opdcache.teacher.stage import ResidentTeacher
 from opdcache.train.stage import ResidentTrainer
@@ -69,12 +79,16 @@ def eval_round(
     return timed(run.require(), r, "eval", stage)
 
 
-def run_rounds(run: RunDir, rounds: int, cfg: RunConfig, progress: bool = True) -> list[RoundResult]:
+def run_rounds(
+    run: RunDir, rounds: int, cfg: RunConfig, progress: bool = True, shard: Shard = WHOLE
+) -> list[RoundResult]:
     """Rounds from the controller's next round up to ``rounds``, evaluating every ``eval.every``.
 
     One vLLM engine serves every rollout and evaluation of the call: it starts with a context that
     fits both, and each new checkpoint's weights are loaded into it in place. The teacher and (on
-    CPU) the trainer with its optimizer state stay in memory across rounds too.
+    CPU) the trainer with its optimizer state stay in memory across rounds too. With ``shard`` i/N
+    (N > 1, ``start_sharded_run`` first) this is worker i of a sharded run: each worker keeps its own
+    engine, teacher and trainer, and only worker 0 evaluates (the others go on meanwhile).
     """
     from opdcache.evaluation import eval_context
     from opdcache.models.checkpoint import student_checkpoint
@@ -96,11 +110,17 @@ def run_rounds(run: RunDir, rounds: int, cfg: RunConfig, progress: bool = True) 
                 ec.fields,
             )
             engines.min_len = max(engines.min_len, longest + mt)
+        lead = shard.index == 0
         for r in range(start, rounds):
-            if r % cfg.eval.every == 0:
+            if r % cfg.eval.every == 0 and lead:
                 eval_round(run, r, cfg, engines)
-            out.append(run_round(run, r, cfg, progress, engines=engines, teacher=teacher, trainer=trainer))
-        eval_round(run, rounds, cfg, engines)
+            out.append(
+                run_round(
+                    run, r, cfg, progress, engines=engines, teacher=teacher, trainer=trainer, shard=shard
+                )
+            )
+        if lead:
+            eval_round(run, rounds, cfg, engines)
     return out
 
 
@@ -114,11 +134,12 @@ def run_round(
     engines: PersistentEngine | None = None,
     teacher: ResidentTeacher | None = None,
     trainer: ResidentTrainer | None = None,
+    shard: Shard = WHOLE,
 ) -> RoundResult:
     """One round of Algorithm 1. With ``generate=False`` (replay) the cache must already hold round r.
 
     ``engines``, ``teacher`` and ``trainer`` (``run_rounds``) keep the rollout engine, the teacher and the
-    trainer across rounds."""
+    trainer across rounds. ``shard``: this worker of a sharded run (module docstring)."""
     from opdcache.query import refresh_duckdb_file
     from opdcache.rollout.stage import rollout_round
     from opdcache.score.stage import read_effective_lengths
@@ -130,37 +151,52 @@ def run_round(
     ctl = BudgetController(run, p.budget)
     m_t = ctl.max_tokens_for(r)
     if generate:
-        timed(run, r, "rollout", lambda: rollout_round(run, r, cfg, m_t, progress, engines, teacher))
+        timed(
+            run,
+            r,
+            "rollout",
+            lambda: rollout_round(run, r, cfg, m_t, progress, engines, teacher, shard),
+            shard=shard,
+        )
         if engines is not None:
             engines.release()
-        timed(run, r, "teacher", lambda: teacher_round(run, r, cfg, progress, teacher))
+        timed(run, r, "teacher", lambda: teacher_round(run, r, cfg, progress, teacher, shard), shard=shard)
     elif not run.shards(run.cache_round(r)):
         raise OpdcacheError(f"{run.cache_round(r)}: no cached rollouts to replay")
     for name, spec in p.variants:
+        barrier(shard)  # every part cached, and a random variant's reference scored, on all workers
         timed(
             run,
             r,
             f"score:{name}",
-            lambda n=name, s=spec: score_variant_round(run, r, n, s, progress, cfg.score.workers),
+            lambda n=name, s=spec: score_variant_round(run, r, n, s, progress, cfg.score.workers, shard),
+            shard=shard,
         )
+    barrier(shard)  # training reads every part's scores
     t = (
         timed(run, r, "train", lambda: train_round(run, r, cfg, p.train_variant, progress, trainer))
         if train
         else None
     )
-    d = timed(run, r, "budget", lambda: ctl.update(r, read_effective_lengths(run, p.budget_variant, r)))
-    refresh_duckdb_file(run)
+    if shard.index == 0:
+        d = timed(run, r, "budget", lambda: ctl.update(r, read_effective_lengths(run, p.budget_variant, r)))
+        refresh_duckdb_file(run)
+    barrier(shard)  # the next round's budget is decided
+    if shard.index != 0:
+        d = next(d for d in BudgetController(run, p.budget).state.history if d.round == r)
     return RoundResult(r, m_t, d, t)
 
 
-def score_variant_round(run: RunDir, r: int, name: str, spec: VariantSpec, progress: bool, workers: int = 0):
+def score_variant_round(
+    run: RunDir, r: int, name: str, spec: VariantSpec, progress: bool, workers: int = 0, shard: Shard = WHOLE
+):
     """Score round ``r`` as ``name`` unless it already is (a result with no rounds means skipped)."""
     from opdcache.results import ScoreResult
     from opdcache.score.stage import score_run
 
     if run.done("score", r, variant=name):
         return ScoreResult(name, spec, [])
-    return score_run(run, name, spec, rounds=[r], progress=progress, workers=workers)
+    return score_run(run, name, spec, rounds=[r], progress=progress, workers=workers, shard=shard)
 
 
 def start_run(config_path: str | Path | None, run: RunDir, overrides: list[str] | None = None) -> RunConfig:
@@ -185,6 +221,36 @@ def start_run(config_path: str | Path | None, run: RunDir, overrides: list[str] 
     if existing is None:
         write_run_config(run, cfg)
     BudgetController(run, plan(cfg).budget).save()
+    return cfg
+
+
+def start_sharded_run(
+    config_path: str | Path | None, run: RunDir, overrides: list[str] | None, shard: Shard
+) -> RunConfig:
+    """``start_run`` for worker ``shard`` of a sharded run (``join_ranks`` first): worker 0 creates or
+    checks RUN; the others wait for it, then check that their config is the run's."""
+    if shard.index == 0:
+        cfg = start_run(config_path, run, overrides)
+    barrier(shard)
+    if shard.index != 0:
+        cfg = check_run_config(config_path, run, overrides)
+    return cfg
+
+
+def check_run_config(config_path: str | Path | None, run: RunDir, overrides: list[str] | None) -> RunConfig:
+    """The config a worker other than 0 was launched with, which must be the one worker 0 wrote to RUN
+    (a launcher may start workers on other hosts with their own copy of CONFIG)."""
+    cfg = load_config(config_path, overrides)
+    existing = read_run_config(run)
+    if existing is None:
+        raise OpdcacheError(
+            f"{run.config}: missing after worker 0 started the run; is {run.root} shared storage?"
+        )
+    if existing != cfg:
+        raise OpdcacheError(
+            f"{run.config} differs from this worker's {config_path or 'defaults'} (with the --set overrides); "
+            "launch every worker with the same config"
+        )
     return cfg
 
 

@@ -3,11 +3,14 @@
     opdcache rollout RUN --round R --shard i/N             # job arrays: worker i of N
     torchrun --nproc_per_node N -m opdcache.cli teacher RUN --round R   # RANK / WORLD_SIZE
     opdcache score RUN --rounds R --shard i/N               # parts scored in place (score/stage.py)
+    torchrun --nproc_per_node N -m opdcache.cli run CONFIG RUN --rounds R   # all stages (loop.py)
 
 Parts are the unit: each is written atomically and skipped when present, so workers never wait on
 each other, a killed worker's parts are redone by the next launch (of any worker count), and the
 stage is done when every part is. The workers of one stage and round hold the run lock together
-(``RunLock(job=...)``); any other writer is refused meanwhile.
+(``RunLock(job=...)``); any other writer is refused meanwhile. The ranks of a sharded ``opdcache
+run`` also wait for each other between stages (``join_ranks``, ``barrier``); there rank 0 alone
+holds the run lock, as under any launcher.
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 from opdcache.errors import OpdcacheError
 
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
+
+# How long a rank of a sharded ``opdcache run`` waits at a barrier (or DeepSpeed collective) for the
+# others: rank 0 evaluates alone, and one rank's rollout may take much longer than another's.
+BARRIER_TIMEOUT = timedelta(seconds=float(os.environ.get("OPDCACHE_BARRIER_TIMEOUT", 6 * 3600)))
 
 
 @dataclass(frozen=True)
@@ -82,3 +90,36 @@ def pin_devices(per_worker: int = 1) -> None:
                 f"has {len(devices)}"
             )
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+
+
+def join_ranks() -> None:
+    """The process group of a sharded ``opdcache run``, once per process (call ``pin_devices`` first).
+
+    gloo on CPU; on GPUs gloo for CPU tensors (``barrier``) and NCCL for CUDA tensors in the same
+    default group, which DeepSpeed then reuses (deepspeed.comm.init_distributed) for training.
+    """
+    import torch
+    import torch.distributed as dist
+
+    # vLLM forks its engine process by default; a fork of this process inherits the initialised
+    # process group of N ranks (vLLM makes its own one-process world only when none is initialised)
+    # and hangs in its set-up (seen on CPU, vllm 0.32; the launcher's RANK etc. are harmless). A
+    # spawned one starts clean (on GPUs vLLM spawns anyway, once CUDA is initialised).
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        # pin_devices left this worker only its own GPUs; DeepSpeed selects GPU LOCAL_RANK of those
+        os.environ["LOCAL_RANK"] = "0"
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+
+
+def barrier(shard: Shard) -> None:
+    """Wait for every worker of a sharded run (``join_ranks``); nothing to wait for with one worker.
+    A CPU tensor's all-reduce, so that gloo carries it under either backend of ``join_ranks``."""
+    if shard.count == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    dist.all_reduce(torch.zeros(1))
