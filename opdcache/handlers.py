@@ -58,12 +58,13 @@ def rollout(a: Args, run: RunDir):
     from opdcache.arms import plan
     from opdcache.budget import BudgetController
     from opdcache.rollout.stage import rollout_round
-    from opdcache.shard import pin_devices
+    from opdcache.shard import pin_cpu_cores, pin_devices
     from opdcache.stagetimes import timed
 
     cfg = _config(run)
     if a.shard.count > 1:
         pin_devices(cfg.rollout.tensor_parallel_size)
+        pin_cpu_cores()
     m_t = BudgetController(run, plan(cfg).budget).max_tokens_for(a.round)
     return timed(
         run,
@@ -169,11 +170,12 @@ def _run_shard(a: Args):
     """This worker of ``opdcache run``: the launcher's RANK / WORLD_SIZE. Under a launcher the workers
     are pinned to their own GPUs and joined in a process group before anything starts CUDA."""
     from opdcache.config import load_config
-    from opdcache.shard import Shard, join_ranks, pin_devices
+    from opdcache.shard import Shard, join_ranks, pin_cpu_cores, pin_devices
 
     shard = Shard.of(None)
     if shard.count > 1:
         pin_devices(load_config(a.config, a.set).rollout.tensor_parallel_size)
+        pin_cpu_cores()
         join_ranks()
     return shard
 

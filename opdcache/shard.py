@@ -92,6 +92,27 @@ def pin_devices(per_worker: int = 1) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
 
 
+def pin_cpu_cores() -> None:
+    """Under a launcher, give this worker's vLLM CPU engine its own share of the host's cores
+    (``VLLM_CPU_OMP_THREADS_BIND``): vLLM's automatic binding does not know about the other workers,
+    so N engines on one host all bind the same cores. Worker LOCAL_RANK of LOCAL_WORLD_SIZE takes the
+    LOCAL_RANK-th contiguous slice of the cores this process may use (a core each, shared round-robin,
+    when there are fewer cores than workers). A binding set by the user, one worker per host, or no
+    launcher: nothing changes. GPU engines ignore the variable."""
+    local, workers = os.environ.get("LOCAL_RANK"), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local is None or workers < 2 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    i = int(local)
+    if len(cores) < workers:
+        mine = [cores[i % len(cores)]]
+    else:
+        per, extra = divmod(len(cores), workers)
+        start = i * per + min(i, extra)
+        mine = cores[start : start + per + (i < extra)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in mine)
+
+
 def join_ranks() -> None:
     """The process group of a sharded ``opdcache run``, once per process (call ``pin_devices`` first).
 
