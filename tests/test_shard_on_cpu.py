@@ -185,28 +185,30 @@ def test_workers_under_a_launcher_get_their_own_gpus(monkeypatch):
 def test_workers_on_one_host_bind_their_own_cores(monkeypatch):
     from opdcache.shard import pin_cpu_cores
 
+    # "auto" (vLLM's default) through monkeypatch, so that what pin_cpu_cores writes is undone after
+    # the test (a leaked binding to cores 4-6 would break every later engine on this machine)
+    unset = lambda: monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")  # noqa: E731
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7, 8, 9, 10})
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     got = []
     for rank in range(3):  # 7 cores over 3 workers: 3, 2, 2, contiguous, disjoint
         monkeypatch.setenv("LOCAL_RANK", str(rank))
-        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        unset()
         pin_cpu_cores()
         got.append(os.environ["VLLM_CPU_OMP_THREADS_BIND"])
     assert got == ["4,5,6", "7,8", "9,10"]
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setenv("LOCAL_RANK", "2")
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    unset()
     pin_cpu_cores()  # more workers than cores: one core each, shared round-robin
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     pin_cpu_cores()  # the user's binding is kept
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    unset()
     pin_cpu_cores()  # one worker on this host: vLLM's own binding
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
 
 
 SCORE_JOB = "score variant=(config) rounds=all workers=2"  # what `opdcache score RUN --shard i/2` holds
