@@ -358,4 +358,7 @@ def recover_interrupted_swaps(parent: Path) -> None:
         if (parent / name).exists():
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(old, parent / name)
+            try:
+                os.replace(old, parent / name)
+            except FileNotFoundError:  # another worker (a sharded score) restored it first
+                pass

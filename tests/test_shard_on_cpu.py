@@ -211,6 +211,26 @@ def test_workers_on_one_host_bind_their_own_cores(monkeypatch):
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
 
 
+def test_two_workers_recovering_one_interrupted_swap(tmp_path, monkeypatch):
+    """Two sharded score workers started after a crash between replace_dir's renames both find the
+    set-aside `.NAME.old.PID`; the one that renames second must not fail."""
+    from opdcache import rundir
+
+    old = tmp_path / ".prune.old.4242"
+    (old / "round=0").mkdir(parents=True)
+    (old / "round=0" / "part-00000.parquet").write_bytes(b"scores")
+    real = os.replace
+
+    def raced(src, dst):  # the other worker renames first, between this worker's glob and rename
+        real(src, dst)
+        real(src, dst)
+
+    monkeypatch.setattr(rundir.os, "replace", raced)
+    rundir.recover_interrupted_swaps(tmp_path)
+    assert (tmp_path / "prune" / "round=0" / "part-00000.parquet").read_bytes() == b"scores"
+    assert not old.exists()
+
+
 SCORE_JOB = "score variant=(config) rounds=all workers=2"  # what `opdcache score RUN --shard i/2` holds
 
 
