@@ -198,8 +198,9 @@ def seed_means_markdown(rows: list[dict[str, Any]]) -> str:
 
 NOT_TAUGHT = (
     "OPD does not teach here, and the claims that need it to ((d), (f), accuracy gains) cannot hold: "
-    "the students already agree with the teacher on clean prefixes, so OPD's gradient comes from the "
-    "positions after their own T = 1 slips, and fitting the teacher there spoils what they did right. "
+    "in this toy OPD lowers the students' accuracy at every learning rate that moves them (most of its "
+    "signal lies after their own T = 1 slips, but restricted to the clean prefix it hurts too), while "
+    "supervised training on correct answers with the same optimizer and as many steps lifts them. "
     "Measurements: docs/toy-task.md, section 'Why OPD does not teach here'."
 )
 
