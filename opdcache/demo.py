@@ -200,7 +200,7 @@ NOT_TAUGHT = (
     "OPD does not teach here, and the claims that need it to ((d), (f), accuracy gains) cannot hold: "
     "in this toy OPD lowers the students' accuracy at every learning rate that moves them (most of its "
     "signal lies after their own T = 1 slips, but restricted to the clean prefix it hurts too), while "
-    "supervised training on correct answers with the same optimizer and as many steps lifts them. "
+    "supervised training on correct answers with the same optimizer and a comparable number of steps lifts them. "
     "Measurements: docs/toy-task.md, section 'Why OPD does not teach here'."
 )
 
