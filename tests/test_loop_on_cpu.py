@@ -24,6 +24,7 @@ from opdcache.rundir import RunDir
 from opdcache.score.stage import read_effective_lengths
 from opdcache.score.variant import VariantSpec
 from opdcache.train.stage import RENDEZVOUS
+from tests.restated import alg1_step
 
 pytest.importorskip("vllm")
 pytest.importorskip("deepspeed")
@@ -47,16 +48,6 @@ def looped(tiny_overrides, tmp_path_factory):
     return run, cfg, outs, cfg_path, overrides
 
 
-def _alg1(m, low, e, b):
-    """Algorithm 1 lines 12-19 written out (budget initial 48, min 32, max 256, step 16, margin 8)."""
-    hit = sum(x >= max(b["min"], m - b["margin"]) for x in e) / len(e)
-    if hit >= b["rho"]:
-        return min(m + b["step"], b["max"]), 0
-    if low + 1 >= b["patience"]:
-        return max(m - b["step"], b["min"]), 0
-    return m, low + 1
-
-
 def test_two_rounds_end_to_end(looped, models):
     run, cfg, outs, *_ = looped
     for o in outs:
@@ -74,7 +65,7 @@ def test_two_rounds_end_to_end(looped, models):
     for r, o in enumerate(outs):
         e = read_effective_lengths(run, "prune", r)
         assert o.decision.max_tokens == o.max_tokens == m
-        m, low = _alg1(m, low, e, b)
+        m, low = alg1_step(m, low, e, b)
         assert o.decision.next_max_tokens == m and o.decision.low_hits == low
     con = connect(run)
     stages = con.execute("select round, stage from stage_times order by all").fetchall()

@@ -19,6 +19,7 @@ from opdcache.errors import OpdcacheError
 from opdcache.loop import check_run_config, start_run
 from opdcache.rundir import RunDir
 from opdcache.score.stage import read_effective_lengths
+from tests.restated import alg1_step
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # the tiny run of test_loop_on_cpu.py's `looped` (it trains), evaluated every round on its own prompts
@@ -78,16 +79,6 @@ def _rows(d: Path) -> dict[str, list[list[int]]]:
         p.name: pq.read_table(p, columns=["response_ids"]).column(0).to_pylist()
         for p in sorted(d.glob("part-*.parquet"))
     }
-
-
-def _alg1(m, low, e, b):
-    """Algorithm 1 lines 12-19 written out (as test_loop_on_cpu.py)."""
-    hit = sum(x >= max(b["min"], m - b["margin"]) for x in e) / len(e)
-    if hit >= b["rho"]:
-        return min(m + b["step"], b["max"]), 0
-    if low + 1 >= b["patience"]:
-        return max(m - b["step"], b["min"]), 0
-    return m, low + 1
 
 
 def test_a_worker_with_another_config_is_refused(tiny_overrides, tmp_path):
@@ -216,7 +207,7 @@ def test_rank_0_decides_the_budget_by_algorithm_1(sharded):
     assert [d["round"] for d in state["history"]] == [0, 1] and state["next_round"] == 2
     for d in state["history"]:
         assert d["max_tokens"] == m
-        m, low = _alg1(m, low, read_effective_lengths(two, "prune", d["round"]), b)
+        m, low = alg1_step(m, low, read_effective_lengths(two, "prune", d["round"]), b)
         assert (d["next_max_tokens"], d["low_hits"]) == (m, low)
     assert state["history"] == json.loads(one.budget.read_text())["history"]
 
