@@ -19,7 +19,7 @@ import yaml
 
 from opdcache.budget import BudgetConfig
 from opdcache.errors import ConfigError
-from opdcache.fields import fail, help_rows, setting, validate
+from opdcache.fields import help_rows, setting, validate
 from opdcache.rundir import RunDir, atomic_write_bytes, check_variant_name
 from opdcache.score.variant import VariantSpec
 
@@ -56,7 +56,10 @@ class RolloutConfig:
     n_samples: int = setting(4, "responses per prompt (the reference: 4)", ge=1)
     prompts_per_round: int = setting(64, "prompts sampled per round", ge=1)
     temperature: float = setting(
-        1.0, "sampling temperature; only 1.0: the cache, the teacher and the loss are at T = 1"
+        1.0,
+        "sampling temperature of the rollouts (the reference: 1.0); it only chooses the prefixes: the"
+        " cached log-probs, the teacher and the loss stay at T = 1 (raw log-probs)",
+        gt=0,
     )
     seed: int = setting(0, "prompt shuffle and sampling seed")
     part_size: int = setting(16, "prompts per cache part (the unit of resume)", ge=1)
@@ -82,13 +85,6 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         validate(self, "rollout")
-        if self.temperature != 1.0:
-            fail(
-                "rollout",
-                "temperature",
-                "1.0 (cached log-probs, teacher and OPD loss are all at T = 1)",
-                self.temperature,
-            )
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ class DemoSize:
 
     @staticmethod
     def of(smoke: bool, rounds: int | None = None) -> DemoSize:
-        size = DemoSize(1, 4, 2, 4, 2, 1) if smoke else DemoSize(4, 16, 4, 32, 4, 2)
+        size = DemoSize(1, 4, 2, 4, 2, 1) if smoke else DemoSize(4, 16, 4, 128, 4, 2)
         return dataclasses.replace(size, rounds=rounds) if rounds else size
 
 
@@ -84,6 +84,7 @@ def toy_overrides(
         f"rollout.prompts_per_round={size.prompts_per_round}",
         f"rollout.part_size={max(1, size.prompts_per_round // 2)}",
         f"rollout.seed={seed}",
+        "rollout.temperature=0.6",  # the eval's: T = 1 rollouts leave the toy teacher's manifold (toy-task.md)
         "rollout.kv_cache_gib=1",
         "rollout.enforce_eager=true",
         f"budget.initial={M0}",
@@ -92,7 +93,7 @@ def toy_overrides(
         "budget.step=64",
         "budget.margin=32",
         "budget.patience=2",
-        "train.lr=3e-5",
+        "train.lr=1e-4",
         "train.micro_batch_size=8",
         "train.mini_batch_responses=8",  # 8 optimizer steps per round (not the reference's one): the toy's choice
         f"train.seed={seed}",
@@ -108,11 +109,12 @@ def toy_overrides(
 
 
 def write_toy_data(data: Path, size: DemoSize) -> None:
+    """The demo's prompt files (deterministic); rewritten when an earlier demo size left other counts."""
     data.mkdir(parents=True, exist_ok=True)
-    if not (data / "train.jsonl").exists():
-        write_prompts(data / "train.jsonl", sample_problems(size.train_prompts, seed=101), "train-")
-    if not (data / "eval.jsonl").exists():
-        write_prompts(data / "eval.jsonl", sample_problems(size.eval_prompts, seed=202), "eval-")
+    for name, count, seed in (("train", size.train_prompts, 101), ("eval", size.eval_prompts, 202)):
+        path = data / f"{name}.jsonl"
+        if not path.exists() or sum(1 for _ in path.open()) != count:
+            write_prompts(path, sample_problems(count, seed=seed), f"{name}-")
 
 
 def run_summary(root: Path) -> dict[str, Any]:

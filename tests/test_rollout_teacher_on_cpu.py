@@ -257,3 +257,25 @@ def test_in_place_reload_equals_a_fresh_engine(models, tmp_path):
         np.testing.assert_array_equal(a["response_ids"], b["response_ids"])
         np.testing.assert_array_equal(a["student_topk_ids"], b["student_topk_ids"])
         assert np.abs(a["student_topk_logprobs"] - b["student_topk_logprobs"]).max() < 1e-4
+
+
+def test_rollouts_below_t1_still_cache_t1_logprobs(config, tmp_path):
+    """rollout.temperature only changes which prefixes are sampled: the cached student log-probs stay the
+    model's raw (T = 1) log-softmax, which the teacher's columns and the loss are compared with."""
+    spread = build_tiny_model(tmp_path / "spread", seed=5, embedding_scale=1.5)  # far from one-hot
+    cfg = config(**{"models.student": str(spread), "rollout.temperature": 0.5})
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    rollout_round(run, 0, cfg, 24, progress=False)
+    table, _ = read_cache_shard(run.shards(run.rollout_round(0))[0], rollout=True)
+    gap_to_t05 = 0.0
+    for row in table.to_pylist():
+        lp = _hf_logprobs(spread, np.array(row["prompt_ids"]), np.array(row["response_ids"]))
+        t = len(row["response_ids"])
+        ids = np.array(row["student_topk_ids"]).reshape(t, K)
+        cached = np.array(row["student_topk_logprobs"]).reshape(t, K)
+        hf_at = np.take_along_axis(lp, ids, 1)
+        assert (np.abs(cached - hf_at) <= 1e-3 + np.abs(hf_at) * FP16_REL).all()
+        at_t05 = np.take_along_axis(torch.log_softmax(torch.from_numpy(lp) / 0.5, -1).numpy(), ids, 1)
+        gap_to_t05 = max(gap_to_t05, np.abs(cached - at_t05).max())
+    assert gap_to_t05 > 0.1  # the T = 0.5 distribution is far from what was cached

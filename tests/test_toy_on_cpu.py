@@ -78,3 +78,28 @@ def test_confusion_rows_are_distributions_without_eos():
 )
 def test_answer_checkers(response, answer, checker, ok):
     assert is_correct(response, answer, checker) is ok
+
+
+def test_logit_scale_scales_every_logit_and_old_records_still_match(tmp_path):
+    import dataclasses
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from opdcache.toy.models import ToyModelSpec, built_spec, train_toy_model
+
+    spec = ToyModelSpec("compact", 64, 1, steps=3, batch=2)
+    plain = train_toy_model(tmp_path / "plain", spec, progress=False)
+    scaled = train_toy_model(tmp_path / "scaled", dataclasses.replace(spec, logit_scale=0.5), progress=False)
+    ids = torch.tensor([[5, 17, 40, 3, 90]])
+    with torch.no_grad():
+        a, b = (AutoModelForCausalLM.from_pretrained(p)(ids).logits for p in (plain, scaled))
+    assert a.abs().max() > 0.1
+    torch.testing.assert_close(b, 0.5 * a, rtol=1e-5, atol=1e-6)
+    # a model built before logit_scale existed: its record lacks the field and means 1.0
+    record = json.loads((plain / "toy_model.json").read_text())
+    del record["spec"]["logit_scale"]
+    (plain / "toy_model.json").write_text(json.dumps(record))
+    assert built_spec(plain) == dataclasses.asdict(spec)
+    assert built_spec(plain) != dataclasses.asdict(dataclasses.replace(spec, logit_scale=0.7))

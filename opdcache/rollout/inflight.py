@@ -94,10 +94,11 @@ def generate_inflight(
     tail: int,
     spec: VariantSpec,
     teacher: TeacherChunk,
+    temperature: float = 1.0,
 ) -> list[list[Sample]]:
     """n samples per prompt at budget ``max_tokens``, each stopped once its R reaches 0 (+ ``tail``)."""
     samples = [[Sample(np.asarray(p, dtype=np.int32)) for _ in range(n)] for p in prompts]
-    outs = engine.generate(llm, prompts, n, 1.0, min(chunk, max_tokens), k)
+    outs = engine.generate(llm, prompts, n, temperature, min(chunk, max_tokens), k)
     for row, out in zip(samples, outs, strict=True):
         for s, c in zip(row, out.outputs, strict=True):
             extend(s, engine.completion_arrays(c, k), str(c.finish_reason), spec, teacher, tail, max_tokens)
@@ -107,7 +108,7 @@ def generate_inflight(
             llm,
             [np.concatenate([s.prompt, s.column("response_ids")]).tolist() for s in todo],
             1,
-            1.0,
+            temperature,
             budgets,
             k,
         )

@@ -114,7 +114,7 @@ def rollout_round(
             else:
                 grown = inflight.generate_inflight(
                     llm, batch, rc.n_samples, max_tokens, rc.k, rc.chunk_tokens, rc.unreliable_tail,
-                    cfg.score.spec, scorer,
+                    cfg.score.spec, scorer, rc.temperature,
                 )  # fmt: skip
                 generated += sum(s.generated - s.length for row in grown for s in row)
                 samples = [[s.result() for s in row] for row in grown]

@@ -1,7 +1,7 @@
 """The toy teacher and the two toy students, pre-trained here on CPU (deterministic from a seed).
 
     teacher        hidden 128, 3 layers, compact format, 700 steps
-    student_high   hidden 128, 2 layers, compact format, 500 steps  -> high compatibility
+    student_high   hidden 128, 2 layers, compact format, 500 steps, logits x 0.7 -> high compatibility
     student_low    hidden 128, 2 layers, drift format (rambling on), 500 steps -> low compatibility
 
 Each is a Qwen3 HF checkpoint with a word-level `tokenizers` tokenizer over the toy vocabulary,
@@ -44,6 +44,7 @@ class ToyModelSpec:
     max_len: int = 800  # training sequences are cut here (rambling ones can run longer)
     task_version: int = 4  # bump when the task's text or vocabulary changes: forces a rebuild
     smoothing: float = 0.02  # target mass spread over the token's confusion neighbours (see below)
+    logit_scale: float = 1.0  # < 1: the trained model's logits scaled down (an under-confident student)
 
 
 def toy_specs(seed: int = 0, smoke: bool = False) -> dict[str, ToyModelSpec]:
@@ -51,7 +52,7 @@ def toy_specs(seed: int = 0, smoke: bool = False) -> dict[str, ToyModelSpec]:
     n = lambda s: max(20, int(s * scale))  # noqa: E731
     return {
         "teacher": ToyModelSpec("compact", 128, 3, n(700), seed=seed),
-        "student_high": ToyModelSpec("compact", 128, 2, n(500), seed=seed + 1),
+        "student_high": ToyModelSpec("compact", 128, 2, n(500), seed=seed + 1, logit_scale=0.7),
         "student_low": ToyModelSpec("drift", 128, 2, n(500), seed=seed + 2, ramble=48.0),
     }
 
@@ -163,6 +164,8 @@ def train_toy_model(out_dir: str | Path, spec: ToyModelSpec, progress: bool = Tr
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    with torch.no_grad():  # the final norm feeds only the (tied) output head: every logit times the scale
+        model.model.norm.weight.mul_(spec.logit_scale)
     model.save_pretrained(tmp)
     record = {
         "spec": dataclasses.asdict(spec),
@@ -176,10 +179,15 @@ def train_toy_model(out_dir: str | Path, spec: ToyModelSpec, progress: bool = Tr
 
 
 def built_spec(path: Path) -> dict | None:
+    """The spec a model was built from; a field added since then reads as its default."""
     try:
-        return json.loads((path / "toy_model.json").read_text())["spec"]
+        saved = json.loads((path / "toy_model.json").read_text())["spec"]
     except (OSError, ValueError, KeyError):
         return None
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(ToyModelSpec) if f.default is not dataclasses.MISSING
+    }
+    return {**defaults, **saved}
 
 
 def build_toy_models(
