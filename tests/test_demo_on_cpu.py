@@ -25,7 +25,7 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
     summary = json.loads((demo / "summary.json").read_text())
     rows = {(r["pair"], r["arm"]): r for r in summary["rows"]}
     untaught = any(v["claim"].startswith("OPD teaches") and v["holds"] is False for v in summary["verdicts"])
-    assert ("OPD does not teach here" in (demo / "summary.md").read_text()) == untaught
+    assert ("Where OPD does not teach" in (demo / "summary.md").read_text()) == untaught
     arms = ("opd", "prune", "truncate", "prune-inflight")
     controls = ("prune-topp", "random")  # the paper's controls, low pair only
     assert set(rows) == {(p, a) for p in ("low", "high") for a in arms} | {("low", a) for a in controls}
