@@ -125,12 +125,9 @@ def run_summary(root: Path) -> dict[str, Any]:
         rows = run_sql(root, sql).fetchall()
         return rows[0] if rows else None
 
-    # evaluation is left out, but an engine start it made is charged to training: the run's one engine
-    # serves its rollouts too (whichever stage starts it)
+    # evaluation is left out, but an engine start it made is charged to training (view stage_walls)
     train_s, work_s = q(
-        "SELECT sum(CASE WHEN stage = 'eval' THEN seconds - coalesce(work_seconds, seconds) ELSE seconds END), "
-        "sum(CASE WHEN stage = 'eval' THEN 0 ELSE work_seconds END) FROM stage_walls "
-        "WHERE run = 'main'"
+        "SELECT sum(train_seconds), sum(train_work_seconds) FROM stage_walls WHERE run = 'main'"
     )
     acc0 = q("SELECT accuracy FROM evals ORDER BY round LIMIT 1")
     acc = q("SELECT accuracy, round FROM evals ORDER BY round DESC LIMIT 1")

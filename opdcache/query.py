@@ -11,7 +11,9 @@ Views (see docs/cache-format.md for columns):
             call, and per worker of a sharded stage (shard "i/N")
   stage_walls  one row per run, round and stage: generated_tokens summed over all lines; seconds and
             work_seconds the slowest worker's (each worker's lines summed, e.g. a relaunch), summed
-            over worker counts (jobs of different worker counts cannot overlap: the run lock)
+            over worker counts (jobs of different worker counts cannot overlap: the run lock);
+            train_seconds / train_work_seconds the same charged to training (an evaluation counts only
+            for an engine start-up it made, work 0)
 
 ``RUN/opdcache.duckdb`` holds the same views for any DuckDB client. Views use absolute paths;
 any ``opdcache`` command on the run refreshes them (after moving a run, run ``opdcache query``).
@@ -136,11 +138,17 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
             SELECT run, round, stage, workers, max(seconds) AS seconds, max(work_seconds) AS work_seconds,
                    sum(generated_tokens) AS generated_tokens, sum(lines) AS lines, bool_and(skipped) AS skipped
             FROM per_worker GROUP BY ALL
+        ), walls AS (
+            SELECT run, round, stage, sum(seconds) AS seconds, sum(work_seconds) AS work_seconds,
+                   sum(generated_tokens)::BIGINT AS generated_tokens, max(workers) AS workers,
+                   sum(lines)::BIGINT AS lines, bool_and(skipped) AS skipped
+            FROM per_job GROUP BY ALL
         )
-        SELECT run, round, stage, sum(seconds) AS seconds, sum(work_seconds) AS work_seconds,
-               sum(generated_tokens)::BIGINT AS generated_tokens, max(workers) AS workers,
-               sum(lines)::BIGINT AS lines, bool_and(skipped) AS skipped
-        FROM per_job GROUP BY ALL"""
+        -- charged to training: an evaluation only for the engine start-up it made (the run's one engine
+        -- then serves the rollouts too)
+        SELECT *, CASE WHEN stage = 'eval' THEN seconds - work_seconds ELSE seconds END AS train_seconds,
+               CASE WHEN stage = 'eval' THEN 0 ELSE work_seconds END AS train_work_seconds
+        FROM walls"""
     eval_cols = [
         ("round", "INTEGER"),
         ("accuracy", "DOUBLE"),

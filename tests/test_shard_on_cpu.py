@@ -342,6 +342,7 @@ def test_stage_walls_sum_tokens_and_take_the_slowest_worker(tmp_path):
         {"stage": "rollout", "seconds": 6.0, "work_seconds": 1.0, "generated_tokens": 40, "shard": "1/2"},
         {"stage": "rollout", "seconds": 2.0, "work_seconds": 2.0, "generated_tokens": 5},
         {"stage": "train", "seconds": 9.0, "work_seconds": 8.0},
+        {"stage": "eval", "seconds": 12.0, "work_seconds": 7.0},  # 5 s of it started the engine
     ]
     run.stage_times.write_text("".join(json.dumps({"run": "main", "round": 0, **x}) + "\n" for x in lines))
     rows = (
@@ -351,4 +352,12 @@ def test_stage_walls_sum_tokens_and_take_the_slowest_worker(tmp_path):
         )
         .fetchall()
     )
-    assert rows == [("rollout", 7.0 + 2.0, 5.0 + 2.0, 75, 2, 4), ("train", 9.0, 8.0, None, 1, 1)]
+    assert rows == [
+        ("eval", 12.0, 7.0, None, 1, 1),
+        ("rollout", 7.0 + 2.0, 5.0 + 2.0, 75, 2, 4),
+        ("train", 9.0, 8.0, None, 1, 1),
+    ]
+    charged = connect(run).execute(
+        "select stage, train_seconds, train_work_seconds from stage_walls order by stage"
+    )
+    assert charged.fetchall() == [("eval", 5.0, 0.0), ("rollout", 9.0, 7.0), ("train", 9.0, 8.0)]
