@@ -69,8 +69,10 @@ def demo_runs(tmp_path):
     return runs
 
 
-def _se(pp):
-    return np.std(pp, ddof=1) / math.sqrt(len(pp))
+def _paired_se(x, y):
+    """Same prompts in both evaluations: the s.e. of the per-prompt differences."""
+    d = np.subtract(x, y)
+    return np.std(d, ddof=1) / math.sqrt(len(d))
 
 
 def test_verdicts_restated_by_hand(demo_runs):
@@ -80,10 +82,10 @@ def test_verdicts_restated_by_hand(demo_runs):
         (v,) = [v for (p, c, q), v in got.items() if p == prefix and text in c and q == pair]
         return v
 
-    for pair in ("low", "high"):  # OPD's gain: final - round 0, s.e. from both evaluations
+    for pair in ("low", "high"):  # OPD's gain: final - round 0, prompt by prompt
         first, last = EVAL[f"{pair}-opd-s0"]
         v = find("OPD teaches", "gain", pair)
-        gain, se = np.mean(last) - np.mean(first), math.hypot(_se(last), _se(first))
+        gain, se = np.mean(last) - np.mean(first), _paired_se(last, first)
         assert v["value"] == pytest.approx(gain) and v["se"] == pytest.approx(se)
         assert v["holds"] == (gain > 3 * se)
     v = find("(a) low pair", "wall / OPD wall", "low")
@@ -93,7 +95,7 @@ def test_verdicts_restated_by_hand(demo_runs):
     v = find("(a) low pair", "accuracy", "low")
     diff = np.mean(EVAL["low-prune-s0"][1]) - np.mean(EVAL["low-opd-s0"][1])
     assert v["value"] == pytest.approx(diff)
-    assert v["se"] == pytest.approx(math.hypot(_se(EVAL["low-prune-s0"][1]), _se(EVAL["low-opd-s0"][1])))
+    assert v["se"] == pytest.approx(_paired_se(EVAL["low-prune-s0"][1], EVAL["low-opd-s0"][1]))
     assert find("(a) low pair", "E collapses", "low")["value"] == pytest.approx(150.0 / 520.0)
     v = find("(b) high pair", "budget opens", "high")
     assert v["value"] == pytest.approx(512 / 256) and v["holds"]
@@ -102,8 +104,30 @@ def test_verdicts_restated_by_hand(demo_runs):
     assert find("(c) gamma sweep", "gamma", "high")["holds"] is False  # 300 < 310: not monotone
     v = find("(d) high pair", "truncation", "high")
     diff = np.mean(EVAL["high-prune-s0"][1]) - np.mean(EVAL["high-truncate-s0"][1])
-    se = math.hypot(_se(EVAL["high-prune-s0"][1]), _se(EVAL["high-truncate-s0"][1]))
-    assert v["value"] == pytest.approx(diff) and v["holds"] == (diff > 2 * se)
+    se = _paired_se(EVAL["high-prune-s0"][1], EVAL["high-truncate-s0"][1])
+    assert (
+        v["value"] == pytest.approx(diff) and v["se"] == pytest.approx(se) and v["holds"] == (diff > 2 * se)
+    )
     v = find("(f) low pair", "random", "low")
     assert v["value"] == pytest.approx(np.mean(EVAL["low-prune-s0"][1]) - np.mean(EVAL["low-random-s0"][1]))
     assert not [c for (p, c, q) in got if p == "(e) low pair"]  # no top-p run here: no verdict made up
+
+
+def test_two_seeds_pair_prompt_by_prompt(demo_runs):
+    """Seed 1 of the high pair: the seeds' differences averaged, their variances summed / seeds^2;
+    a prompt only one arm answered (p4) is left out of that seed's difference."""
+    s1 = {"high-prune-s1": [1.0, 0.75, 0.5, 0.5, 1.0], "high-truncate-s1": [0.75, 0.75, 0.25, 0.0]}
+    for name, pp in s1.items():
+        d = demo_runs / name
+        (d / "eval").mkdir(parents=True)
+        (d / "config.yaml").write_text("{}\n")
+        for r in (0, 4):
+            res = {"accuracy": float(np.mean(pp)), "per_prompt": {f"p{i}": v for i, v in enumerate(pp)}}
+            (d / "eval" / f"round={r}.json").write_text(json.dumps(res))
+    x0, y0 = EVAL["high-prune-s0"][1], EVAL["high-truncate-s0"][1]
+    x1, y1 = s1["high-prune-s1"][:4], s1["high-truncate-s1"]
+    d0, d1 = np.mean(np.subtract(x0, y0)), np.mean(np.subtract(x1, y1))  # 0.3125, 0.25
+    se = math.sqrt(_paired_se(x0, y0) ** 2 + _paired_se(x1, y1) ** 2) / 2
+    (v,) = [v for v in verdicts(demo_runs) if v["claim"].startswith("(d)")]
+    assert v["seeds"] == 2
+    assert v["value"] == pytest.approx((d0 + d1) / 2) and v["se"] == pytest.approx(se)

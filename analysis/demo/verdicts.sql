@@ -1,9 +1,11 @@
 -- The paper's claims, each with the demo's verdict (issue 14), computed from the demo's run
 -- directories: OUT/runs/<pair>-<arm>-s<seed>/ (eval results, stage times, budget decisions, replays).
 --   duckdb -c "SET VARIABLE runs = 'demo/runs'; .read analysis/demo/verdicts.sql"
--- Accuracy is Avg@n of the last evaluated round; its standard error is the s.d. of the per-prompt
--- accuracies over sqrt(prompts). A difference of two arms is averaged over seeds, with
--- s.e. = sqrt(sum of the arms' squared s.e.) / seeds. Wall time is every stage but evaluation (an
+-- Accuracy is Avg@n of the last evaluated round. Every arm of a pair answers the same eval prompts,
+-- so a difference (two arms of one seed, or OPD's final round against its round 0) is taken prompt by
+-- prompt (a paired comparison: how hard a prompt is cancels): per seed, the mean of the per-prompt
+-- differences with s.e. = their s.d. / sqrt(prompts); over seeds, the mean with
+-- s.e. = sqrt(sum of the seeds' squared s.e.) / seeds. Only prompts both evaluations answered count. Wall time is every stage but evaluation (an
 -- engine start made by evaluation counts: the run's one engine serves its rollouts too); work time is
 -- wall time less every one-time start-up (the engine, the teacher, the trainer), which a long run
 -- (the paper's 200+ rounds) amortises to nothing while the demo's few rounds do not.
@@ -17,14 +19,15 @@ WITH runs AS (
     FROM runs
 ), evals AS (
     SELECT regexp_extract(filename, '([^/]+)/eval/round=', 1) AS run,
-           regexp_extract(filename, 'round=([0-9]+)', 1)::INTEGER AS round, accuracy,
-           (SELECT stddev_samp(value::DOUBLE) / sqrt(count(*)) FROM json_each(per_prompt)) AS se
+           regexp_extract(filename, 'round=([0-9]+)', 1)::INTEGER AS round, per_prompt
     FROM read_json(getvariable('runs') || '/*/eval/round=*.json', filename = true,
                    columns = {accuracy: 'DOUBLE', per_prompt: 'JSON'})
-), acc AS (
-    SELECT run, arg_max(accuracy, round) AS final, arg_max(se, round) AS final_se,
-           arg_min(accuracy, round) AS start, arg_min(se, round) AS start_se
-    FROM evals GROUP BY run
+), ends AS (  -- each run's first and last evaluation, prompt by prompt
+    SELECT e.run, e.round = b.first AS is_start, e.round = b.last AS is_final, j.key AS prompt,
+           j.value::DOUBLE AS acc
+    FROM evals e JOIN (SELECT run, min(round) AS first, max(round) AS last FROM evals GROUP BY run) b
+        ON e.run = b.run AND e.round IN (b.first, b.last),
+         json_each(e.per_prompt) j
 ), times AS (
     SELECT regexp_extract(filename, '([^/]+)/stage_times\.jsonl$', 1) AS run,
            sum(CASE WHEN stage = 'eval' THEN seconds - coalesce(work_seconds, seconds) ELSE seconds END) AS wall,
@@ -48,19 +51,33 @@ WITH runs AS (
           FROM read_json(getvariable('runs') || '/*/replays/gamma*/budget.json', filename = true))
     GROUP BY ALL
 ), arm AS (
-    SELECT i.*, a.final, a.final_se, a.start, a.start_se, t.wall, t.work, b.max_budget, b.first_budget, b.last_e
-    FROM ids i LEFT JOIN acc a USING (run) LEFT JOIN times t USING (run) LEFT JOIN budget b USING (run)
-), diff AS (  -- arm x minus arm y, per pair, averaged over the seeds both ran
-    SELECT x.pair, x.arm AS x, y.arm AS y, count(*) AS seeds,
-           avg(x.final - y.final) AS acc_diff,
-           sqrt(sum(x.final_se ^ 2 + y.final_se ^ 2)) / count(*) AS acc_diff_se,
+    SELECT i.*, t.wall, t.work, b.max_budget, b.first_budget, b.last_e
+    FROM ids i LEFT JOIN times t USING (run) LEFT JOIN budget b USING (run)
+), seed_diff AS (  -- final accuracy of arm x minus arm y, one seed, prompt by prompt
+    SELECT x.pair, x.arm AS x, y.arm AS y, x.seed, avg(fx.acc - fy.acc) AS d,
+           var_samp(fx.acc - fy.acc) / count(*) AS v
+    FROM arm x JOIN arm y ON x.pair = y.pair AND x.seed = y.seed AND x.arm <> y.arm
+        JOIN ends fx ON fx.run = x.run AND fx.is_final
+        JOIN ends fy ON fy.run = y.run AND fy.is_final AND fy.prompt = fx.prompt
+    GROUP BY ALL
+), acc_diff AS (
+    SELECT pair, x, y, avg(d) AS acc_diff, sqrt(sum(v)) / count(*) AS acc_diff_se
+    FROM seed_diff GROUP BY ALL
+), diff AS (  -- arm x against arm y, per pair, averaged over the seeds both ran
+    SELECT x.pair, x.arm AS x, y.arm AS y, count(*) AS seeds, any_value(a.acc_diff) AS acc_diff,
+           any_value(a.acc_diff_se) AS acc_diff_se,
            avg(x.wall / y.wall) AS wall_ratio, avg(x.work / y.work) AS work_ratio,
            avg(x.last_e / y.last_e) AS e_ratio
-    FROM arm x JOIN arm y USING (pair, seed) WHERE x.arm <> y.arm GROUP BY ALL
-), gain AS (  -- OPD's gain over the demo (final minus round 0), per pair
-    SELECT pair, count(*) AS seeds, avg(final - start) AS gain,
-           sqrt(sum(final_se ^ 2 + start_se ^ 2)) / count(*) AS gain_se
-    FROM arm WHERE arm = 'opd' GROUP BY pair
+    FROM arm x JOIN arm y USING (pair, seed)
+        LEFT JOIN acc_diff a ON a.pair = x.pair AND a.x = x.arm AND a.y = y.arm
+    WHERE x.arm <> y.arm GROUP BY ALL
+), gain AS (  -- OPD's gain over the demo: final round minus round 0, prompt by prompt, per seed
+    SELECT pair, count(*) AS seeds, avg(d) AS gain, sqrt(sum(v)) / count(*) AS gain_se
+    FROM (SELECT i.pair, i.run, avg(f.acc - s.acc) AS d, var_samp(f.acc - s.acc) / count(*) AS v
+          FROM ids i JOIN ends f ON f.run = i.run AND f.is_final
+              JOIN ends s ON s.run = i.run AND s.is_start AND s.prompt = f.prompt
+          WHERE i.arm = 'opd' GROUP BY ALL)
+    GROUP BY pair
 ), mono AS (
     SELECT s.run, bool_and(s.mean_e >= coalesce(n.mean_e, s.mean_e)) AS monotone
     FROM sweep s LEFT JOIN sweep n ON n.run = s.run AND n.gamma = (
