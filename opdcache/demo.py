@@ -6,7 +6,8 @@
 2. writes the toy prompt and eval files;
 3. runs, on both pairs, the arms OPD (fixed budget M_max), Prune-OPD (overlap, dynamic budget) and
    fixed truncation, for a few rounds each (vLLM rollouts, gathering teacher forward, DeepSpeed);
-4. evaluates Avg@n every other round, replays a gamma sweep (score-only) from each Prune-OPD cache;
+4. evaluates Avg@n (the high pair Avg@8 every other round, the low pair Avg@4 at the start and the end),
+   replays a gamma sweep (score-only) from each Prune-OPD cache;
 5. writes ``OUT/report/report.md`` (+ PNGs) and ``OUT/summary.md``, and prints the summary table.
 
 Everything lands in OUT (models/, data/, runs/<pair>-<arm>-s<seed>/, report/); a rerun resumes.
@@ -100,13 +101,21 @@ def toy_overrides(
         *ARM_OVERRIDES.get(arm, [f"arm.name={arm}"]),
         f"arm.truncate_tokens={M0}",
         f"eval.data={data / 'eval.jsonl'}",
-        # the low student's answers run to the 768 cap (5x the high pair's eval): start and end only
-        f"eval.every={size.rounds if student == 'student_low' else size.eval_every}",
-        f"eval.n={size.eval_n}",
+        f"eval.every={eval_schedule(student, size)[0]}",
+        f"eval.n={eval_schedule(student, size)[1]}",
         "eval.temperature=0.6",
         "eval.top_p=1.0",
         "eval.checker=exact",
     ]
+
+
+def eval_schedule(student: str, size: DemoSize) -> tuple[int, int]:
+    """(eval.every, eval.n) of a pair. The low student's answers run long (it rambles after its
+    answer), so it evaluates at the start and the end only; the high pair's arms are ~0.05 apart
+    ((d)), and sampling noise is ~80 % of a paired difference's variance there: twice the samples."""
+    if student == "student_low":
+        return size.rounds, size.eval_n
+    return size.eval_every, 2 * size.eval_n
 
 
 def write_toy_data(data: Path, size: DemoSize) -> None:
@@ -197,12 +206,14 @@ def seed_means_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 NOT_TAUGHT = (
-    "Where OPD does not teach (the pairs marked above), the claims that need it to ((d), (f)) cannot hold "
-    "there: nothing is learned for truncation or random pruning to lose. In this toy OPD teaches what "
-    "reverse KL toward a sharper teacher can fix in a few rounds, an under-confident student (the high "
-    "pair's, with rollouts at the eval temperature; at T = 1 they leave the teacher's manifold), but "
-    "not argmax errors such as counting to n or stopping. Measurements: docs/toy-task.md, section "
-    "'What makes OPD teach here'."
+    "Where OPD does not teach (the pairs marked above), the claims that need it to cannot hold there. "
+    "In this toy OPD teaches what reverse KL toward a sharper teacher fixes in a few rounds, an "
+    "under-confident student (with rollouts at the eval temperature; at T = 1 they leave the teacher's "
+    "manifold), not argmax errors such as counting to n. On the low pair plain OPD also trains on the "
+    "ramble after the answer, where the teacher's signal is noise: the ramble decays and opens stray "
+    "\\boxed{}s, the last of which the grader reads; that is the drifted supervision Prune-OPD "
+    "down-weights. Measurements: docs/toy-task.md, sections 'What makes OPD teach here' and 'A low "
+    "student that drifts late'."
 )
 
 

@@ -40,6 +40,16 @@ def test_drift_rambles_on_after_a_correct_answer():
     assert 3.5 < np.mean(extras) < 6.5  # geometric: mean `ramble` - 1
 
 
+def test_drift_with_switch_p_0_keeps_the_compact_notation_up_to_the_answer():
+    rng = np.random.default_rng(6)
+    p = Problem(17, 7, 12)
+    compact = solution(p, "compact")
+    for _ in range(20):
+        text = solution(p, "drift", rng, switch_p=0.0, ramble=4.0)
+        assert text.startswith(compact) and "then" not in text  # the compact answer, word for word
+        assert all(line.split()[0] == "check" for line in text[len(compact) :].split(".")[:-1])
+
+
 def test_toy_tokenizer_is_one_token_per_word_and_round_trips(tmp_path):
     tok = build_toy_tokenizer(tmp_path)
     text = solution(Problem(17, 7, 12), "compact")

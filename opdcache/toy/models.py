@@ -2,7 +2,8 @@
 
     teacher        hidden 128, 3 layers, compact format, 700 steps
     student_high   hidden 128, 2 layers, compact format, 500 steps, logits x 0.7 -> high compatibility
-    student_low    hidden 128, 2 layers, drift format (rambling on), 500 steps -> low compatibility
+    student_low    hidden 128, 2 layers, compact then rambling on after the answer, 800 steps,
+                   logits x 0.7 -> low compatibility once it passes its answer
 
 Each is a Qwen3 HF checkpoint with a word-level `tokenizers` tokenizer over the toy vocabulary,
 saved with ``toy_model.json`` (its spec and training record); a directory whose spec matches is
@@ -40,6 +41,7 @@ class ToyModelSpec:
     lr: float = 3e-3
     seed: int = 0
     max_steps: int = 40  # longest problem (solution steps) in the training data
+    switch_p: float = 0.2  # drift only: verbose notation from a geometric step, mean 1/switch_p; 0 = never
     ramble: float = 0.0  # drift only: check lines after the answer stop w.p. 1/ramble each (task.solution)
     max_len: int = 800  # training sequences are cut here (rambling ones can run longer)
     task_version: int = 4  # bump when the task's text or vocabulary changes: forces a rebuild
@@ -53,7 +55,11 @@ def toy_specs(seed: int = 0, smoke: bool = False) -> dict[str, ToyModelSpec]:
     return {
         "teacher": ToyModelSpec("compact", 128, 3, n(700), seed=seed),
         "student_high": ToyModelSpec("compact", 128, 2, n(500), seed=seed + 1, logit_scale=0.7),
-        "student_low": ToyModelSpec("drift", 128, 2, n(500), seed=seed + 2, ramble=48.0),
+        # solves in the teacher's notation, then re-checks backwards; sequences cut at 400 tokens,
+        # so it rarely sees a ramble end and rambles on (toy-task.md)
+        "student_low": ToyModelSpec(
+            "drift", 128, 2, n(800), seed=seed + 2, switch_p=0.0, ramble=48.0, max_len=400, logit_scale=0.7
+        ),
     }
 
 
@@ -102,7 +108,7 @@ def _batches(tok: PreTrainedTokenizerFast, spec: ToyModelSpec, rng: np.random.Ge
         seqs = []
         for p in probs:
             q = tok(p.question, add_special_tokens=False).input_ids
-            text = solution(p, spec.fmt, rng, ramble=spec.ramble)
+            text = solution(p, spec.fmt, rng, switch_p=spec.switch_p, ramble=spec.ramble)
             a = (tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id])[: spec.max_len - len(q)]
             seqs.append((q, a))
         width = max(len(q) + len(a) for q, a in seqs)

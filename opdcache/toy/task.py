@@ -78,14 +78,15 @@ def solution(
     switch_p: float = 0.2,
     ramble: float = 0.0,
 ) -> str:
-    """A correct worked solution; ``drift`` switches to the verbose notation at a geometric step.
+    """A correct worked solution; ``drift`` switches to the verbose notation at a geometric step
+    (mean ``1/switch_p``; ``switch_p`` = 0: never, the drift is then only the rambling after the answer).
 
     ``ramble`` > 0 (drift only): after the boxed answer, backward check lines, stopping after each
     with probability 1/ramble (mean ramble - 1) -- like a Base model that does not stop at the answer.
     """
     rng = rng or np.random.default_rng()
     switch = p.steps + 1
-    if fmt == "drift":
+    if fmt == "drift" and switch_p > 0:
         switch = int(rng.geometric(switch_p))
     parts, x = [], p.start
     for i in range(1, p.steps + 1):
