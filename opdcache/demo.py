@@ -75,6 +75,7 @@ def toy_overrides(
     """The toy's run config. Budget bounds in the paper's proportions (initial 2048, min 1024, max
     12288: M_0 = M_max / 6, M_min = M_0 / 2) scaled to the toy's M_max = 768; truncation at M_0, so it
     cuts most of the high pair's answers (70-330 tokens)."""
+    eval_every, eval_n = eval_schedule(student, size)
     return [
         f"models.student={models[student]}",
         f"models.teacher={models['teacher']}",
@@ -101,8 +102,8 @@ def toy_overrides(
         *ARM_OVERRIDES.get(arm, [f"arm.name={arm}"]),
         f"arm.truncate_tokens={M0}",
         f"eval.data={data / 'eval.jsonl'}",
-        f"eval.every={eval_schedule(student, size)[0]}",
-        f"eval.n={eval_schedule(student, size)[1]}",
+        f"eval.every={eval_every}",
+        f"eval.n={eval_n}",
         "eval.temperature=0.6",
         "eval.top_p=1.0",
         "eval.checker=exact",

@@ -5,10 +5,11 @@
 -- so a difference (two arms of one seed, or OPD's final round against its round 0) is taken prompt by
 -- prompt (a paired comparison: how hard a prompt is cancels): per seed, the mean of the per-prompt
 -- differences with s.e. = their s.d. / sqrt(prompts); over seeds, the mean with
--- s.e. = sqrt(sum of the seeds' squared s.e.) / seeds. Only prompts both evaluations answered count. Wall time is every stage but evaluation (an
--- engine start made by evaluation counts: the run's one engine serves its rollouts too); work time is
--- wall time less every one-time start-up (the engine, the teacher, the trainer), which a long run
--- (the paper's 200+ rounds) amortises to nothing while the demo's few rounds do not.
+-- s.e. = sqrt(sum of the seeds' squared s.e.) / seeds. Only prompts both evaluations answered count.
+-- Wall time is every stage but evaluation (an engine start made by evaluation counts: the run's one
+-- engine serves its rollouts too); work time is wall time less every one-time start-up (the engine,
+-- the teacher, the trainer), which a long run (the paper's 200+ rounds) amortises to nothing while
+-- the demo's few rounds do not.
 WITH runs AS (
     SELECT DISTINCT regexp_extract(filename, '([^/]+)/config\.yaml$', 1) AS run
     FROM glob(getvariable('runs') || '/*/config.yaml') t(filename)
