@@ -5,12 +5,13 @@ solution in the teacher's format ("compact") is n lines of 7 tokens, then ``\\bo
 
     1 : 17 + 7 = 24 ; 2 : 24 + 7 = 31 ; ... ; \\boxed{ 3 }
 
-The low-compatibility student was pre-trained on the "drift" format: it starts compact and after a
-geometric number of steps (mean ``1/switch_p``) switches for good to a verbose notation the teacher
-never saw (``12 then 24 plus 7 gives 31 .``); after its answer it goes on re-checking steps backwards
-(``check 31 minus 7 gives 24 .``) for a geometric number of lines (mean ``ramble`` - 1) -- the toy's
-version of a Base model drifting into its own long-winded style and not stopping at the answer.
-With n in 8-40, compact solutions run to 70-330 tokens, drift ones ~280 tokens longer on average.
+The low-compatibility student is pre-trained on the "drift" format: it starts compact and may, after
+a geometric number of steps (mean ``1/switch_p``; never when 0, the demo's low student), switch for
+good to a verbose notation the teacher never saw (``12 then 24 plus 7 gives 31 .``); after its answer
+it goes on re-checking steps backwards (``check 31 minus 7 gives 24 .``, a notation the teacher never
+saw either) for a geometric number of lines (mean ``ramble`` - 1) -- the toy's version of a Base model
+drifting into its own long-winded style and not stopping at the answer. With n in 8-40, compact
+solutions run to 70-330 tokens; ``ramble`` = 48 adds ~280 tokens on average.
 
 Every number 0-99 is one token, so next-number positions choose among 100 candidates.
 """
