@@ -41,7 +41,9 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
         assert longest <= m0
         stopped = run_sql(run.root, "select count(*) from rollouts where finish_reason = 'unreliable'")
         n_stopped = stopped.fetchall()[0][0]
-        assert n_stopped == 0 if arm != "prune-inflight" else (n_stopped > 0 or pair == "high"), (pair, arm)
+        # in flight, samples may stop as unreliable (the smoke's low student drifts after its answer,
+        # past M_0 = 128, so here they need not; test_inflight_on_cpu makes them stop); no other arm stops
+        assert n_stopped == 0 or arm == "prune-inflight", (pair, arm)
         if arm.startswith("prune"):  # decoded tokens per effective token: in flight it stays near 1
             assert r["decoded_per_effective"] >= 1.0
         variants = {v for (v,) in run_sql(run.root, "select distinct variant from scores").fetchall()}
@@ -55,18 +57,19 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
         if arm == "prune-topp":  # App. A.10's acceptance, not the overlap
             assert run_sql(run.root, "select count(accept) from scores").fetchall()[0][0] > 0
     # in flight, a sample stopped as unreliable decodes at most the rest of its chunk past the cut
-    # (tail 0); compared with Prune-OPD's ratio it is not ordered at M_0 = 128 (measured 1.111 vs 1.107)
-    inflight = RunDir(demo / "runs" / "low-prune-inflight-s0")
-    chunk = read_run_config(inflight).rollout.chunk_tokens
-    decoded = run_sql(
-        inflight.root,
-        "select sum(generated_tokens) from stage_walls where run = 'main' and stage = 'rollout'",
-    ).fetchall()[0][0]
-    kept, stopped = run_sql(
-        inflight.root,
-        "select sum(response_len), count(*) filter (where finish_reason = 'unreliable') from rollouts",
-    ).fetchall()[0]
-    assert stopped > 0 and kept <= decoded <= kept + stopped * (chunk - 1)
+    # (tail 0): what the stage records as decoded is bounded by what the run kept
+    for pair in ("low", "high"):
+        inflight = RunDir(demo / "runs" / f"{pair}-prune-inflight-s0")
+        chunk = read_run_config(inflight).rollout.chunk_tokens
+        decoded = run_sql(
+            inflight.root,
+            "select sum(generated_tokens) from stage_walls where run = 'main' and stage = 'rollout'",
+        ).fetchall()[0][0]
+        kept, stopped = run_sql(
+            inflight.root,
+            "select sum(response_len), count(*) filter (where finish_reason = 'unreliable') from rollouts",
+        ).fetchall()[0]
+        assert kept <= decoded <= kept + stopped * (chunk - 1), pair
     assert rows[("low", "opd")]["time_vs_opd"] == 1.0
     # the one-time DeepSpeed op build happens before the arms, not inside the first arm's training
     assert summary["warm_up_seconds"] >= 0
