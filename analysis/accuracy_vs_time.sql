@@ -1,8 +1,9 @@
--- Avg@n accuracy of each evaluated checkpoint against the wall time spent producing it: every
--- stage of the rounds before it, evaluation excluded except an engine start-up it made (view
--- stage_walls' train_seconds: a run that evaluates before its first rollout would otherwise look a
--- start-up faster; the demo's verdicts count it the same way) (paper Fig. 1 / Fig. 4). work_seconds leaves out every one-time start-up (a fixed cost that dominates tiny CPU
--- rounds). A sharded stage's wall is its slowest worker's (view stage_walls).
+-- Avg@n accuracy of each evaluated checkpoint against the wall time spent producing it (paper Fig. 1
+-- / Fig. 4): every stage of the rounds before it, evaluation excluded except an engine start-up it
+-- made (view stage_walls' train_seconds: a run that evaluates before its first rollout would otherwise
+-- look a start-up faster; the demo's verdicts count it the same way). work_seconds leaves out every
+-- one-time start-up (a fixed cost that dominates tiny CPU rounds). A sharded stage's wall is its
+-- slowest worker's (view stage_walls).
 --   opdcache query RUN --file analysis/accuracy_vs_time.sql [--param run_label=main]
 WITH per_round AS (
     SELECT round, sum(train_seconds) AS seconds, sum(train_work_seconds) AS work_seconds

@@ -54,15 +54,20 @@ WITH runs AS (
 ), arm AS (
     SELECT i.*, t.wall, t.work, b.max_budget, b.first_budget, b.last_e
     FROM ids i LEFT JOIN times t USING (run) LEFT JOIN budget b USING (run)
-), seed_diff AS (  -- final accuracy of arm x minus arm y, one seed, prompt by prompt
-    SELECT x.pair, x.arm AS x, y.arm AS y, x.seed, avg(fx.acc - fy.acc) AS d,
-           var_samp(fx.acc - fy.acc) / count(*) AS v
-    FROM arm x JOIN arm y ON x.pair = y.pair AND x.seed = y.seed AND x.arm <> y.arm
-        JOIN ends fx ON fx.run = x.run AND fx.is_final
-        JOIN ends fy ON fy.run = y.run AND fy.is_final AND fy.prompt = fx.prompt
+), labelled AS (  -- each run's last evaluation under its arm, its first under <arm>@start
+    SELECT i.pair, i.seed, i.arm AS label, e.prompt, e.acc
+    FROM ids i JOIN ends e ON e.run = i.run AND e.is_final
+    UNION ALL
+    SELECT i.pair, i.seed, i.arm || '@start', e.prompt, e.acc
+    FROM ids i JOIN ends e ON e.run = i.run AND e.is_start
+), seed_diff AS (  -- evaluation x minus evaluation y, one seed, prompt by prompt
+    SELECT x.pair, x.label AS x, y.label AS y, x.seed, avg(x.acc - y.acc) AS d,
+           var_samp(x.acc - y.acc) / count(*) AS v
+    FROM labelled x JOIN labelled y
+        ON x.pair = y.pair AND x.seed = y.seed AND x.label <> y.label AND x.prompt = y.prompt
     GROUP BY ALL
-), acc_diff AS (
-    SELECT pair, x, y, avg(d) AS acc_diff, sqrt(sum(v)) / count(*) AS acc_diff_se
+), acc_diff AS (  -- averaged over the seeds both ran
+    SELECT pair, x, y, count(*) AS seeds, avg(d) AS acc_diff, sqrt(sum(v)) / count(*) AS acc_diff_se
     FROM seed_diff GROUP BY ALL
 ), diff AS (  -- arm x against arm y, per pair, averaged over the seeds both ran
     SELECT x.pair, x.arm AS x, y.arm AS y, count(*) AS seeds, any_value(a.acc_diff) AS acc_diff,
@@ -72,13 +77,9 @@ WITH runs AS (
     FROM arm x JOIN arm y USING (pair, seed)
         LEFT JOIN acc_diff a ON a.pair = x.pair AND a.x = x.arm AND a.y = y.arm
     WHERE x.arm <> y.arm GROUP BY ALL
-), gain AS (  -- OPD's gain over the demo: final round minus round 0, prompt by prompt, per seed
-    SELECT pair, count(*) AS seeds, avg(d) AS gain, sqrt(sum(v)) / count(*) AS gain_se
-    FROM (SELECT i.pair, i.run, avg(f.acc - s.acc) AS d, var_samp(f.acc - s.acc) / count(*) AS v
-          FROM ids i JOIN ends f ON f.run = i.run AND f.is_final
-              JOIN ends s ON s.run = i.run AND s.is_start AND s.prompt = f.prompt
-          WHERE i.arm = 'opd' GROUP BY ALL)
-    GROUP BY pair
+), gain AS (  -- OPD's gain over the demo: its final round minus its round 0
+    SELECT pair, seeds, acc_diff AS gain, acc_diff_se AS gain_se
+    FROM acc_diff WHERE x = 'opd' AND y = 'opd@start'
 ), mono AS (
     SELECT s.run, bool_and(s.mean_e >= coalesce(n.mean_e, s.mean_e)) AS monotone
     FROM sweep s LEFT JOIN sweep n ON n.run = s.run AND n.gamma = (
