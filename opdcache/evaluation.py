@@ -1,9 +1,20 @@
-"""Avg@n accuracy of a checkpoint on a prompt file (vLLM sampling, answers in ``\\boxed{}``).
+"""Avg@n accuracy of a checkpoint on a prompt file (vLLM sampling, answers in ``\\boxed{}``), and with
+a teacher the distillation metrics on the student's own samples.
 
     opdcache eval CHECKPOINT --data FILE [--n 16] [--checker math|exact] [--out FILE]
+    opdcache eval CHECKPOINT --data FILE --teacher TEACHER [--k 16] [--band 64]
 
 ``math`` checks answers with math-verify (symbolic equivalence, for real math data: AIME / AMC /
 MATH-500 exports); ``exact`` compares the last ``\\boxed{}`` content as a string (the toy task).
+With a teacher, every sample's positions get the student's top-k (vLLM raw log-probs) and the
+teacher's log-probs at those ids (the gathering forward of the teacher stage), from which: the top-k
+reverse KL to the teacher (``reliability.topk_reverse_kl``), the teacher's and the student's own NLL
+of the sampled tokens, their difference (``sample_kl``: log p(y) - log q(y) at the sampled y, a
+Monte Carlo estimate of the full-vocabulary reverse KL under the eval's sampling, which the top-k KL
+cannot see: mass moved outside the student's top-k), the exact full-vocabulary reverse KL (the
+checkpoint loaded in transformers fp32 beside the teacher: sum_v p(v) (log p(v) - log q(v)) per
+position), and the top-k overlap (eq. 6), each a token mean per prompt, then a mean over prompts (so two checkpoints can be compared prompt by prompt),
+plus overlap and KL by depth band.
 """
 
 from __future__ import annotations
@@ -12,15 +23,16 @@ import dataclasses
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from opdcache.config import DataConfig
 from opdcache.errors import OpdcacheError
-from opdcache.grading import Checker, grader
+from opdcache.grading import Checker, extract_boxed, grader
 from opdcache.models.checkpoint import require_checkpoint
 from opdcache.results import EvalResult
 from opdcache.rollout import engine
@@ -28,6 +40,101 @@ from opdcache.rollout.prompts import encode_prompts, load_prompts
 from opdcache.rundir import atomic_write_bytes
 
 DAPO_TEMPLATE = DataConfig.template
+
+
+@dataclass(frozen=True)
+class EvalTeacher:
+    """A loaded teacher for the distillation metrics."""
+
+    model: Any
+    path: str
+    vocab: int  # usable vocabulary (teacher_stage.checked_vocab)
+    k: int = 16
+    band: int = 64
+    chunk: int = 1024  # teacher.chunk_positions
+    student: Any = None  # the evaluated checkpoint in transformers (fp32): the full-vocabulary KL
+
+
+class _Pooled:
+    """Token sums and counts of one metric, per prompt and per depth band."""
+
+    def __init__(self) -> None:
+        self.per_prompt: dict[str, list[float]] = {}
+        self.bands: dict[int, list[float]] = {}
+
+    def add(self, prompt: str, values: np.ndarray, band: int) -> None:
+        acc = self.per_prompt.setdefault(prompt, [0.0, 0.0])
+        acc[0] += float(values.sum(dtype=np.float64))
+        acc[1] += len(values)
+        b = np.arange(len(values)) // band
+        for i in np.unique(b):
+            row = self.bands.setdefault(int(i) * band, [0.0, 0.0])
+            row[0] += float(values[b == i].sum(dtype=np.float64))
+            row[1] += int((b == i).sum())
+
+    def prompt_means(self) -> dict[str, float]:
+        return {p: s / c for p, (s, c) in self.per_prompt.items() if c}
+
+    def mean(self) -> float:
+        means = list(self.prompt_means().values())
+        return float(np.mean(means)) if means else float("nan")
+
+    def band_means(self) -> dict[str, float]:
+        return {str(b): s / c for b, (s, c) in sorted(self.bands.items())}
+
+
+def distill_fields(teacher: EvalTeacher, prompts: list, encoded: list, outs: list, progress: bool) -> dict:
+    """The EvalResult fields of the distillation metrics (module docstring) for generated ``outs``."""
+    from tqdm.auto import tqdm
+
+    from opdcache.score.reliability import topk_overlap, topk_reverse_kl  # numba: after vLLM spawned
+    from opdcache.teacher.forward import score_response
+
+    kl, full, nll, own, ov = _Pooled(), _Pooled(), _Pooled(), _Pooled(), _Pooled()
+    total = sum(len(o.outputs) for o in outs)
+    with tqdm(total=total, desc="teacher metrics", unit="sample", disable=not progress) as bar:
+        for pr, ids, out in zip(prompts, encoded, outs, strict=True):
+            for c in out.outputs:
+                bar.update(1)
+                if not c.token_ids:
+                    continue
+                a = engine.completion_arrays(c, teacher.k)
+                t = score_response(
+                    teacher.model,
+                    np.asarray(ids),
+                    a["response_ids"],
+                    a["student_topk_ids"],
+                    teacher.k,
+                    teacher.vocab,
+                    teacher.chunk,
+                    student=teacher.student,
+                )
+                if t.full_kl is not None:
+                    full.add(pr.prompt_id, t.full_kl, teacher.band)
+                kl.add(
+                    pr.prompt_id, topk_reverse_kl(a["student_topk_logprobs"], t.on_student_topk), teacher.band
+                )
+                nll.add(pr.prompt_id, -t.sampled_logprob, teacher.band)
+                own.add(pr.prompt_id, -a["student_logprob"], teacher.band)
+                ov.add(pr.prompt_id, topk_overlap(a["student_topk_ids"], t.topk_ids), teacher.band)
+    return {
+        "teacher": teacher.path,
+        "k": teacher.k,
+        "topk_kl": kl.mean(),
+        "teacher_nll": nll.mean(),
+        "student_nll": own.mean(),
+        "sample_kl": nll.mean() - own.mean(),
+        "full_kl": full.mean() if full.per_prompt else None,
+        "overlap": ov.mean(),
+        "band": teacher.band,
+        "overlap_by_band": ov.band_means(),
+        "kl_by_band": kl.band_means(),
+        "per_prompt_kl": kl.prompt_means(),
+        "per_prompt_nll": nll.prompt_means(),
+        "per_prompt_sample_kl": {p: v - own.prompt_means()[p] for p, v in nll.prompt_means().items()},
+        "per_prompt_full_kl": full.prompt_means(),
+        "full_kl_by_band": full.band_means(),
+    }
 
 
 def evaluate_with(
@@ -44,18 +151,24 @@ def evaluate_with(
     chat: bool,
     fields: Mapping[str, str] | None = None,
     checkpoint: str = "",
+    teacher: EvalTeacher | None = None,
+    progress: bool = False,
 ) -> EvalResult:
-    """Evaluate with an engine already holding the checkpoint."""
+    """Evaluate with an engine already holding the checkpoint (asked for >= ``teacher.k`` log-probs
+    when a teacher is given)."""
     prompts = load_prompts(data, fields, quiet=True)
     encoded = encode_prompts(tokenizer, prompts, template, chat)
     t0 = time.perf_counter()
-    outs = engine.generate(llm, encoded, n, temperature, max_tokens, k=0, top_p=top_p)  # seed: the engine
-    per_prompt, lengths, truncated = {}, [], 0
+    k = teacher.k if teacher else 0
+    outs = engine.generate(llm, encoded, n, temperature, max_tokens, k=k, top_p=top_p)  # seed: the engine
+    per_prompt, lengths, truncated, boxed = {}, [], 0, 0
     for pr, out in zip(prompts, outs, strict=True):
         correct = grader(pr.answer, checker)
         per_prompt[pr.prompt_id] = float(np.mean([correct(c.text) for c in out.outputs]))
         lengths += [len(c.token_ids) for c in out.outputs]
         truncated += sum(c.finish_reason == "length" for c in out.outputs)
+        boxed += sum(extract_boxed(c.text) is not None for c in out.outputs)
+    distill = distill_fields(teacher, prompts, encoded, outs, progress) if teacher else {}
     acc = np.array(list(per_prompt.values()))
     return EvalResult(
         checkpoint,
@@ -72,6 +185,9 @@ def evaluate_with(
         time.perf_counter() - t0,
         per_prompt,
         top_p=top_p,
+        boxed_rate=boxed / len(lengths),
+        stop_rate=1 - truncated / len(lengths),
+        **distill,
     )
 
 
@@ -93,6 +209,12 @@ def evaluate(
     out: str | Path | None = None,
     engines: engine.PersistentEngine | None = None,
     k: int = 1,
+    teacher: str = "",
+    teacher_k: int = 16,
+    band: int = 64,
+    teacher_model: Any = None,
+    teacher_settings: Mapping[str, Any] | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """Evaluate Avg@n of ``checkpoint``, optionally writing the result JSON.
 
@@ -100,16 +222,38 @@ def evaluate(
     (``max_tokens`` 0: as many tokens as the model's context leaves after the longest prompt).
     ``engines`` (``opdcache run``) is an engine kept across stages (asked for ``k`` log-probs, so the
     rollout can use it too); without it an engine is started and shut down here.
+
+    ``teacher`` (a checkpoint sharing the student's tokenizer) adds the distillation metrics at top-
+    ``teacher_k``, overlap and KL by depth bands of ``band`` tokens. ``teacher_model`` (``opdcache run``:
+    the run's resident teacher) is that checkpoint already loaded; ``teacher_settings`` the run's
+    ``teacher.*`` (dtype, device, device_map, chunk_positions); without them the defaults (fp32 on CPU).
     """
     from transformers import AutoTokenizer
 
-    if n < 1 or max_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+    if n < 1 or max_tokens < 0 or temperature < 0 or not 0 < top_p <= 1 or teacher_k < 1 or band < 1:
         raise OpdcacheError(
-            f"eval: need n >= 1, max_tokens >= 0, temperature >= 0, 0 < top_p <= 1 "
-            f"(got {n}, {max_tokens}, {temperature}, {top_p})"
+            f"eval: need n >= 1, max_tokens >= 0, temperature >= 0, 0 < top_p <= 1, k >= 1, band >= 1 "
+            f"(got {n}, {max_tokens}, {temperature}, {top_p}, {teacher_k}, {band})"
         )
     longest, max_tokens = eval_context(checkpoint, data, max_tokens, template, chat, fields)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    t_model = None
+    if teacher:  # checked and loaded before the engine starts: a wrong teacher fails fast
+        from opdcache.teacher.stage import checked_vocab, load_teacher
+
+        ts = dict(teacher_settings or {})
+        vocab = checked_vocab(teacher, checkpoint)
+        t_model = teacher_model or load_teacher(
+            teacher, ts.get("dtype", "auto"), ts.get("device", "auto"), ts.get("device_map", "")
+        )
+        from transformers import AutoModelForCausalLM
+
+        device = t_model.get_output_embeddings().weight.device
+        student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+        t_model = EvalTeacher(
+            t_model, teacher, vocab, teacher_k, band, ts.get("chunk_positions", 1024), student
+        )
+        k = max(k, teacher_k)
     own = engines is None
     if own:
         engines = engine.PersistentEngine(kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager)
@@ -128,6 +272,8 @@ def evaluate(
             chat=chat,
             fields=fields,
             checkpoint=checkpoint,
+            teacher=t_model,
+            progress=progress,
         )
     finally:
         engines.close() if own else engines.release()

@@ -299,14 +299,19 @@ def evaluate(a: Args, _: None) -> list[Any]:
         kv_cache_gib=a.kv_cache_gib,
         enforce_eager={"true": True, "false": False}.get(a.enforce_eager, "auto"),
         out=a.out,
+        teacher=a.teacher,
+        teacher_k=a.k,
+        band=a.band,
+        progress=not a.quiet,
     )
     return [res, f"written to {a.out}" if a.out else None]
 
 
 def convert(a: Args, _: None) -> str:
-    from opdcache.models.gguf import convert_gguf
+    from opdcache.models.gguf import convert_gguf, parse_layer_range
 
-    return f"wrote {convert_gguf(a.source, a.out, a.layers)}"
+    drop = parse_layer_range(a.drop_layers) if a.drop_layers else None
+    return f"wrote {convert_gguf(a.source, a.out, a.layers, drop)}"
 
 
 def report(a: Args, _: None) -> str:
@@ -316,9 +321,20 @@ def report(a: Args, _: None) -> str:
 
 
 def demo(a: Args, _: None) -> list[str]:
-    from opdcache.demo import run_demo
+    if a.real:
+        from opdcache.real_demo import run_real_demo
 
-    res = run_demo(a.out, a.smoke, a.rounds, tuple(a.seeds), progress=not a.quiet)
+        if not a.data:
+            raise OpdcacheError(
+                "demo --real needs --data: a GSM8K-shaped prompt file (e.g. GSM8K's test.jsonl)"
+            )
+        res = run_real_demo(a.data, a.out or "demo-real", a.smoke, a.rounds, tuple(a.seeds), not a.quiet)
+    else:
+        from opdcache.demo import run_demo
+
+        if a.data:
+            raise OpdcacheError("demo --data: only with --real (the toy demo writes its own prompts)")
+        res = run_demo(a.out or "demo", a.smoke, a.rounds, tuple(a.seeds), progress=not a.quiet)
     return [
         res["table"],
         f"\ndemo finished in {res['seconds']:.0f} s; summary {res['summary']}, report {res['report']}",

@@ -41,11 +41,17 @@ from opdcache.train.stage import ResidentTrainer
 
 
 def eval_round(
-    run: RunDir, r: int, cfg: RunConfig, engines: PersistentEngine | None = None
+    run: RunDir,
+    r: int,
+    cfg: RunConfig,
+    engines: PersistentEngine | None = None,
+    teacher: ResidentTeacher | None = None,
 ) -> EvalRoundResult | None:
-    """Avg@n of the checkpoint round r samples from -> RUN/eval/round=r.json (skipped when present).
+    """Avg@n of the checkpoint round r samples from -> RUN/eval/round=r.json (skipped when present);
+    with ``eval.teacher``, the distillation metrics too.
 
-    With ``engines`` (``opdcache run``) the run's one vLLM engine evaluates, its weights swapped in place.
+    With ``engines`` (``opdcache run``) the run's one vLLM engine evaluates, its weights swapped in
+    place; with ``teacher`` the run's resident teacher serves the metrics when ``eval.teacher`` is it.
     """
     from opdcache.evaluation import evaluate, read_eval
     from opdcache.models.checkpoint import student_checkpoint
@@ -57,6 +63,9 @@ def eval_round(
     def stage() -> EvalRoundResult:
         if run.done("eval", r):
             return EvalRoundResult(r, True, read_eval(run.eval_result(r)).accuracy)
+        t_model = None
+        if ec.teacher:
+            t_model = (teacher or ResidentTeacher()).get(cfg, ec.teacher)[0]
         with nullcontext(engines) if engines else PersistentEngine(**engine_settings(cfg)) as eng:
             res = evaluate(
                 student_checkpoint(run, cfg, r),
@@ -73,7 +82,14 @@ def eval_round(
                 out=run.eval_result(r),
                 engines=eng,
                 k=cfg.rollout.k,
+                teacher=ec.teacher,
+                teacher_k=cfg.rollout.k,
+                band=ec.band,
+                teacher_model=t_model,
+                teacher_settings=dataclasses.asdict(cfg.teacher),
             )
+        if teacher is not None:
+            teacher.release()  # a GPU is handed back (on CPU it stays loaded)
         return EvalRoundResult(r, False, res.accuracy, res.startup_seconds)
 
     return timed(run.require(), r, "eval", stage)
@@ -113,14 +129,14 @@ def run_rounds(
         lead = shard.index == 0
         for r in range(start, rounds):
             if r % cfg.eval.every == 0 and lead:
-                eval_round(run, r, cfg, engines)
+                eval_round(run, r, cfg, engines, teacher)
             out.append(
                 run_round(
                     run, r, cfg, progress, engines=engines, teacher=teacher, trainer=trainer, shard=shard
                 )
             )
         if lead:
-            eval_round(run, rounds, cfg, engines)
+            eval_round(run, rounds, cfg, engines, teacher)
     return out
 
 

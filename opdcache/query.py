@@ -158,6 +158,17 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
         ("mean_response_tokens", "DOUBLE"),
         ("truncated", "DOUBLE"),
         ("seconds", "DOUBLE"),
+        ("boxed_rate", "DOUBLE"),  # NULL in results written before it was recorded
+        ("stop_rate", "DOUBLE"),
+        ("topk_kl", "DOUBLE"),  # the distillation metrics: NULL without eval.teacher
+        ("teacher_nll", "DOUBLE"),
+        ("student_nll", "DOUBLE"),
+        ("sample_kl", "DOUBLE"),
+        ("full_kl", "DOUBLE"),
+        ("overlap", "DOUBLE"),
+        ("band", "INTEGER"),
+        ("overlap_by_band", "MAP(VARCHAR, DOUBLE)"),
+        ("kl_by_band", "MAP(VARCHAR, DOUBLE)"),
     ]
     eval_glob = run.eval_result("*")
     if any(eval_glob.parent.glob(eval_glob.name)):

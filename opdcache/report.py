@@ -186,6 +186,12 @@ def make_report(
             if run_sql(r, "SELECT count(*) FROM scores WHERE overlap IS NOT NULL").fetchall()[0][0]
         ]
     )
+    dist = concat(
+        [sql_table(r, "distill_vs_time", sqld, label=lb) for r, lb in zip(roots, labels, strict=True)]
+    )
+    evov = concat(
+        [sql_table(r, "eval_overlap_by_depth", sqld, label=lb) for r, lb in zip(roots, labels, strict=True)]
+    )
     sweep = concat(
         [
             sql_table(rep, "gamma_sweep", sqld, label=lb)
@@ -251,6 +257,46 @@ def make_report(
         )
         ax.legend(fontsize=7)
     figures.append(("Accuracy against wall time", save(fig, "accuracy_vs_time"), acc))
+
+    # distillation metrics (eval.teacher): held-out top-k KL against wall time, and by depth
+    if dist.rows:
+        d_pairs = list(dict.fromkeys(i.pair for i in ids if dist.where(run=i.label).rows))
+        fig, axes = panels(len(d_pairs))
+        for ax, pair in zip(axes, d_pairs, strict=True):
+            for arm, runs_ in groups(pair).items():
+                for metric, style, what in (("topk_kl", "-", "top-k"), ("full_kl", "--", "full")):
+                    rows_ = Table(
+                        dist.columns, [r for r in dist.rows if r[dist.columns.index(metric)] is not None]
+                    )
+                    if series := seeds(rows_, runs_, "wall_seconds", metric):
+                        xs, ys, sd = seed_mean(series)
+                        ax.errorbar([x / 60 for x in xs], ys, yerr=sd, color=colour[arm], marker="o", ms=3,
+                                    capsize=2, ls=style, label=f"{name(arm)} {what} KL")  # fmt: skip
+            ax.set(xlabel="training wall time (min)", ylabel="held-out reverse KL to the teacher",
+                   title=title(pair, "distillation vs time"))  # fmt: skip
+            ax.legend(fontsize=7)
+        figures.append(
+            ("Held-out top-k KL to the teacher against wall time", save(fig, "distill_vs_time"), dist)
+        )
+    if evov.rows:
+        e_pairs = list(dict.fromkeys(i.pair for i in ids if evov.where(run=i.label).rows))
+        fig, axes = panels(len(e_pairs))
+        for ax, pair in zip(axes, e_pairs, strict=True):
+            for arm, runs_ in groups(pair).items():
+                if not (rounds := sorted(set(evov.where(run=runs_[0].label).col("round")))):
+                    continue
+                for rnd, style in [(rounds[-1], "-"), (rounds[0], ":")][: len(rounds)]:
+                    series = seeds(evov, runs_, "band_start", "mean_overlap", {"round": rnd})
+                    xs, ys, _ = seed_mean(series)
+                    ax.plot(
+                        xs, ys, style, marker="o", ms=3, color=colour[arm], label=f"{name(arm)} round {rnd}"
+                    )
+            ax.set(xlabel="response position (band start)", ylabel="mean top-k overlap", ylim=(0, 1),
+                   title=title(pair, "held-out overlap by depth"))  # fmt: skip
+            ax.legend(fontsize=6)
+        figures.append(
+            ("Held-out overlap by depth (student samples)", save(fig, "eval_overlap_by_depth"), evov)
+        )
 
     # budget M_t (steps) and mean effective length E (dashed), mean over seeds
     fig, axes = panels(len(pairs))

@@ -107,6 +107,25 @@ class EvalResult:
     per_prompt: dict[str, float]
     top_p: float = 1.0  # absent from results written before it was recorded
     startup_seconds: float = 0.0  # vLLM engine start
+    boxed_rate: float | None = None  # fraction of samples with a complete \boxed{} (None: older results)
+    stop_rate: float | None = None  # fraction that ended on their own (EOS / stop), 1 - truncated
+    # distillation metrics against a teacher (opdcache eval --teacher, eval.teacher); None without one
+    teacher: str = ""
+    k: int = 0  # top-k of the metrics below
+    topk_kl: float | None = None  # top-k reverse KL to the teacher, per-prompt mean of the token mean
+    teacher_nll: float | None = None  # teacher's NLL of the student's sampled tokens, same averaging
+    student_nll: float | None = None  # the student's own NLL of them (raw log-probs), same averaging
+    sample_kl: float | None = None  # teacher_nll - student_nll: sampled estimate of the full reverse KL
+    full_kl: float | None = None  # exact full-vocabulary reverse KL at the sampled prefixes, same averaging
+    overlap: float | None = None  # top-k overlap (eq. 6), same averaging
+    band: int = 0  # width of the depth bands of overlap_by_band, in tokens
+    overlap_by_band: dict[str, float] = field(default_factory=dict)  # band start -> token-mean overlap
+    kl_by_band: dict[str, float] = field(default_factory=dict)  # band start -> token-mean top-k KL
+    per_prompt_kl: dict[str, float] = field(default_factory=dict)  # prompt -> token-mean top-k KL
+    per_prompt_nll: dict[str, float] = field(default_factory=dict)  # prompt -> token-mean teacher NLL
+    per_prompt_sample_kl: dict[str, float] = field(default_factory=dict)  # prompt -> sample_kl
+    per_prompt_full_kl: dict[str, float] = field(default_factory=dict)  # prompt -> token-mean full KL
+    full_kl_by_band: dict[str, float] = field(default_factory=dict)  # band start -> token-mean full KL
 
 
 @dataclass(frozen=True)
@@ -233,6 +252,13 @@ def _(res: EvalResult) -> str:
         f"{res.checkpoint} on {res.data}: Avg@{res.n} = {res.accuracy:.4f}, pass@{res.n} = "
         f"{res.pass_at_n:.4f} over {res.prompts} prompts; mean length {res.mean_response_tokens:.0f} tokens, "
         f"{res.truncated:.1%} truncated ({res.seconds:.0f} s)"
+        + (
+            f"; vs teacher {res.teacher}: top-{res.k} KL {res.topk_kl:.4f}, full KL {res.full_kl or 0:.4f}, "
+            f"sampled KL {res.sample_kl:.3f} "
+            f"(teacher NLL {res.teacher_nll:.3f} - own {res.student_nll:.3f}), top-{res.k} overlap {res.overlap:.3f}"
+            if res.topk_kl is not None
+            else ""
+        )
     )
 
 

