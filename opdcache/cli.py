@@ -169,6 +169,8 @@ def commands() -> dict[str, Command]:
             RUN, arg("--variant", required=True, help="name of the replay (RUN/replays/NAME)"),
             arg("--metric", choices=["overlap", "top_p", "none"]), *VARIANT_ARGS,
             arg("--no-train", action="store_true", help="score and decide budgets only (e.g. a gamma sweep)"),
+            arg("--arm", choices=["prune", "prune-grpo"], default="prune",
+                help="objective of the retraining: prune (OPD x L) or prune-grpo (GRPO where R = 0; train.grpo_*)"),
             QUIET]),
         "query": Command(h.query, "read", "run SQL over the run's DuckDB views", [
             RUN, arg("sql", nargs="?"), arg("--file", help="SQL file, e.g. analysis/overlap_by_depth.sql"),

@@ -139,6 +139,16 @@ class TrainConfig:
     keep_states: int = setting(
         1, "DeepSpeed states kept under RUN/deepspeed/ (the newest; 0 = all); each holds the optimizer", ge=0
     )
+    grpo_coef: float = setting(
+        1.0,
+        "arms prune-grpo / grpo: weight of the GRPO term (sampled token, PPO-clipped, outcome advantage)",
+        ge=0,
+    )
+    grpo_mode: Literal["switch", "sum"] = setting(
+        "switch",
+        "arm prune-grpo: switch = OPD x L where R > 0, GRPO where R = 0 (paper App. A.4); sum = OPD x L and"
+        " GRPO on every position (the peers' form)",
+    )
 
     def __post_init__(self) -> None:
         validate(self, "train")
@@ -148,12 +158,14 @@ class TrainConfig:
 class ArmConfig:
     """Which comparison arm `opdcache run` executes (paper §4.1 baselines)."""
 
-    name: Literal["prune", "prune-inflight", "opd", "truncate", "random"] = setting(
+    name: Literal["prune", "prune-inflight", "opd", "truncate", "random", "prune-grpo", "grpo"] = setting(
         "prune",
         "prune: score.* weights the loss and drives the budget; prune-inflight: prune, and a sample stops "
         "generating once its R reaches 0 (rollout.chunk_tokens, rollout.unreliable_tail); opd: L = 1 at "
         "budget.max; truncate: L = 1 at arm.truncate_tokens; random: random positions matched to score.*'s "
-        "retention",
+        "retention; prune-grpo: prune, with the GRPO outcome loss where R = 0 (train.grpo_mode, "
+        "train.grpo_coef; outcome graded by eval.checker); grpo: the outcome loss on every position, no "
+        "teacher signal, at budget.max",
     )
     truncate_tokens: int = setting(4096, "the truncate arm's fixed budget", ge=1)
     random_match: Literal["fraction", "mass"] = setting(

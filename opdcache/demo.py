@@ -37,8 +37,8 @@ from opdcache.toy.models import build_toy_models
 from opdcache.toy.task import sample_problems, write_prompts
 
 PAIRS = {"low": "student_low", "high": "student_high"}
-ARMS = ("opd", "prune", "truncate", "prune-inflight")
-CONTROLS = ("prune-topp", "random")  # the paper's controls, run on the low pair only
+ARMS = ("opd", "prune", "truncate", "prune-inflight", "prune-grpo")
+CONTROLS = ("prune-topp", "random", "grpo")  # the paper's controls and GRPO alone, on the low pair only
 ARM_OVERRIDES = {  # demo arm -> run config (the others are arm.name=<arm>)
     "prune-topp": ["arm.name=prune", "score.variant=topp", "score.metric=top_p", "score.top_p=0.95"],
     "random": ["arm.name=random", "arm.random_match=fraction"],

@@ -186,7 +186,9 @@ def replay(a: Args, run: RunDir) -> str:
     _one_process("replay")
 
     spec = _spec(_config(run).score.spec, a)
-    sub = replay_run(run, a.variant, spec, _round_list(a), progress=not a.quiet, train=not a.no_train)
+    sub = replay_run(
+        run, a.variant, spec, _round_list(a), progress=not a.quiet, train=not a.no_train, arm=a.arm
+    )
     return (
         f"replay written to {sub.root}; compare: opdcache query {run.root} "
         '"select run, stage, sum(seconds) from stage_times group by all order by all"'

@@ -277,11 +277,14 @@ def replay(
     rounds: list[int] | None = None,
     progress: bool = True,
     train: bool = True,
+    arm: str = "prune",
 ) -> RunDir:
     """Re-score the cached rounds as ``variant`` and retrain from the round-0 student, calling no model
     but the student being trained (``train=False``: scores and budget decisions only). Output:
     RUN/replays/<variant>/ (its own scores, checkpoints, budget and stage times; the cache is the
-    parent's, linked)."""
+    parent's, linked). ``arm``: prune (OPD x L) or prune-grpo (the gated objective, issue 24)."""
+    if arm not in ("prune", "prune-grpo"):
+        raise OpdcacheError(f"replay --arm {arm!r}: expected prune or prune-grpo")
     run.require()
     cfg = read_run_config(run)
     if cfg is None:
@@ -297,7 +300,7 @@ def replay(
     rcfg = dataclasses.replace(
         cfg,
         score=dataclasses.replace(cfg.score, variant=variant, spec=spec),
-        arm=dataclasses.replace(cfg.arm, name="prune"),
+        arm=dataclasses.replace(cfg.arm, name=arm),
     )
     if not sub.config.exists():
         write_run_config(sub, rcfg)

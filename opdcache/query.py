@@ -36,6 +36,7 @@ from opdcache.rundir import RunDir, round_dir
 _DUCK_TYPES = {
     pa.string(): "VARCHAR",
     pa.int32(): "INTEGER",
+    pa.float32(): "FLOAT",
     pa.list_(pa.int32()): "INTEGER[]",
     pa.list_(pa.float32()): "FLOAT[]",
     pa.list_(pa.bool_()): "BOOLEAN[]",

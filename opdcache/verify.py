@@ -97,8 +97,10 @@ def verify_run(run: RunDir, progress: bool = True) -> tuple[int, list[Finding]]:
 
 
 def _verify_score(run: RunDir, path: Path, r: int) -> None:
-    metric = read_variant_params(path).get("metric", "overlap")
-    table, _ = read_score_shard(path, score_columns(metric))
+    params = read_variant_params(path)
+    table, _ = read_score_shard(
+        path, score_columns(params.get("metric", "overlap"), bool(params.get("outcome")))
+    )
     cache_part = run.cache_round(r) / path.name
     if not cache_part.exists():
         raise OpdcacheError(f"{path}: its cache part {cache_part} is missing")

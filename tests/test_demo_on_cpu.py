@@ -26,8 +26,8 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
     rows = {(r["pair"], r["arm"]): r for r in summary["rows"]}
     untaught = any(v["claim"].startswith("OPD teaches") and v["holds"] is False for v in summary["verdicts"])
     assert ("Where OPD does not teach" in (demo / "summary.md").read_text()) == untaught
-    arms = ("opd", "prune", "truncate", "prune-inflight")
-    controls = ("prune-topp", "random")  # the paper's controls, low pair only
+    arms = ("opd", "prune", "truncate", "prune-inflight", "prune-grpo")
+    controls = ("prune-topp", "random", "grpo")  # the paper's controls and GRPO alone, low pair only
     assert set(rows) == {(p, a) for p in ("low", "high") for a in arms} | {("low", a) for a in controls}
     for (pair, arm), r in rows.items():
         run = RunDir(demo / "runs" / f"{pair}-{arm}-s0")
@@ -36,7 +36,7 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
         assert 0.0 <= r["accuracy_final"] <= 1.0 and r["train_seconds"] > 0
         # each arm sampled under its own budget: OPD at M_max, truncation and Prune-OPD at M_0 = 128
         m0 = run_sql(run.root, "select max_tokens from budget where round = 0").fetchall()[0][0]
-        assert m0 == (768 if arm == "opd" else 128)
+        assert m0 == (768 if arm in ("opd", "grpo") else 128)
         longest = run_sql(run.root, "select max(response_len) from rollouts").fetchall()[0][0]
         assert longest <= m0
         stopped = run_sql(run.root, "select count(*) from rollouts where finish_reason = 'unreliable'")
@@ -52,8 +52,11 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
             "truncate": {"opd"},
             "prune-topp": {"topp"},
             "random": {"prune", "random"},
+            "grpo": {"grpo"},
         }
         assert variants == expected.get(arm, {"prune"}), (pair, arm)
+        graded = run_sql(run.root, "select count(outcome) from scores").fetchall()[0][0]
+        assert (graded > 0) == (arm in ("prune-grpo", "grpo")), (pair, arm)  # only they grade responses
         if arm == "prune-topp":  # App. A.10's acceptance, not the overlap
             assert run_sql(run.root, "select count(accept) from scores").fetchall()[0][0] > 0
     # in flight, a sample stopped as unreliable decodes at most the rest of its chunk past the cut

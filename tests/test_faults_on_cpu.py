@@ -214,12 +214,14 @@ def test_rollout_stage_survives_kills(tiny_overrides, tmp_path):
     _assert_consistent(root)
 
 
-def test_run_with_its_persistent_engine_survives_kills(tiny_overrides, tmp_path):
-    """`opdcache run` keeps one engine and one teacher across rounds; kill -9 anywhere, rerun, same end."""
+@pytest.mark.parametrize("arm", ["prune", "prune-grpo"])
+def test_run_with_its_persistent_engine_survives_kills(tiny_overrides, tmp_path, arm):
+    """`opdcache run` keeps one engine and one teacher across rounds; kill -9 anywhere, rerun, same end.
+    prune-grpo also grades every response in its score stage and trains the gated objective."""
     pytest.importorskip("vllm")
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("{}\n")
-    sets = [x for s in tiny_overrides for x in ("--set", s)]
+    sets = [x for s in [*tiny_overrides, f"arm.name={arm}", "eval.checker=exact"] for x in ("--set", s)]
     probe, root = tmp_path / "probe", tmp_path / "run"
     full = _duration(_cli("run", cfg, probe, "--rounds", 2, "--quiet", *sets))
     cmd = _cli("run", cfg, root, "--rounds", 2, "--quiet", *sets)
@@ -235,6 +237,12 @@ def test_run_with_its_persistent_engine_survives_kills(tiny_overrides, tmp_path)
     assert [d.round for d in BudgetController(root).state.history] == [0, 1]
     assert (RunDir(root).checkpoint(2) / "model.safetensors").exists()
     _assert_consistent(root)
+    if arm == "prune-grpo":  # both rounds graded: outcome columns in every score part
+        from opdcache.query import run_sql
+
+        assert run_sql(root, "SELECT count(DISTINCT round), count(outcome) > 0 FROM scores").fetchall() == [
+            (2, True)
+        ]
 
 
 def _report_run(tmp_path):

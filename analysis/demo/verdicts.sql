@@ -136,4 +136,12 @@ UNION ALL
 SELECT 'in flight: low pair accuracy in flight - Prune-OPD within 2 s.e. (or above)', pair, seeds, acc_diff,
        acc_diff_se, acc_diff >= -2 * acc_diff_se
 FROM diff WHERE pair = 'low' AND x = 'prune-inflight' AND y = 'prune'
+UNION ALL  -- issue 24: OPD x L where the teacher is reliable, GRPO on the outcome where R = 0
+SELECT 'hybrid: accuracy prune-grpo - ' || y || ' >= 2 s.e.' || CASE WHEN y = 'truncate' THEN ' (hypothesis: >= 0)'
+       ELSE '' END, pair, seeds, acc_diff, acc_diff_se,
+       CASE WHEN y = 'truncate' THEN acc_diff >= 0 ELSE acc_diff > 2 * acc_diff_se END
+FROM diff WHERE x = 'prune-grpo' AND y IN ('prune', 'truncate', 'grpo')
+UNION ALL
+SELECT 'hybrid: wall prune-grpo / Prune-OPD <= 1.1', pair, seeds, wall_ratio, NULL, wall_ratio <= 1.1
+FROM diff WHERE x = 'prune-grpo' AND y = 'prune'
 ORDER BY claim, pair;

@@ -75,7 +75,14 @@ SCORE_COLUMNS: tuple[Column, ...] = (
     Column("reliability", _F32, "position", "eq. 9 R_tau"),
     Column("weight", _F32, "position", "eq. 10 L_tau"),
     Column("effective_len", pa.int32(), "response", "eq. 12 E"),
+    Column(
+        "outcome", pa.float32(), "response", "outcome reward 0/1: the run's checker on the decoded response"
+    ),
+    Column(
+        "grpo_advantage", pa.float32(), "response", "GRPO advantage of the outcome over the prompt's samples"
+    ),
 )
+OUTCOME_COLUMNS = ("outcome", "grpo_advantage")  # only in variants scored with an outcome checker
 
 CACHE_BY_NAME = {c.name: c for c in CACHE_COLUMNS}
 SCORE_BY_NAME = {c.name: c for c in SCORE_COLUMNS}
@@ -92,6 +99,9 @@ class CacheMeta:
     teacher_fingerprint: str = ""
     tokenizer_fingerprint: str = ""
     schema_version: int = SCHEMA_VERSION
+    # prompt_id -> gold answer of the part's prompts (the outcome reward's; empty in parts written
+    # before it was recorded): the score stage grades without the prompt file, which may have moved
+    answers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -110,6 +120,6 @@ def cache_schema(
     )
 
 
-def score_columns(metric: str) -> tuple[Column, ...]:
-    drop = "overlap" if metric == "top_p" else "accept"
-    return tuple(c for c in SCORE_COLUMNS if c.name != drop)
+def score_columns(metric: str, outcome: bool = False) -> tuple[Column, ...]:
+    drop = {"overlap" if metric == "top_p" else "accept", *(() if outcome else OUTCOME_COLUMNS)}
+    return tuple(c for c in SCORE_COLUMNS if c.name not in drop)

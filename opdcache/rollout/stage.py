@@ -10,6 +10,7 @@ prompt at the controller's budget M_r and written atomically. A rerun skips part
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -119,7 +120,12 @@ def rollout_round(
                 generated += sum(s.generated - s.length for row in grown for s in row)
                 samples = [[s.result() for s in row] for row in grown]
             cols = _columns(samples, [prompts[i] for i in idx], batch, max_tokens)
-            written = write_cache_shard(run.rollout_round(r) / run.part_name(p), cols, meta, rollout=True)
+            part_meta = dataclasses.replace(
+                meta, answers={prompts[i].prompt_id: prompts[i].answer for i in idx}
+            )
+            written = write_cache_shard(
+                run.rollout_round(r) / run.part_name(p), cols, part_meta, rollout=True
+            )
             tokens += written
             generated += written
             bar.update(len(idx))

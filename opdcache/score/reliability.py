@@ -141,6 +141,31 @@ def topk_reverse_kl(student_topk_logprobs: np.ndarray, teacher_on_student_topk: 
     return -opd_reward(student_topk_logprobs, teacher_on_student_topk).sum(axis=-1)
 
 
+def grpo_advantages(
+    outcome: np.ndarray, groups: np.ndarray, std_norm: bool = True, eps: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
+    """GRPO's outcome advantage per response (paper App. A.4's unreliable-suffix signal); verl's form.
+
+    Over the responses of one prompt (same ``groups`` value): A_i = (o_i - mean) / (std + eps) with the
+    unbiased std, or A_i = o_i - mean with ``std_norm=False`` (Dr. GRPO). A group whose outcomes are
+    all equal gets 0; a group of one response has no baseline, and gets o_i / (1 + eps) (verl: mean 0,
+    std 1). Returns (A [B] float32, zero-variance flag per response [B] bool: its group is all equal).
+    """
+    o = np.asarray(outcome, dtype=np.float64)
+    g = np.asarray(groups)
+    if o.shape != g.shape or o.ndim != 1:
+        raise ValueError(f"outcome {o.shape} and groups {g.shape} must be equal 1-D shapes")
+    adv = np.zeros(len(o))
+    flat_group = np.zeros(len(o), dtype=bool)
+    for key in np.unique(g):
+        idx = np.flatnonzero(g == key)
+        vals = o[idx]
+        mean, std = (0.0, 1.0) if len(idx) == 1 else (vals.mean(), vals.std(ddof=1))
+        adv[idx] = (vals - mean) / (std + eps) if std_norm else vals - mean
+        flat_group[idx] = len(idx) > 1 and bool(np.all(vals == vals[0]))
+    return adv.astype(np.float32), flat_group
+
+
 def random_keep_mask(
     rel: np.ndarray, mass: np.ndarray, match: str, rng: np.random.Generator, eps: float = EPS
 ) -> tuple[np.ndarray, float, float]:

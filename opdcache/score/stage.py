@@ -19,6 +19,7 @@ re-scores one: existing parts scored with other parameters are refused (re-score
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -67,6 +68,47 @@ class ShardScores:
     rel: np.ndarray
     weight: np.ndarray
     effective_len: np.ndarray
+    outcome: np.ndarray | None = None  # [B] float32 0/1, with an outcome checker (VariantSpec.outcome)
+    grpo_advantage: np.ndarray | None = None  # [B] float32
+    zero_variance: np.ndarray | None = None  # [B] bool: the response's prompt group is all equal
+
+
+def outcome_rewards(
+    table: pa.Table, answers: dict[str, str], spec: VariantSpec, tokenizer: Any, where: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(outcome, GRPO advantage, zero-variance flag) per response of a cache table: the decoded
+    response graded by ``spec.outcome`` against the part's gold answer (CacheMeta.answers), the
+    advantage over the samples of each prompt (reliability.grpo_advantages)."""
+    from opdcache.grading import grader
+
+    ids = table.column("prompt_id").to_pylist()
+    if missing := sorted(set(ids) - set(answers)):
+        raise OpdcacheError(
+            f"{where}: no gold answer for prompt(s) {missing[:3]} (a part written before opdcache recorded "
+            "answers in the cache); an outcome variant needs the round rolled out again"
+        )
+    resp, off = flat(table.column("response_ids"))
+    texts = tokenizer.batch_decode(
+        [resp[a:b].tolist() for a, b in zip(off[:-1], off[1:], strict=True)], skip_special_tokens=True
+    )
+    check = {pid: grader(answers[pid], spec.outcome) for pid in dict.fromkeys(ids)}
+    outcome = np.array([float(check[pid](t)) for pid, t in zip(ids, texts, strict=True)], np.float32)
+    adv, zero = rl.grpo_advantages(outcome, np.array(ids), spec.grpo_std_norm, spec.grpo_eps)
+    return outcome, adv, zero
+
+
+def run_tokenizer(run: RunDir) -> Any:
+    """The student tokenizer of a run (models.student; training never changes it): decodes responses."""
+    from transformers import AutoTokenizer
+
+    from opdcache.config import read_run_config
+
+    cfg = read_run_config(run)
+    if cfg is None or not cfg.models.student:
+        raise OpdcacheError(
+            f"{run.root}: an outcome variant decodes responses with models.student; no config"
+        )
+    return AutoTokenizer.from_pretrained(cfg.models.student)
 
 
 def _topk(table: pa.Table, name: str, k: int) -> np.ndarray:
@@ -137,6 +179,9 @@ def _score_table(keys: pa.Table, s: ShardScores, metric: str) -> pa.Table:
         "weight": list_array(s.weight, s.offsets, SCORE_BY_NAME["weight"].type),
         "effective_len": pa.array(s.effective_len, pa.int32()),
     }
+    if s.outcome is not None:
+        arrays["outcome"] = pa.array(s.outcome, pa.float32())
+        arrays["grpo_advantage"] = pa.array(s.grpo_advantage, pa.float32())
     return pa.table(arrays)
 
 
@@ -238,6 +283,7 @@ def score_run(
         )
     k = next(iter(ks))
 
+    tokenizer = run_tokenizer(run) if spec.outcome else None  # loaded once, before the threads
     sharded = shard.count > 1
     mine = {  # which parts of each round this call scores
         r: [
@@ -282,8 +328,11 @@ def score_run(
             meta = {**spec.to_meta(), **({"match_stats": match} if match else {})}
 
             def one(part: Path, keep: np.ndarray | None, r: int = r, meta: dict = meta) -> ShardScores:
-                table, _ = read_cache_shard(part, _columns_needed(spec))
+                table, cmeta = read_cache_shard(part, _columns_needed(spec))
                 scores = score_shard(table, k, spec, keep)
+                if spec.outcome:
+                    o, a, z = outcome_rewards(table, cmeta.answers, spec, tokenizer, str(part))
+                    scores = dataclasses.replace(scores, outcome=o, grpo_advantage=a, zero_variance=z)
                 out = _score_table(table, scores, spec.metric)
                 out = out.replace_schema_metadata(score_file_metadata(meta, part.name, out.num_rows))
                 write_parquet(staged / round_dir(r) / part.name, out, len(scores.rel))

@@ -36,6 +36,16 @@ class VariantSpec:
         "fraction", "random: match kept token fraction or |reward| mass"
     )
     seed: int = setting(0, "random: permutation seed (combined with the round)")
+    outcome: Literal["", "math", "exact"] = setting(
+        "",
+        "outcome reward per response (columns outcome, grpo_advantage): checker of the decoded response"
+        " against the prompt's gold answer; empty = none (arms prune-grpo and grpo set it to eval.checker)",
+    )
+    grpo_std_norm: bool = setting(
+        True,
+        "GRPO advantage (o - mean) / (std + grpo_eps) over a prompt's samples; false: o - mean (Dr. GRPO)",
+    )
+    grpo_eps: float = setting(1e-6, "GRPO advantage epsilon (verl's 1e-6; TRL uses 1e-4)", gt=0)
 
     def __post_init__(self) -> None:
         validate(self, "score")
@@ -50,6 +60,8 @@ class VariantSpec:
             "none": ("eps",),
             "random": ("w_base", "eps", "reference", "match", "seed"),
         }[self.metric]
+        if self.outcome:  # absent otherwise, so variants scored before outcomes existed still match
+            keep = (*keep, "outcome", "grpo_std_norm", "grpo_eps")
         return {"metric": self.metric, **{k: getattr(self, k) for k in keep}}
 
     def replace(self, **changes: Any) -> VariantSpec:

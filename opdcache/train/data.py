@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -31,9 +31,14 @@ class Example:
     old: np.ndarray  # [T, k] rollout-time student log-probs
     teacher: np.ndarray  # [T, k] teacher log-probs at the same ids
     weight: np.ndarray  # [T] L_tau of the variant
+    rel: np.ndarray | None = None  # [T] R_tau (objectives that switch on R; None: not read)
+    grpo_adv: float = 0.0  # the response's GRPO advantage (outcome variants)
+    old_y: np.ndarray | None = None  # [T] old log-prob of the sampled token (the trainer's recompute)
 
 
-def load_examples(run: RunDir, r: int, variant: str) -> list[Example]:
+def load_examples(run: RunDir, r: int, variant: str, outcome: bool = False) -> list[Example]:
+    """The round's responses (empty ones left out) with ``variant``'s weights; with ``outcome`` also its
+    reliabilities R and GRPO advantages (the prune-grpo / grpo objectives)."""
     parts = run.shards(run.cache_round(r))
     if not parts:
         raise OpdcacheError(f"{run.cache_round(r)}: no cache parts to train on")
@@ -43,7 +48,12 @@ def load_examples(run: RunDir, r: int, variant: str) -> list[Example]:
         if not spath.exists():
             raise OpdcacheError(f"{spath}: missing; score round {r} with variant {variant!r} first")
         cache, meta = read_cache_shard(part, CACHE_COLS)
-        score, _ = read_score_shard(spath, [SCORE_BY_NAME[c] for c in ("prompt_id", "sample", "weight")])
+        names = ("prompt_id", "sample", "weight", *(("reliability", "grpo_advantage") if outcome else ()))
+        score, params = read_score_shard(spath, [SCORE_BY_NAME[c] for c in names])
+        if outcome and not params.get("outcome"):
+            raise OpdcacheError(
+                f"{spath}: variant {variant!r} has no outcome rewards; score it with score.outcome"
+            )
         for key in ("prompt_id", "sample"):
             if cache.column(key).to_pylist() != score.column(key).to_pylist():
                 raise OpdcacheError(f"{spath}: rows do not match {part} (column {key}); re-score the variant")
@@ -53,11 +63,14 @@ def load_examples(run: RunDir, r: int, variant: str) -> list[Example]:
         old = flat(cache.column("student_topk_logprobs"))[0].reshape(-1, k)
         teach = flat(cache.column("teacher_logprob_on_student_topk"))[0].reshape(-1, k)
         weight = flat(score.column("weight"))[0]
+        rel = flat(score.column("reliability"))[0] if outcome else None
+        adv = score.column("grpo_advantage").to_numpy() if outcome else np.zeros(cache.num_rows)
         prompts = cache.column("prompt_ids").to_numpy(zero_copy_only=False)
         for i in range(cache.num_rows):
             a, b = off[i], off[i + 1]
             if b > a:
-                out.append(Example(prompts[i], resp[a:b], ids[a:b], old[a:b], teach[a:b], weight[a:b]))
+                ex = Example(prompts[i], resp[a:b], ids[a:b], old[a:b], teach[a:b], weight[a:b])
+                out.append(ex if rel is None else replace(ex, rel=rel[a:b], grpo_adv=float(adv[i])))
     return out
 
 
@@ -75,6 +88,10 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     old = torch.zeros((b, t_max, k))
     teacher = torch.zeros((b, t_max, k))
     weight = torch.zeros((b, t_max))
+    response = torch.zeros((b, t_max), dtype=torch.long)
+    rel = torch.zeros((b, t_max))
+    old_y = torch.zeros((b, t_max))
+    grpo_adv = torch.tensor([e.grpo_adv for e in batch], dtype=torch.float32)
     for i, e in enumerate(batch):
         p, t = len(e.prompt_ids), len(e.response_ids)
         input_ids[i, : p + t] = torch.from_numpy(
@@ -87,6 +104,11 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         old[i, :t] = torch.tensor(e.old)
         teacher[i, :t] = torch.tensor(e.teacher)
         weight[i, :t] = torch.tensor(e.weight)
+        response[i, :t] = torch.from_numpy(e.response_ids.astype(np.int64))
+        if e.rel is not None:
+            rel[i, :t] = torch.tensor(e.rel)
+        if e.old_y is not None:
+            old_y[i, :t] = torch.tensor(e.old_y)
     return {
         "input_ids": input_ids,
         "attention_mask": attention,
@@ -96,4 +118,8 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         "old": old,
         "teacher": teacher,
         "weight": weight,
+        "response_ids": response,
+        "rel": rel,
+        "old_y": old_y,
+        "grpo_adv": grpo_adv,
     }

@@ -30,6 +30,21 @@ def opd_advantages(student_old: torch.Tensor, teacher: torch.Tensor, weight: tor
     return -w * (student_old - teacher) * weight.unsqueeze(-1)
 
 
+def _ppo_clipped(
+    adv: torch.Tensor, ratio: torch.Tensor, clip: float, dual_clip: float
+) -> tuple[torch.Tensor, ...]:
+    """(per-element clipped loss, pg1, pg2): max(-A rho, -A clip(rho)), and for A < 0 at most -A c."""
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
+    clipped = torch.maximum(pg1, pg2)
+    dual = torch.minimum(clipped, -adv * dual_clip)
+    return torch.where(adv < 0, dual, clipped), pg1, pg2
+
+
+def _ratio(logp: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return torch.exp((logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
 def opd_policy_loss(
     logp: torch.Tensor,  # [B, T, k] current log pi_theta at the cached student top-k ids
     student_old: torch.Tensor,  # [B, T, k] cached rollout log-probs at those ids
@@ -41,12 +56,7 @@ def opd_policy_loss(
     tokens: torch.Tensor | float | None = None,  # valid positions of the whole mini-batch (default: mask's)
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     adv = opd_advantages(student_old, teacher, weight).detach()
-    ratio = torch.exp((logp - student_old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
-    clipped = torch.maximum(pg1, pg2)
-    dual = torch.minimum(clipped, -adv * dual_clip)
-    per_candidate = torch.where(adv < 0, dual, clipped)
+    per_candidate, pg1, pg2 = _ppo_clipped(adv, _ratio(logp, student_old), clip, dual_clip)
     per_token = per_candidate.sum(-1)
     m = mask.to(per_token.dtype)
     n = (
@@ -59,5 +69,52 @@ def opd_policy_loss(
         stats = {
             "clip_frac": ((pg2 > pg1).float().sum(-1) * m).sum() / (n * logp.shape[-1]),
             "reward": (adv.sum(-1) * m).sum() / n,
+        }
+    return loss, stats
+
+
+def hybrid_policy_loss(
+    logp: torch.Tensor,  # [B, T, k] current log pi_theta at the cached student top-k ids
+    student_old: torch.Tensor,  # [B, T, k] old log-probs at those ids
+    teacher: torch.Tensor,  # [B, T, k] teacher log-probs at those ids
+    weight: torch.Tensor,  # [B, T] L_tau, 0 on padding
+    mask: torch.Tensor,  # [B, T] bool, valid positions
+    logp_y: torch.Tensor,  # [B, T] current log pi_theta of the sampled token y_tau
+    old_y: torch.Tensor,  # [B, T] its old log-prob (the trainer's recompute)
+    grpo_adv: torch.Tensor,  # [B] the response's GRPO advantage x train.grpo.coef
+    opd_on: torch.Tensor,  # [B, T] bool: positions trained by the OPD term
+    grpo_on: torch.Tensor,  # [B, T] bool: positions trained by the GRPO term
+    clip: float = 0.2,
+    dual_clip: float = 3.0,
+    tokens: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """OPD x L where ``opd_on``, plus the sampled token's PPO-clipped GRPO loss where ``grpo_on``
+    (issue 24; paper App. A.4). The gated arm (prune-grpo) sets opd_on = R > 0 and grpo_on = R = 0;
+    ``sum`` mode (the peers' form) both everywhere; the grpo arm only grpo_on. Token mean over all
+    valid positions, as the OPD loss; where only ``opd_on`` is set the loss is ``opd_policy_loss``'s
+    exactly (the GRPO term is selected away, not multiplied by 0)."""
+    adv = opd_advantages(student_old, teacher, weight).detach()
+    per_candidate, pg1, pg2 = _ppo_clipped(adv, _ratio(logp, student_old), clip, dual_clip)
+    opd_token = per_candidate.sum(-1)
+    a_y = grpo_adv.detach()[:, None].expand_as(logp_y)
+    grpo_token, g1, g2 = _ppo_clipped(a_y, _ratio(logp_y, old_y), clip, dual_clip)
+    zero = torch.zeros_like(opd_token)
+    per_token = torch.where(opd_on, opd_token, zero) + torch.where(grpo_on, grpo_token, zero)
+    per_token = torch.where(opd_on & ~grpo_on, opd_token, per_token)
+    m = mask.to(per_token.dtype)
+    n = (
+        m.sum().clamp(min=1.0)
+        if tokens is None
+        else torch.as_tensor(tokens, dtype=per_token.dtype).clamp(min=1.0)
+    )
+    loss = (per_token * m).sum() / n
+    with torch.no_grad():
+        om, gm = (opd_on & mask).to(m.dtype), (grpo_on & mask).to(m.dtype)
+        stats = {
+            "clip_frac": ((pg2 > pg1).float().sum(-1) * om).sum() / (n * logp.shape[-1]),
+            "reward": (adv.sum(-1) * om).sum() / n,
+            "grpo_clip_frac": ((g2 > g1).float() * gm).sum() / n,
+            "grpo_tokens": gm.sum(),
+            "grpo_advantage": (a_y * gm).sum() / n,  # over all valid tokens, like reward (sums over ranks)
         }
     return loss, stats

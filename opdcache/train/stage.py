@@ -17,6 +17,10 @@ One round's update, as the reference recipe (verl) does it:
      all, i.e. one optimizer step per round), each accumulated over micro-batches of
      ``train.micro_batch_size``; every rank runs the same number of micro-batches (empty ones are
      zero-weight), and the token mean is over the whole mini-batch on all ranks.
+
+Arms prune-grpo and grpo (issue 24) train ``loss.hybrid_policy_loss`` instead: the same forward also
+gives the sampled token's log-prob (its old value from the same recompute), and ``objective_masks``
+says which positions take the OPD term and which the GRPO term.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from opdcache.results import TrainResult
 from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir
 from opdcache.train.data import Example, collate, load_examples
 from opdcache.train.extensions import before_deepspeed
-from opdcache.train.loss import opd_policy_loss
+from opdcache.train.loss import hybrid_policy_loss, opd_policy_loss
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -91,12 +95,18 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """log pi_theta at the cached top-k ids, ``[B, T, k]``."""
+def sequence_logprobs(
+    model: Any, batch: dict[str, torch.Tensor], sampled: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log pi_theta at the cached top-k ids, ``[B, T, k]``; with ``sampled`` also at the sampled token
+    y_tau, ``[B, T]`` (the GRPO term's), from the same forward."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     idx = batch["positions"].unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     lp = torch.log_softmax(logits.gather(1, idx).float(), dim=-1)
-    return lp.gather(2, batch["topk_ids"])
+    if not sampled:
+        return lp.gather(2, batch["topk_ids"])
+    both = lp.gather(2, torch.cat([batch["topk_ids"], batch["response_ids"].unsqueeze(-1)], dim=-1))
+    return both[..., :-1], both[..., -1]
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,20 @@ class BatchPlan:
     owned: list[int]  # this rank's examples (indices into the round's examples)
     recompute: list[list[int]]  # micro-batches of ``owned`` for the old-log-prob pass
     steps: list[list[list[int]]]  # per optimizer step (epochs x mini-batches): this rank's micro-batches
+
+
+def objective_masks(
+    objective: str, mask: torch.Tensor, rel: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions of the OPD term, positions of the GRPO term) of an objective (arms.ArmPlan): gated
+    switches at R = 0 (R <= eps, eq. 12's criterion, so the GRPO suffix is exactly what E leaves out)."""
+    reliable = rel > eps
+    none = torch.zeros_like(mask)
+    return {
+        "gated": (mask & reliable, mask & ~reliable),
+        "sum": (mask, mask),
+        "grpo": (none, mask),
+    }[objective]
 
 
 def plan_batches(n: int, rank: int, world: int, mini: int, micro: int, epochs: int, seed: int) -> BatchPlan:
@@ -238,14 +262,19 @@ def _train_round(
 ) -> TrainResult:
     import deepspeed
 
+    from opdcache.arms import plan as arm_plan
+
     t_load = time.perf_counter()
     final = run.checkpoint(r + 1)
-    examples = load_examples(run, r, variant)
+    arm = arm_plan(cfg)
+    outcome = arm.objective != "opd"  # the GRPO term needs R, the outcome advantages and log p(y)
+    examples = load_examples(run, r, variant, outcome)
     trainer = (resident.take(r) if resident else None) or load_trainer(run, r, cfg)
     engine, model, tokenizer, source = trainer.engine, trainer.model, trainer.tokenizer, trainer.source
     torch.manual_seed(cfg.train.seed + r)  # after loading: a resident and a loaded trainer draw alike
     rank, world = engine.global_rank, engine.world_size
     t = cfg.train
+    eps = dict(arm.variants)[variant].eps if variant in dict(arm.variants) else cfg.score.spec.eps
     plan = plan_batches(
         len(examples), rank, world, t.mini_batch_responses, t.micro_batch_size, t.epochs, t.seed + 7919 * r
     )
@@ -260,11 +289,15 @@ def _train_round(
     with torch.no_grad():
         for idx in plan.recompute:
             batch = _batch(examples, idx, pad)
-            lp = sequence_logprobs(engine, {k: v.to(dev) for k, v in batch.items()}).float().cpu()
+            out = sequence_logprobs(engine, {k: v.to(dev) for k, v in batch.items()}, sampled=outcome)
+            lp, lp_y = (out[0].float().cpu(), out[1].float().cpu()) if outcome else (out.float().cpu(), None)
             for row, i in enumerate(idx):
-                recomputed = lp[row, : len(examples[i].response_ids)].numpy()
+                t_i = len(examples[i].response_ids)
+                recomputed = lp[row, :t_i].numpy()
                 d = np.abs(recomputed - examples[i].old)  # against the cached vLLM values
-                examples[i] = dataclasses.replace(examples[i], old=recomputed)
+                examples[i] = dataclasses.replace(
+                    examples[i], old=recomputed, old_y=None if lp_y is None else lp_y[row, :t_i].numpy()
+                )
                 diff_max, diff_sum, diff_n = (
                     max(diff_max, float(d.max())),
                     diff_sum + float(d.sum()),
@@ -281,17 +314,36 @@ def _train_round(
         loss_sum, stats_sum = 0.0, {}
         for idx in micro_batches:
             batch = {k: v.to(dev) for k, v in _batch(examples, idx, pad).items()}
-            logp = sequence_logprobs(engine, batch)
-            loss, stats = opd_policy_loss(
-                logp,
-                batch["old"],
-                batch["teacher"],
-                batch["weight"],
-                batch["mask"],
-                t.ppo_clip,
-                t.dual_clip,
-                n_global,
-            )
+            if not outcome:
+                logp = sequence_logprobs(engine, batch)
+                loss, stats = opd_policy_loss(
+                    logp,
+                    batch["old"],
+                    batch["teacher"],
+                    batch["weight"],
+                    batch["mask"],
+                    t.ppo_clip,
+                    t.dual_clip,
+                    n_global,
+                )
+            else:
+                logp, logp_y = sequence_logprobs(engine, batch, sampled=True)
+                opd_on, grpo_on = objective_masks(arm.objective, batch["mask"], batch["rel"], eps)
+                loss, stats = hybrid_policy_loss(
+                    logp,
+                    batch["old"],
+                    batch["teacher"],
+                    batch["weight"],
+                    batch["mask"],
+                    logp_y,
+                    batch["old_y"],
+                    batch["grpo_adv"] * t.grpo_coef,
+                    opd_on,
+                    grpo_on,
+                    t.ppo_clip,
+                    t.dual_clip,
+                    n_global,
+                )
             if not torch.isfinite(loss):
                 raise OpdcacheError(f"train round {r}: non-finite loss at step {step}")
             # DeepSpeed averages gradients over ranks; the token mean is already global
