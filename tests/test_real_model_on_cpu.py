@@ -98,3 +98,18 @@ def test_the_run_verifies_and_trained(real_run, capsys):
     assert (run.checkpoint(1) / "model.safetensors").exists()
     stages = [json.loads(line)["stage"] for line in run.stage_times.read_text().splitlines()]
     assert stages == ["rollout", "teacher", "score:prune", "train"]  # stages run one by one are timed too
+
+
+def test_the_hybrid_objective_runs_on_the_real_model(real_run):
+    """Issue 24 on SmolLM2 with its chat template: replay the cached round with prune-grpo (math-verify
+    on GSM8K's '#### N' answers, which the rollout stored in the cache), no new code path."""
+    from opdcache.query import run_sql
+
+    run, _ = real_run
+    assert main(["replay", str(run.root), "--variant", "hyb", "--arm", "prune-grpo", "--quiet"]) == 0
+    sub = run.replay("hyb")
+    assert (sub.checkpoint(1) / "model.safetensors").exists()
+    metrics = json.loads((sub.checkpoint(1) / "opdcache_train.json").read_text())["metrics"]
+    assert all(np.isfinite(m["loss"]) for m in metrics) and "grpo_tokens" in metrics[0]
+    graded = run_sql(sub.root, "select count(outcome), count(*) from scores").fetchall()[0]
+    assert graded[0] == graded[1] == 8

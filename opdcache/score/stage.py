@@ -325,13 +325,19 @@ def score_run(
             todo_parts = [p for p, m in zip(parts[r], mine[r], strict=True) if m]
             todo_masks = [x for x, m in zip(masks, mine[r], strict=True) if m]
             stats, t_round = _RoundStats(r), time.perf_counter()
+            graded = {}  # graded here, in the main thread: math-verify's timeouts use signal.alarm
+            for part in todo_parts if spec.outcome else []:
+                table, cmeta = read_cache_shard(part, ["prompt_id", "response_ids"])
+                graded[part] = outcome_rewards(table, cmeta.answers, spec, tokenizer, str(part))
             meta = {**spec.to_meta(), **({"match_stats": match} if match else {})}
 
-            def one(part: Path, keep: np.ndarray | None, r: int = r, meta: dict = meta) -> ShardScores:
-                table, cmeta = read_cache_shard(part, _columns_needed(spec))
+            def one(
+                part: Path, keep: np.ndarray | None, r: int = r, meta: dict = meta, graded: dict = graded
+            ) -> ShardScores:
+                table, _ = read_cache_shard(part, _columns_needed(spec))
                 scores = score_shard(table, k, spec, keep)
                 if spec.outcome:
-                    o, a, z = outcome_rewards(table, cmeta.answers, spec, tokenizer, str(part))
+                    o, a, z = graded[part]
                     scores = dataclasses.replace(scores, outcome=o, grpo_advantage=a, zero_variance=z)
                 out = _score_table(table, scores, spec.metric)
                 out = out.replace_schema_metadata(score_file_metadata(meta, part.name, out.num_rows))
