@@ -218,24 +218,28 @@ NOT_TAUGHT = (
 )
 
 
-def verdicts(runs: Path) -> list[dict[str, Any]]:
-    """The paper's claims and the demo's verdicts (``analysis/demo/verdicts.sql`` over OUT/runs)."""
+def verdicts(runs: Path, sql: str = "verdicts.sql") -> list[dict[str, Any]]:
+    """The paper's claims and the demo's verdicts (``analysis/demo/<sql>`` over OUT/runs)."""
     import duckdb
 
     con = duckdb.connect()
     con.execute("SET VARIABLE runs = ?", [str(runs)])
-    rel = con.sql((ANALYSIS / "demo" / "verdicts.sql").read_text())
+    rel = con.sql((ANALYSIS / "demo" / sql).read_text())
     return [dict(zip(rel.columns, row, strict=True)) for row in rel.fetchall()]
 
 
 def verdicts_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| claim | pair | seeds | value ± s.e. | verdict |", "|" + "---|" * 5]
+    """One line per claim; a ``wall_ratio`` column (the real demo's) becomes a "wall x OPD" column."""
+    wall = bool(rows) and "wall_ratio" in rows[0]
+    head = "| claim | pair | seeds | value ± s.e. |" + (" wall x OPD |" if wall else "") + " verdict |"
+    lines = [head, "|" + "---|" * (6 if wall else 5)]
     for v in rows:
         value = "-" if v["value"] is None else f"{v['value']:.3f}"
         if v["se"] is not None:
             value += f" ± {v['se']:.3f}"
+        ratio = "" if not wall else (" - |" if v["wall_ratio"] is None else f" {v['wall_ratio']:.2f} |")
         verdict = "-" if v["holds"] is None else ("holds" if v["holds"] else "does not hold")
-        lines.append(f"| {v['claim']} | {v['pair']} | {v['seeds']} | {value} | {verdict} |")
+        lines.append(f"| {v['claim']} | {v['pair']} | {v['seeds']} | {value} |{ratio} {verdict} |")
     return "\n".join(lines)
 
 

@@ -37,7 +37,6 @@ from opdcache.errors import OpdcacheError
 from opdcache.lock import RunLock
 from opdcache.loop import replay, run_rounds, start_run
 from opdcache.query import run_sql
-from opdcache.report import ANALYSIS
 from opdcache.rundir import RunDir, atomic_write_bytes
 
 STUDENTS = {"low": (20, 23)}  # pair -> layers dropped (0-based, inclusive); overlap ~0.45 (issue 23)
@@ -222,24 +221,9 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
 
 def verdicts(runs: Path) -> list[dict[str, Any]]:
     """The issue's claims on the real pair (``analysis/demo/real_verdicts.sql`` over OUT/runs)."""
-    import duckdb
+    from opdcache.demo import verdicts as demo_verdicts
 
-    con = duckdb.connect()
-    con.execute("SET VARIABLE runs = ?", [str(runs)])
-    rel = con.sql((ANALYSIS / "demo" / "real_verdicts.sql").read_text())
-    return [dict(zip(rel.columns, row, strict=True)) for row in rel.fetchall()]
-
-
-def verdicts_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| claim | pair | seeds | value ± s.e. | wall x OPD | verdict |", "|" + "---|" * 6]
-    for v in rows:
-        value = "-" if v["value"] is None else f"{v['value']:.3f}"
-        if v["se"] is not None:
-            value += f" ± {v['se']:.3f}"
-        wall = "-" if v["wall_ratio"] is None else f"{v['wall_ratio']:.2f}"
-        verdict = "-" if v["holds"] is None else ("holds" if v["holds"] else "does not hold")
-        lines.append(f"| {v['claim']} | {v['pair']} | {v['seeds']} | {value} | {wall} | {verdict} |")
-    return "\n".join(lines)
+    return demo_verdicts(runs, "real_verdicts.sql")
 
 
 def run_real_demo(
@@ -253,7 +237,7 @@ def run_real_demo(
 ) -> dict[str, Any]:
     """The demo (module docstring); ``models_dir``: where the converted checkpoints go (default
     OUT/models; a conversion already there is reused)."""
-    from opdcache.demo import warm_up
+    from opdcache.demo import verdicts_markdown, warm_up
     from opdcache.report import make_report
 
     t0 = time.perf_counter()
