@@ -167,33 +167,20 @@ def calibrated_gamma(run: Path) -> float:
 
 
 def distill_summary(root: Path) -> dict[str, Any]:
-    """First and last evaluated distillation metrics and the training wall time of one run."""
+    """The toy demo's run summary (wall time, rollout tokens, last E and budget) with the first and
+    last evaluated distillation metrics."""
+    from opdcache.demo import run_summary
 
-    def q(sql: str) -> tuple | None:
-        rows = run_sql(root, sql).fetchall()
-        return rows[0] if rows else None
-
-    wall, work = q("SELECT sum(train_seconds), sum(train_work_seconds) FROM stage_walls WHERE run = 'main'")
     cols = "topk_kl, full_kl, teacher_nll, student_nll, overlap, mean_response_tokens, stop_rate, accuracy, boxed_rate"
-    first = q(f"SELECT {cols} FROM evals WHERE topk_kl IS NOT NULL ORDER BY round LIMIT 1")
-    last = q(f"SELECT {cols}, round FROM evals WHERE topk_kl IS NOT NULL ORDER BY round DESC LIMIT 1")
-    gen = q("SELECT sum(response_len), avg(response_len) FROM rollouts")
-    budget = q(
-        "SELECT effective_len_mean, max_tokens, next_max_tokens FROM budget ORDER BY round DESC LIMIT 1"
-    )
     names = cols.split(", ")
-    return {
-        "run": root.name,
-        "train_seconds": wall or 0.0,
-        "work_seconds": work or 0.0,
-        **{f"{n}_start": (first[i] if first else None) for i, n in enumerate(names)},
-        **{f"{n}_final": (last[i] if last else None) for i, n in enumerate(names)},
-        "generated_tokens": int(gen[0] or 0) if gen else 0,
-        "mean_rollout_len": float(gen[1] or 0) if gen else 0.0,
-        "last_mean_effective_len": budget[0] if budget else None,
-        "last_budget": budget[1] if budget else None,
-        "next_budget": budget[2] if budget else None,
-    }
+    out = run_summary(root)
+    for label, order in (("start", "ASC"), ("final", "DESC")):
+        rows = run_sql(
+            root, f"SELECT {cols} FROM evals WHERE topk_kl IS NOT NULL ORDER BY round {order} LIMIT 1"
+        )
+        row = rows.fetchall()
+        out |= {f"{n}_{label}": (row[0][i] if row else None) for i, n in enumerate(names)}
+    return out
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:

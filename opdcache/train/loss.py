@@ -45,6 +45,20 @@ def _ratio(logp: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return torch.exp((logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
+def _token_mean(
+    per_token: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mask as floats, token count): the per-token loss summed over valid positions and divided
+    by ``tokens`` (the whole mini-batch's, all ranks) or, without it, by the mask's own count."""
+    m = mask.to(per_token.dtype)
+    n = (
+        m.sum().clamp(min=1.0)
+        if tokens is None
+        else torch.as_tensor(tokens, dtype=per_token.dtype).clamp(min=1.0)
+    )
+    return (per_token * m).sum() / n, m, n
+
+
 def opd_policy_loss(
     logp: torch.Tensor,  # [B, T, k] current log pi_theta at the cached student top-k ids
     student_old: torch.Tensor,  # [B, T, k] cached rollout log-probs at those ids
@@ -58,13 +72,7 @@ def opd_policy_loss(
     adv = opd_advantages(student_old, teacher, weight).detach()
     per_candidate, pg1, pg2 = _ppo_clipped(adv, _ratio(logp, student_old), clip, dual_clip)
     per_token = per_candidate.sum(-1)
-    m = mask.to(per_token.dtype)
-    n = (
-        m.sum().clamp(min=1.0)
-        if tokens is None
-        else torch.as_tensor(tokens, dtype=per_token.dtype).clamp(min=1.0)
-    )
-    loss = (per_token * m).sum() / n
+    loss, m, n = _token_mean(per_token, mask, tokens)
     with torch.no_grad():
         stats = {
             "clip_frac": ((pg2 > pg1).float().sum(-1) * m).sum() / (n * logp.shape[-1]),
@@ -101,13 +109,7 @@ def hybrid_policy_loss(
     zero = torch.zeros_like(opd_token)
     per_token = torch.where(opd_on, opd_token, zero) + torch.where(grpo_on, grpo_token, zero)
     per_token = torch.where(opd_on & ~grpo_on, opd_token, per_token)
-    m = mask.to(per_token.dtype)
-    n = (
-        m.sum().clamp(min=1.0)
-        if tokens is None
-        else torch.as_tensor(tokens, dtype=per_token.dtype).clamp(min=1.0)
-    )
-    loss = (per_token * m).sum() / n
+    loss, m, n = _token_mean(per_token, mask, tokens)
     with torch.no_grad():
         om, gm = (opd_on & mask).to(m.dtype), (grpo_on & mask).to(m.dtype)
         stats = {
