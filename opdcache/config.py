@@ -77,7 +77,10 @@ class RolloutConfig:
         1, "vLLM tensor parallelism: GPUs one engine spans (data parallelism: sharded workers, --shard)", ge=1
     )
     chunk_tokens: int = setting(
-        32, "arm prune-inflight: tokens generated between the teacher's checks of each sample", ge=1
+        32,
+        "arm prune-inflight: most positions of a sample the teacher scores in one forward (fewer when R is "
+        "that few bad events from 0, so no position past the stop is scored)",
+        ge=1,
     )
     unreliable_tail: int = setting(
         0, "arm prune-inflight: positions still generated after R reaches 0 before the sample stops", ge=0

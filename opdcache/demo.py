@@ -149,6 +149,10 @@ def run_summary(root: Path) -> dict[str, Any]:
         f"FROM ({(ANALYSIS / 'generated_per_effective.sql').read_text().rstrip().rstrip(';')}) "
         f"WHERE variant = '{plan(cfg).budget_variant}'"
     )
+    teacher = q(
+        "SELECT sum(teacher_positions) / sum(kept) "
+        f"FROM ({(ANALYSIS / 'teacher_positions_per_kept.sql').read_text().rstrip().rstrip(';')})"
+    )
     return {
         "run": root.name,
         "accuracy_start": acc0[0] if acc0 else None,
@@ -158,6 +162,7 @@ def run_summary(root: Path) -> dict[str, Any]:
         "generated_tokens": int(gen[0] or 0),
         "decoded_per_effective": per_e[0] if per_e else None,  # over the run (budget variant's E)
         "decoded_per_effective_max": per_e[1] if per_e else None,  # the largest round's
+        "teacher_per_kept": teacher[0] if teacher else None,  # teacher positions computed per kept
         "mean_response_len": float(gen[1] or 0),
         "last_mean_effective_len": last[0] if last else None,
         "last_budget": last[1] if last else None,
@@ -168,15 +173,16 @@ def run_summary(root: Path) -> dict[str, Any]:
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| pair | arm | seed | acc. round 0 | acc. final | wall (s) | x OPD | work (s) | x OPD "
-        "| generated tokens | decoded / ΣE | last mean E | last M_t -> M_t+1 |"
+        "| generated tokens | decoded / ΣE | teacher / kept | last mean E | last M_t -> M_t+1 |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
         lines.append(
             f"| {r['pair']} | {r['arm']} | {r['seed']} | {f(r['accuracy_start'])} | {f(r['accuracy_final'])} "
             f"| {r['train_seconds']:.0f} | {f(r['time_vs_opd'], 2)} | {r['work_seconds']:.0f} "
             f"| {f(r['work_vs_opd'], 2)} | {r['generated_tokens']} | {f(r['decoded_per_effective'], 2)} "
+            f"| {f(r.get('teacher_per_kept'), 2)} "
             f"| {f(r['last_mean_effective_len'], 0)} | {r['last_budget']} -> {r['next_budget']} |"
         )
     return "\n".join(lines)

@@ -118,6 +118,7 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
         ("host", "VARCHAR"),
         ("finished_at", "DOUBLE"),
         ("generated_tokens", "BIGINT"),  # rollout stages: tokens decoded (cut-off ones included)
+        ("teacher_positions", "BIGINT"),  # teacher stages and in-flight rollouts: positions scored
         ("shard", "VARCHAR"),  # "i/N": worker i of a sharded stage's N (NULL: not sharded)
     ]
     if time_files:
@@ -133,15 +134,18 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
             SELECT run, round, stage, coalesce(split_part(shard, '/', 2)::INTEGER, 1) AS workers,
                    coalesce(split_part(shard, '/', 1)::INTEGER, 0) AS worker, sum(seconds) AS seconds,
                    sum(coalesce(work_seconds, seconds)) AS work_seconds,
-                   sum(generated_tokens) AS generated_tokens, count(*) AS lines, bool_and(skipped) AS skipped
+                   sum(generated_tokens) AS generated_tokens, sum(teacher_positions) AS teacher_positions,
+                   count(*) AS lines, bool_and(skipped) AS skipped
             FROM stage_times GROUP BY ALL
         ), per_job AS (
             SELECT run, round, stage, workers, max(seconds) AS seconds, max(work_seconds) AS work_seconds,
-                   sum(generated_tokens) AS generated_tokens, sum(lines) AS lines, bool_and(skipped) AS skipped
+                   sum(generated_tokens) AS generated_tokens, sum(teacher_positions) AS teacher_positions,
+                   sum(lines) AS lines, bool_and(skipped) AS skipped
             FROM per_worker GROUP BY ALL
         ), walls AS (
             SELECT run, round, stage, sum(seconds) AS seconds, sum(work_seconds) AS work_seconds,
-                   sum(generated_tokens)::BIGINT AS generated_tokens, max(workers) AS workers,
+                   sum(generated_tokens)::BIGINT AS generated_tokens,
+                   sum(teacher_positions)::BIGINT AS teacher_positions, max(workers) AS workers,
                    sum(lines)::BIGINT AS lines, bool_and(skipped) AS skipped
             FROM per_job GROUP BY ALL
         )

@@ -24,6 +24,7 @@ class RolloutResult:
     seconds: float = 0.0  # generation only
     startup_seconds: float = 0.0  # vLLM engine start (and, in flight, the teacher's load)
     generated_tokens: int = 0  # decoded by the engine: in flight, also those cut off after a stop
+    teacher_positions: int = 0  # in flight: response positions the teacher scored during the rollout
 
     @property
     def skipped(self) -> bool:
@@ -37,6 +38,10 @@ class TeacherResult:
     tokens: int = 0
     seconds: float = 0.0
     startup_seconds: float = 0.0  # teacher model load
+
+    @property
+    def teacher_positions(self) -> int:  # response positions scored: one forward per position
+        return self.tokens
 
     @property
     def skipped(self) -> bool:

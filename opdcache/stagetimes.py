@@ -38,6 +38,7 @@ def timed(run: RunDir, r: int, stage: str, fn: Callable[[], T], shard: Shard = W
         getattr(result, "skipped", False),
         getattr(result, "generated_tokens", None),
         shard,
+        getattr(result, "teacher_positions", None),
     )
     return result
 
@@ -51,8 +52,10 @@ def record(
     skipped: bool,
     generated_tokens: int | None = None,
     shard: Shard = WHOLE,
+    teacher_positions: int | None = None,
 ) -> None:
-    """Append one stage's line; ``generated_tokens``: what a rollout decoded (absent for other stages).
+    """Append one stage's line; ``generated_tokens``: what a rollout decoded (absent for other stages);
+    ``teacher_positions``: response positions the teacher scored (teacher stage; in-flight rollout).
     Under a launcher an unsharded stage (training) records once, from rank 0; a sharded one per worker."""
     if shard.count == 1 and int(os.environ.get("RANK", "0")) != 0:
         return
@@ -64,6 +67,7 @@ def record(
         "work_seconds": seconds - startup_seconds,
         "skipped": skipped,
         **({} if generated_tokens is None else {"generated_tokens": generated_tokens}),
+        **({} if teacher_positions is None else {"teacher_positions": teacher_positions}),
         **({"shard": str(shard)} if shard.count > 1 else {}),
         "host": socket.gethostname(),
         "finished_at": time.time(),

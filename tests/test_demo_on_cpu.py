@@ -6,7 +6,6 @@ import shutil
 import pytest
 
 from opdcache.cli import main
-from opdcache.config import read_run_config
 from opdcache.query import run_sql
 from opdcache.rundir import RunDir
 
@@ -59,20 +58,25 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
         assert (graded > 0) == (arm in ("prune-grpo", "grpo")), (pair, arm)  # only they grade responses
         if arm == "prune-topp":  # App. A.10's acceptance, not the overlap
             assert run_sql(run.root, "select count(accept) from scores").fetchall()[0][0] > 0
-    # in flight, a sample stopped as unreliable decodes at most the rest of its chunk past the cut
-    # (tail 0): what the stage records as decoded is bounded by what the run kept
+    # in flight the teacher scores as the samples grow: every kept position once and no other (the
+    # rollout's teacher_positions; its teacher stage has nothing left), ratio <= 1.05 (issue 25); the
+    # engine may decode past a stop before the abort lands, never past the budget
     for pair in ("low", "high"):
         inflight = RunDir(demo / "runs" / f"{pair}-prune-inflight-s0")
-        chunk = read_run_config(inflight).rollout.chunk_tokens
-        decoded = run_sql(
+        decoded, scored = run_sql(
             inflight.root,
-            "select sum(generated_tokens) from stage_walls where run = 'main' and stage = 'rollout'",
-        ).fetchall()[0][0]
-        kept, stopped = run_sql(
-            inflight.root,
-            "select sum(response_len), count(*) filter (where finish_reason = 'unreliable') from rollouts",
+            "select sum(generated_tokens), sum(teacher_positions) from stage_walls "
+            "where run = 'main' and stage in ('rollout', 'teacher')",
         ).fetchall()[0]
-        assert kept <= decoded <= kept + stopped * (chunk - 1), pair
+        kept, stopped, spare = run_sql(
+            inflight.root,
+            "select sum(response_len), count(*) filter (where finish_reason = 'unreliable'), "
+            "sum(max_tokens - response_len) filter (where finish_reason = 'unreliable') from rollouts",
+        ).fetchall()[0]
+        assert scored == kept and rows[(pair, "prune-inflight")]["teacher_per_kept"] == 1.0, pair
+        assert kept <= decoded <= kept + (spare or 0), pair
+    for arm in ("prune", "opd"):  # the teacher stage scores every cached position once
+        assert rows[("low", arm)]["teacher_per_kept"] == 1.0, arm
     assert rows[("low", "opd")]["time_vs_opd"] == 1.0
     # the one-time DeepSpeed op build happens before the arms, not inside the first arm's training
     assert summary["warm_up_seconds"] >= 0

@@ -214,14 +214,18 @@ def test_rollout_stage_survives_kills(tiny_overrides, tmp_path):
     _assert_consistent(root)
 
 
-@pytest.mark.parametrize("arm", ["prune", "prune-grpo"])
+@pytest.mark.parametrize("arm", ["prune", "prune-grpo", "prune-inflight"])
 def test_run_with_its_persistent_engine_survives_kills(tiny_overrides, tmp_path, arm):
     """`opdcache run` keeps one engine and one teacher across rounds; kill -9 anywhere, rerun, same end.
-    prune-grpo also grades every response in its score stage and trains the gated objective."""
+    prune-grpo also grades every response in its score stage and trains the gated objective;
+    prune-inflight streams and aborts requests and writes cache parts from the rollout."""
     pytest.importorskip("vllm")
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("{}\n")
-    sets = [x for s in [*tiny_overrides, f"arm.name={arm}", "eval.checker=exact"] for x in ("--set", s)]
+    extra = ["score.w_drop=0.1"] if arm == "prune-inflight" else []  # stops (and aborts) within 48 tokens
+    sets = [
+        x for s in [*tiny_overrides, f"arm.name={arm}", "eval.checker=exact", *extra] for x in ("--set", s)
+    ]
     probe, root = tmp_path / "probe", tmp_path / "run"
     full = _duration(_cli("run", cfg, probe, "--rounds", 2, "--quiet", *sets))
     cmd = _cli("run", cfg, root, "--rounds", 2, "--quiet", *sets)
@@ -237,6 +241,14 @@ def test_run_with_its_persistent_engine_survives_kills(tiny_overrides, tmp_path,
     assert [d.round for d in BudgetController(root).state.history] == [0, 1]
     assert (RunDir(root).checkpoint(2) / "model.safetensors").exists()
     _assert_consistent(root)
+    if arm == "prune-inflight":  # parts came complete from the rollout; some samples were stopped
+        from opdcache.query import run_sql
+
+        assert not list((root / "rollouts").rglob("*.parquet"))
+        assert (
+            run_sql(root, "SELECT count(*) FROM rollouts WHERE finish_reason = 'unreliable'").fetchall()[0][0]
+            > 0
+        )
     if arm == "prune-grpo":  # both rounds graded: outcome columns in every score part
         from opdcache.query import run_sql
 

@@ -211,3 +211,16 @@ def test_random_keep_mask_matches_naive_walk(rel, match, seed):
     np.testing.assert_array_equal(keep, want)
     m = mass if match == "mass" else np.ones(len(rel))
     assert achieved == pytest.approx(m[keep].sum() / m.sum()) and achieved >= target - 1e-9
+
+
+@pytest.mark.parametrize("w_drop", [0.01, 0.08, 0.1, 1 / 3, 0.3, 1.0, 2.5])
+@pytest.mark.parametrize("eps", [1e-8, 0.5])
+def test_events_to_zero_is_where_reliability_is_first_spent(w_drop, eps):
+    c = 0  # counted up: the first C with max(0, 1 - w_drop * C) <= eps
+    while max(0.0, 1 - w_drop * c) > eps:
+        c += 1
+    assert rl.events_to_zero(w_drop, eps) == c
+
+
+def test_events_to_zero_is_none_without_a_penalty():
+    assert rl.events_to_zero(0.0) is None

@@ -202,6 +202,47 @@ def generate(
     return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], per_prompt, use_tqdm=False)
 
 
+def submit_streaming(
+    llm: Any, prompts: list[list[int]], n: int, temperature: float, max_tokens: int, k: int, tag: str
+) -> list[list[str]]:
+    """Queue n samples per prompt as requests of their own that stream their new tokens every engine
+    step (``RequestOutputKind.DELTA``; read with ``step``, ended early with ``abort``). Request ids
+    are ``{tag}-{prompt}-{sample}``, returned per prompt. Sampling as in ``generate``: the engine's
+    seed, no per-request seed."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(
+        n=1,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        logprobs=k,
+        flat_logprobs=True,
+        output_kind=RequestOutputKind.DELTA,
+        detokenize=False,  # ids only: no incremental detokenizing per step
+    )
+    ids = [[f"{tag}-{i}-{j}" for j in range(n)] for i in range(len(prompts))]
+    for p, row in zip(prompts, ids, strict=True):
+        for rid in row:
+            llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=p), params.clone())
+    return ids
+
+
+def step(llm: Any) -> list[Any]:
+    """One engine step: the RequestOutputs of streaming requests with new tokens (``request_id`` the
+    id given to ``submit_streaming``; ``finished`` once the engine ended it)."""
+    if not llm.llm_engine.has_unfinished_requests():
+        raise OpdcacheError("the engine has no unfinished request left to step")
+    return llm.llm_engine.step()
+
+
+def abort(llm: Any, request_ids: list[str]) -> None:
+    """End streaming requests now (their KV blocks are freed; no output follows)."""
+    if request_ids:
+        llm.llm_engine.abort_request(request_ids)
+
+
 def completion_arrays(completion: Any, k: int) -> dict[str, np.ndarray]:
     """Per-position arrays of one vLLM completion: sampled log-prob and the student's top-k.
 

@@ -2,18 +2,22 @@
 reliability is spent.
 
 Alg. 1 sizes the next round's budget from E, but inside a round every sample still runs to M_t.
-Here generation runs in chunks of ``rollout.chunk_tokens``; after each chunk the teacher scores the
-new positions on the same prefixes (the gathering forward), B and C are carried on with the run's
-variant (eqs. 6-9), and a sample whose R reached 0 (R <= eps, eq. 12) at position tau_0 keeps
-tau_0 + 1 + ``rollout.unreliable_tail`` positions and stops with finish_reason ``"unreliable"``.
-The others are resubmitted as prompt + response so far (vLLM's prefix cache keeps that cheap).
+Here each sample is one vLLM request, generated once: the engine streams its new tokens every step
+(``engine.submit_streaming``), the teacher scores them on the same prefixes with its KV cache kept
+between chunks (``teacher.forward.GrowingResponse``: each position goes through the teacher once),
+B and C are carried on with the run's variant (eqs. 6-9), and a sample whose R reached 0 (R <= eps,
+eq. 12) at position tau_0 keeps tau_0 + 1 + ``rollout.unreliable_tail`` positions, is aborted in the
+engine and ends with finish_reason ``"unreliable"``.
 
-Rows keep the rollout schema; the teacher stage recomputes the teacher columns as for any rollout,
-and the score stage then finds E = tau_0 for every stopped sample and E = its length for the others.
+A sample is scored once it holds min(``rollout.chunk_tokens``, the bad events still needed for R = 0)
+unscored positions, so a stop can only fall on the last position of a scored chunk: no position past
+tau_0 + 1 + tail goes through the teacher. The rows are complete cache rows (teacher columns
+included); the score stage finds E = tau_0 for every stopped sample and E = its length for the others.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,22 +28,21 @@ from opdcache.rollout import engine
 from opdcache.score import reliability as rl
 from opdcache.score.stage import bad_events
 from opdcache.score.variant import VariantSpec
+from opdcache.teacher.forward import GrowingResponse
 
-# (prompt ids, response ids, student top-k ids, first new position) -> the teacher's top-k ids and
-# log-probs at the new positions
-TeacherChunk = Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-
-COLUMNS = ("response_ids", "student_logprob", "student_topk_ids", "student_topk_logprobs")
+STUDENT = ("response_ids", "student_logprob", "student_topk_ids", "student_topk_logprobs")
+TEACHER = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_logprob", "teacher_logprob_on_student_topk")
 
 
 @dataclass
 class Sample:
-    """One response being generated: its arrays so far, C at its last position and where it stops."""
+    """One response being generated: what the engine streamed, what the teacher scored, C at the last
+    scored position and where the sample stops."""
 
-    prompt: np.ndarray
-    arrays: dict[str, list[np.ndarray]] = field(default_factory=lambda: {c: [] for c in COLUMNS})
-    length: int = 0
-    generated: int = 0  # tokens the engine decoded, those cut off after the stop included
+    teacher: GrowingResponse
+    arrays: dict[str, list[np.ndarray]] = field(default_factory=lambda: {c: [] for c in STUDENT + TEACHER})
+    length: int = 0  # positions streamed (before a stop's cut)
+    scored: int = 0  # positions the teacher has scored
     bad_count: int = 0  # C at the last scored position (eq. 8)
     stop_at: int | None = None  # positions kept once R reached 0: tau_0 + 1 + tail
     finish_reason: str | None = None  # None while it still generates
@@ -48,40 +51,69 @@ class Sample:
         return np.concatenate(self.arrays[name]) if self.arrays[name] else np.zeros(0)
 
     def result(self) -> tuple[dict[str, np.ndarray], str]:
-        return {c: self.column(c) for c in COLUMNS}, str(self.finish_reason)
+        return {c: self.column(c) for c in STUDENT + TEACHER}, str(self.finish_reason)
 
 
-def extend(
+def advance(
     s: Sample,
-    arrays: dict[str, np.ndarray],
-    finish_reason: str,
+    new: dict[str, np.ndarray],
+    engine_reason: str | None,
     spec: VariantSpec,
-    teacher: TeacherChunk,
+    chunk: int,
     tail: int,
-    max_tokens: int,
+    to_zero: int | None,
 ) -> None:
-    """Append one chunk, score its positions, and decide whether the sample goes on."""
-    start = s.length
-    for c in COLUMNS:
-        s.arrays[c].append(arrays[c])
-    n_new = len(arrays["response_ids"])
-    s.length += n_new
-    s.generated += n_new
-    if n_new:
-        response, student_ids = s.column("response_ids"), s.column("student_topk_ids")
-        t_ids, t_lps = teacher(s.prompt, response, student_ids, start)
-        _, bad = bad_events(spec, response[start:], student_ids[start:], t_ids, t_lps)
-        cum = s.bad_count + np.cumsum(bad, dtype=np.int64)
-        s.bad_count = int(cum[-1])
-        spent = np.flatnonzero(rl.reliability(cum, spec.w_drop) <= spec.eps)
-        if s.stop_at is None and len(spent):
-            s.stop_at = start + int(spent[0]) + 1 + tail
-    if s.stop_at is not None and s.length >= s.stop_at:
-        for c in COLUMNS:  # the chunk ran past the stop: drop what was decoded after it
+    """Append the engine's new positions, score those due, and decide whether the sample is done.
+
+    ``engine_reason``: the engine ended the request ("stop" / "length"); ``to_zero``: the bad-event
+    count at which R reaches 0 (``rl.events_to_zero``; None: never).
+    """
+    for c in STUDENT:
+        s.arrays[c].append(new[c])
+    s.length += len(new["response_ids"])
+    while True:
+        upto = s.length if s.stop_at is None else min(s.length, s.stop_at)
+        if s.stop_at is not None:
+            due = s.stop_at - s.scored
+        else:
+            due = chunk if to_zero is None else min(chunk, to_zero - s.bad_count)
+        n = min(upto - s.scored, due)
+        if n <= 0 or (n < due and engine_reason is None):
+            break
+        _score(s, n, spec, tail, to_zero)
+    if s.stop_at is not None and s.scored >= s.stop_at:
+        for c in s.arrays:  # positions streamed past the stop are dropped
             s.arrays[c] = [s.column(c)[: s.stop_at]]
         s.length, s.finish_reason = s.stop_at, "unreliable"
-    elif finish_reason != "length" or s.length >= max_tokens:
-        s.finish_reason = finish_reason
+    elif engine_reason is not None:
+        s.finish_reason = engine_reason
+
+
+def _score(s: Sample, n: int, spec: VariantSpec, tail: int, to_zero: int | None) -> None:
+    """The teacher on positions scored .. scored + n - 1; B and C carried on (eqs. 6-9)."""
+    a, b = s.scored, s.scored + n
+    response, student_ids = s.column("response_ids")[a:b], s.column("student_topk_ids")[a:b]
+    o = s.teacher.extend(response, student_ids)
+    for c, v in zip(
+        TEACHER, (o.topk_ids, o.topk_logprobs, o.sampled_logprob, o.on_student_topk), strict=True
+    ):
+        s.arrays[c].append(v)
+    _, bad = bad_events(spec, response, student_ids, o.topk_ids, o.topk_logprobs)
+    cum = s.bad_count + np.cumsum(bad, dtype=np.int64)
+    s.scored, s.bad_count = b, int(cum[-1])
+    if s.stop_at is None and to_zero is not None:
+        spent = np.flatnonzero(rl.reliability(cum, spec.w_drop) <= spec.eps)
+        if len(spent):
+            s.stop_at = a + int(spent[0]) + 1 + tail
+
+
+def _no_positions(k: int) -> dict[str, np.ndarray]:
+    return {
+        "response_ids": np.zeros(0, np.int32),
+        "student_logprob": np.zeros(0, np.float32),
+        "student_topk_ids": np.zeros((0, k), np.int32),
+        "student_topk_logprobs": np.zeros((0, k), np.float32),
+    }
 
 
 def generate_inflight(
@@ -93,26 +125,38 @@ def generate_inflight(
     chunk: int,
     tail: int,
     spec: VariantSpec,
-    teacher: TeacherChunk,
+    teacher: Callable[[np.ndarray], GrowingResponse],
     temperature: float = 1.0,
-) -> list[list[Sample]]:
-    """n samples per prompt at budget ``max_tokens``, each stopped once its R reaches 0 (+ ``tail``)."""
-    samples = [[Sample(np.asarray(p, dtype=np.int32)) for _ in range(n)] for p in prompts]
-    outs = engine.generate(llm, prompts, n, temperature, min(chunk, max_tokens), k)
-    for row, out in zip(samples, outs, strict=True):
-        for s, c in zip(row, out.outputs, strict=True):
-            extend(s, engine.completion_arrays(c, k), str(c.finish_reason), spec, teacher, tail, max_tokens)
-    while todo := [s for row in samples for s in row if s.finish_reason is None]:
-        budgets = [min(chunk, max_tokens - s.length, (s.stop_at or max_tokens) - s.length) for s in todo]
-        outs = engine.generate(
-            llm,
-            [np.concatenate([s.prompt, s.column("response_ids")]).tolist() for s in todo],
-            1,
-            temperature,
-            budgets,
-            k,
-        )
-        for s, out in zip(todo, outs, strict=True):
-            c = out.outputs[0]
-            extend(s, engine.completion_arrays(c, k), str(c.finish_reason), spec, teacher, tail, max_tokens)
-    return samples
+) -> tuple[list[list[Sample]], int]:
+    """n samples per prompt at budget ``max_tokens``, each stopped once its R reaches 0 (+ ``tail``);
+    ``teacher(prompt ids)`` starts the teacher on a prompt (forked for its n samples). Also returns
+    the tokens the engine decoded (those streamed past a stop included)."""
+    to_zero = rl.events_to_zero(spec.w_drop, spec.eps)
+    ids = engine.submit_streaming(llm, prompts, n, temperature, max_tokens, k, uuid.uuid4().hex[:12])
+    all_ids = [rid for row in ids for rid in row]
+    generated, finished = 0, set()
+    try:
+        samples = []  # the prompts' teacher forwards run while the engine starts decoding
+        for p in prompts:
+            t = teacher(np.asarray(p, dtype=np.int64))
+            samples.append([Sample(t.fork() if j < n - 1 else t) for j in range(n)])
+        by_id = dict(zip(all_ids, (s for row in samples for s in row), strict=True))
+        while len(finished) < len(by_id):
+            stopped = []
+            for out in engine.step(llm):
+                s = by_id.get(out.request_id)
+                if s is None or out.request_id in finished:
+                    continue  # streamed before its abort took effect
+                c = out.outputs[0]
+                new = engine.completion_arrays(c, k) if len(c.token_ids) else _no_positions(k)
+                generated += len(new["response_ids"])
+                advance(s, new, str(c.finish_reason) if out.finished else None, spec, chunk, tail, to_zero)
+                if s.finish_reason is not None:
+                    finished.add(out.request_id)
+                    if not out.finished:
+                        stopped.append(out.request_id)
+            engine.abort(llm, stopped)
+    except BaseException:
+        engine.abort(llm, [rid for rid in all_ids if rid not in finished])
+        raise
+    return samples, generated

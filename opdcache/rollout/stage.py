@@ -5,7 +5,9 @@
 Round r's prompts (a seeded shuffle of the prompt file, ``rollout.prompts_per_round`` of them) are
 split into parts of ``rollout.part_size`` prompts; each part is generated with n samples per
 prompt at the controller's budget M_r and written atomically. A rerun skips parts already written
-(here or, completed by the teacher stage, in RUN/cache/), so a killed rollout resumes.
+(here or, completed by the teacher stage, in RUN/cache/), so a killed rollout resumes. Arm
+prune-inflight scores each sample with the teacher while it grows (rollout/inflight.py) and writes
+complete parts straight to RUN/cache/: its teacher stage finds nothing left to do.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from opdcache.arms import plan
-from opdcache.cache.schema import ROLLOUT_COLUMNS, CacheMeta
+from opdcache.cache.schema import CACHE_COLUMNS, ROLLOUT_COLUMNS, CacheMeta
 from opdcache.cache.shards import write_cache_shard
 from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
@@ -29,7 +31,7 @@ from opdcache.rollout import engine, inflight
 from opdcache.rollout.prompts import Prompt, encode_prompts, load_prompts, round_prompts
 from opdcache.rundir import RunDir
 from opdcache.shard import WHOLE, Shard
-from opdcache.teacher.forward import score_response
+from opdcache.teacher.forward import GrowingResponse
 from opdcache.teacher.stage import ResidentTeacher, teacher_vocab
 
 
@@ -86,11 +88,13 @@ def rollout_round(
         engines = engine.PersistentEngine(**engine_settings(cfg))
     llm, startup = engines.get(student, rc.k, max_len, seed)
     scorer = None
-    if plan(cfg).inflight:
+    if plan(cfg).inflight:  # in flight the rollout writes complete cache parts: the teacher runs here
         vocab = teacher_vocab(cfg, student)
-        model, _, load_seconds = (teacher or ResidentTeacher()).get(cfg)
+        model, t_fp, load_seconds = (teacher or ResidentTeacher()).get(cfg)
         startup += load_seconds
-        scorer = _teacher_chunk(model, vocab, rc.k, cfg.teacher.chunk_positions)
+        meta = dataclasses.replace(meta, teacher_model=cfg.models.teacher, teacher_fingerprint=t_fp)
+        chunk_positions = cfg.teacher.chunk_positions
+        scorer = lambda prompt: GrowingResponse(model, prompt, rc.k, vocab, chunk_positions)  # noqa: E731
     bar = tqdm(
         total=sum(len(parts[p]) for p in mine),
         initial=sum(len(parts[p]) for p in mine if done[p]),
@@ -98,7 +102,7 @@ def rollout_round(
         unit="prompt",
         disable=not progress,
     )
-    t0, tokens, generated = time.perf_counter(), 0, 0
+    t0, tokens, generated, teacher_positions = time.perf_counter(), 0, 0, 0
     try:
         for p in mine:
             if done[p]:
@@ -113,21 +117,25 @@ def rollout_round(
                     for out in outs
                 ]
             else:
-                grown = inflight.generate_inflight(
+                grown, decoded = inflight.generate_inflight(
                     llm, batch, rc.n_samples, max_tokens, rc.k, rc.chunk_tokens, rc.unreliable_tail,
                     cfg.score.spec, scorer, rc.temperature,
                 )  # fmt: skip
-                generated += sum(s.generated - s.length for row in grown for s in row)
+                generated += decoded
+                teacher_positions += sum(s.teacher.positions for row in grown for s in row)
                 samples = [[s.result() for s in row] for row in grown]
-            cols = _columns(samples, [prompts[i] for i in idx], batch, max_tokens)
+            cols = _columns(samples, [prompts[i] for i in idx], batch, max_tokens, scorer is not None)
             part_meta = dataclasses.replace(
                 meta, answers={prompts[i].prompt_id: prompts[i].answer for i in idx}
             )
-            written = write_cache_shard(
-                run.rollout_round(r) / run.part_name(p), cols, part_meta, rollout=True
-            )
+            if scorer is None:
+                written = write_cache_shard(
+                    run.rollout_round(r) / run.part_name(p), cols, part_meta, rollout=True
+                )
+                generated += written
+            else:
+                written = write_cache_shard(run.cache_round(r) / run.part_name(p), cols, part_meta)
             tokens += written
-            generated += written
             bar.update(len(idx))
             bar.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - t0):.0f}")
     finally:
@@ -135,18 +143,16 @@ def rollout_round(
             engines.close()
     bar.close()
     return RolloutResult(
-        r, max_tokens, len(mine), sum(done.values()), tokens, time.perf_counter() - t0, startup, generated
+        r,
+        max_tokens,
+        len(mine),
+        sum(done.values()),
+        tokens,
+        time.perf_counter() - t0,
+        startup,
+        generated,
+        teacher_positions,
     )
-
-
-def _teacher_chunk(model: Any, vocab: int, k: int, chunk_positions: int) -> inflight.TeacherChunk:
-    """The in-flight rollout's teacher: top-k ids and log-probs at the new positions of a response."""
-
-    def score(prompt: np.ndarray, response: np.ndarray, student_ids: np.ndarray, start: int):
-        o = score_response(model, prompt, response, student_ids, k, vocab, chunk_positions, start)
-        return o.topk_ids, o.topk_logprobs
-
-    return score
 
 
 def context_length(cfg: RunConfig, checkpoint: str, longest_prompt: int) -> int:
@@ -191,9 +197,11 @@ def _columns(
     prompts: list[Prompt],
     encoded: list[list[int]],
     max_tokens: int,
+    with_teacher: bool = False,
 ) -> dict:
-    """Rollout columns from each prompt's samples: (completion arrays, finish reason)."""
-    cols: dict[str, list] = {c.name: [] for c in ROLLOUT_COLUMNS}
+    """Rollout columns (with ``with_teacher``: cache columns) from each prompt's samples: (completion
+    arrays, finish reason)."""
+    cols: dict[str, list] = {c.name: [] for c in (CACHE_COLUMNS if with_teacher else ROLLOUT_COLUMNS)}
     for row, pr, ids in zip(samples, prompts, encoded, strict=True):
         for s, (arrays, finish_reason) in enumerate(row):
             cols["prompt_id"].append(pr.prompt_id)

@@ -12,6 +12,8 @@ current position (eq. 8), and E counts positions with R > eps, eps = 1e-8 (eq. 1
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -108,6 +110,17 @@ def reliability(cumulative: np.ndarray, w_drop: float) -> np.ndarray:
     """Eq. 9: R_tau = clip(1 - w_drop * C_tau, 0, 1); float32 [N]."""
     r = np.float32(1.0) - np.float32(w_drop) * np.asarray(cumulative, dtype=np.float32)
     return np.clip(r, np.float32(0.0), np.float32(1.0))
+
+
+def events_to_zero(w_drop: float, eps: float = EPS) -> int | None:
+    """The least bad-event count C with R = clip(1 - w_drop C, 0, 1) <= eps (eqs. 9, 12, in eq. 9's
+    float32): where a response's reliability is spent. None when w_drop = 0 (never)."""
+    if w_drop <= 0:
+        return None
+    c = max(1, math.ceil((1 - eps) / w_drop) - 2)
+    while reliability(np.array([c]), w_drop)[0] > eps:
+        c += 1
+    return c
 
 
 def loss_weight(rel: np.ndarray, w_base: float) -> np.ndarray:
