@@ -63,6 +63,11 @@ VARIANT_ARGS = [
 ]
 
 
+# stages run one by one (e.g. the Slurm recipe) rebuild the metrics files when they succeed;
+# `opdcache run` / `round` / `replay` do it after every round themselves
+METRICS_AFTER = ("score", "train", "budget")
+
+
 @dataclass(frozen=True)
 class Command:
     handler: Callable[[argparse.Namespace, RunDir | None], Any]
@@ -81,9 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("OPDCACHE_DRY_RUN"):  # pipelines' recipes are checked this way (tests)
         print(f"opdcache: dry run: {args.command} " + " ".join(sys.argv[1:] if argv is None else argv))
         return 0
+    run, fresh, existed = None, False, True
     try:
         run = None if cmd.kind == "none" else RunDir(args.run)
         if run is not None and cmd.kind == "create":
+            existed = run.root.exists()
+            fresh = not run.config.exists() and not (existed and any(run.root.iterdir()))
             run.root.mkdir(parents=True, exist_ok=True)
         elif run is not None:
             run.require()
@@ -96,19 +104,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         with RunLock(run, job=job) if cmd.kind in ("create", "write") else nullcontext():
             try:
                 out = cmd.handler(args, run)
+                if args.command in METRICS_AFTER and (not hasattr(args, "shard") or args.shard.count == 1):
+                    from opdcache.metrics import write_metrics
+
+                    write_metrics(run)  # a sharded worker leaves it to the unsharded stages after it
             finally:
-                if run is not None and run.root.is_dir():
+                if run is not None and run.root.is_dir() and not (fresh and not run.config.exists()):
                     refresh_duckdb_file(run)
         for item in out if isinstance(out, list) else [out]:
             if item is not None:
                 print(item if isinstance(item, str) else describe(item))
     except OpdcacheError as e:
+        _undo_refused_create(run, fresh, existed)
         print(f"opdcache: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _undo_refused_create(run, fresh, existed)
         print("opdcache: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _undo_refused_create(run: RunDir | None, fresh: bool, existed: bool) -> None:
+    """A run directory this command made (or found empty) and that never got its config was refused
+    (bad config, prompt file, ...): leave nothing behind. A run with a config keeps what it has."""
+    import shutil
+
+    if run is None or not fresh or run.config.exists() or not run.root.is_dir():
+        return
+    for p in run.root.iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if not existed:  # an empty directory the user made stays
+        run.root.rmdir()
 
 
 def _job_subject(args: argparse.Namespace) -> int | str:
@@ -172,10 +199,14 @@ def commands() -> dict[str, Command]:
             arg("--arm", choices=["prune", "prune-grpo"], default="prune",
                 help="objective of the retraining: prune (OPD x L) or prune-grpo (GRPO where R = 0; train.grpo_*)"),
             QUIET]),
+        "metrics": Command(h.metrics, "write", "rebuild RUN/metrics.jsonl and RUN/tensorboard/ from the run", [
+            RUN, arg("--no-tensorboard", action="store_true", help="metrics.jsonl only")]),
         "query": Command(h.query, "read", "run SQL over the run's DuckDB views", [
             RUN, arg("sql", nargs="?"), arg("--file", help="SQL file, e.g. analysis/overlap_by_depth.sql"),
             arg("--param", action="append", default=[], metavar="NAME=VALUE", help="SET VARIABLE NAME"),
             arg("--format", choices=["table", "csv", "json"], default="table"),
+            arg("--write", action="store_true",
+                help="also run statements that write (COPY ... TO, CREATE, ATTACH, ...); default read-only"),
             arg("--max-rows", type=int, default=100)]),
         "verify": Command(h.verify, "read", "check every part against its integrity record and the contract",
                           [RUN, QUIET]),

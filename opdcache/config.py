@@ -77,9 +77,9 @@ class RolloutConfig:
         1, "vLLM tensor parallelism: GPUs one engine spans (data parallelism: sharded workers, --shard)", ge=1
     )
     chunk_tokens: int = setting(
-        32,
+        128,
         "arm prune-inflight: most positions of a sample the teacher scores in one forward (fewer when R is "
-        "that few bad events from 0, so no position past the stop is scored)",
+        "that few bad events from 0, so no position past the stop is scored; larger: fewer teacher calls)",
         ge=1,
     )
     unreliable_tail: int = setting(
@@ -205,6 +205,18 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Where the run's metrics go besides the run directory's own files (metrics.py)."""
+
+    tensorboard: bool = setting(
+        True, "write RUN/tensorboard/ event files after every round (RUN/metrics.jsonl is always written)"
+    )
+
+    def __post_init__(self) -> None:
+        validate(self, "log")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -215,6 +227,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     arm: ArmConfig = field(default_factory=ArmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _type_name(tp: Any) -> str:

@@ -195,6 +195,14 @@ def replay(a: Args, run: RunDir) -> str:
     )
 
 
+def metrics(a: Args, run: RunDir) -> str:
+    from opdcache.metrics import write_metrics
+
+    scalars = write_metrics(run, tensorboard=False if a.no_tensorboard else None)
+    where = run.metrics if a.no_tensorboard else f"{run.metrics} and {run.tensorboard}/"
+    return f"{len(scalars)} scalars in {where} (tensorboard --logdir {run.root})"
+
+
 def query(a: Args, run: RunDir) -> None:
     import duckdb
 
@@ -208,7 +216,7 @@ def query(a: Args, run: RunDir) -> None:
         raise OpdcacheError(f"{a.file}: cannot read ({e.strerror})") from e
     params = _pairs(a.param, "--param", "name=value")
     try:
-        rel = run_sql(run, sql, params)
+        rel = run_sql(run, sql, params, write=a.write)
         if rel is None:
             return
         if a.format == "csv":

@@ -107,6 +107,7 @@ def run_rounds(
     engine, teacher and trainer, and only worker 0 evaluates (the others go on meanwhile).
     """
     from opdcache.evaluation import eval_context
+    from opdcache.metrics import write_metrics
     from opdcache.models.checkpoint import student_checkpoint
 
     start = BudgetController(run, plan(cfg).budget).state.next_round
@@ -137,6 +138,7 @@ def run_rounds(
             )
         if lead:
             eval_round(run, rounds, cfg, engines, teacher)
+            write_metrics(run)  # with the last evaluation
     return out
 
 
@@ -156,6 +158,7 @@ def run_round(
 
     ``engines``, ``teacher`` and ``trainer`` (``run_rounds``) keep the rollout engine, the teacher and the
     trainer across rounds. ``shard``: this worker of a sharded run (module docstring)."""
+    from opdcache.metrics import write_metrics
     from opdcache.query import refresh_duckdb_file
     from opdcache.rollout.stage import rollout_round
     from opdcache.score.stage import read_effective_lengths
@@ -196,6 +199,7 @@ def run_round(
     )
     if shard.index == 0:
         d = timed(run, r, "budget", lambda: ctl.update(r, read_effective_lengths(run, p.budget_variant, r)))
+        write_metrics(run)
         refresh_duckdb_file(run)
     barrier(shard)  # the next round's budget is decided
     if shard.index != 0:

@@ -14,6 +14,9 @@ Views (see docs/cache-format.md for columns):
             over worker counts (jobs of different worker counts cannot overlap: the run lock);
             train_seconds / train_work_seconds the same charged to training (an evaluation counts only
             for an engine start-up it made, work 0)
+  metrics   RUN/metrics.jsonl (and each replay's): run, kind ("step" / "round"), step, round, tag,
+            value, the scalars of RUN/tensorboard/ (metrics.py)
+  evals     one row per evaluated round (eval/round=<r>.json)
 
 ``RUN/opdcache.duckdb`` holds the same views for any DuckDB client. Views use absolute paths;
 any ``opdcache`` command on the run refreshes them (after moving a run, run ``opdcache query``).
@@ -31,6 +34,7 @@ import pyarrow as pa
 
 from opdcache.budget import Decision
 from opdcache.cache.schema import CACHE_COLUMNS, SCORE_COLUMNS, Column
+from opdcache.errors import OpdcacheError
 from opdcache.rundir import RunDir, round_dir
 
 _DUCK_TYPES = {
@@ -154,6 +158,23 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
         SELECT *, CASE WHEN stage = 'eval' THEN seconds - work_seconds ELSE seconds END AS train_seconds,
                CASE WHEN stage = 'eval' THEN 0 ELSE work_seconds END AS train_work_seconds
         FROM walls"""
+    metric_files = [p for p in [run.metrics, *(rep.metrics for rep in run.replay_runs())] if p.exists()]
+    metric_cols = [
+        ("run", "VARCHAR"),
+        ("kind", "VARCHAR"),
+        ("step", "INTEGER"),
+        ("round", "INTEGER"),
+        ("tag", "VARCHAR"),
+        ("value", "DOUBLE"),
+    ]
+    if metric_files:
+        cols = ", ".join(f"{n}: '{t}'" for n, t in metric_cols)
+        metrics = (
+            f"SELECT * FROM read_json([{', '.join(_q(p) for p in metric_files)}], "
+            f"format = 'newline_delimited', columns = {{{cols}}})"
+        )
+    else:
+        metrics = _empty(metric_cols)
     eval_cols = [
         ("round", "INTEGER"),
         ("accuracy", "DOUBLE"),
@@ -193,6 +214,7 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
         "stage_times": stage_times,
         "stage_walls": stage_walls,
         "evals": evals,
+        "metrics": metrics,
     }
     return [f"CREATE OR REPLACE VIEW {name} AS {sql}" for name, sql in views.items()]
 
@@ -222,10 +244,25 @@ def refresh_duckdb_file(root: RunDir | str | Path) -> Path | None:
     return run.duckdb
 
 
+# statements that only read: anything else (COPY ... TO, CREATE, DROP, ATTACH, EXPORT, INSTALL, ...)
+# needs write=True (opdcache query --write)
+READ_ONLY = {"SELECT", "EXPLAIN", "SET", "VARIABLE_SET", "PRAGMA"}
+
+
 def run_sql(
-    root: RunDir | str | Path, sql: str, params: dict[str, str] | None = None
+    root: RunDir | str | Path, sql: str, params: dict[str, str] | None = None, write: bool = False
 ) -> duckdb.DuckDBPyRelation | None:
-    """Run ``sql`` (one or more statements) against the run's views; returns the last result."""
+    """Run ``sql`` (one or more statements) against the run's views; returns the last result. Only
+    statements that read are run unless ``write`` (the views are the project's, files the user's)."""
+    if not write:
+        for stmt in duckdb.connect().extract_statements(sql):
+            kind = stmt.type.name
+            if kind not in READ_ONLY:
+                text = " ".join(stmt.query.split())[:60]
+                raise OpdcacheError(
+                    f"query: {kind} statement refused ({text!r}): queries are read-only; "
+                    "pass --write to run statements that create, change or write files"
+                )
     con = connect(root)
     for name, value in (params or {}).items():
         con.execute(f"SET VARIABLE {name} = ?", [_param_value(value)])

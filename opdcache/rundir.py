@@ -13,6 +13,7 @@ RUN/
   deepspeed/round=<r>/                        DeepSpeed engine state saved with checkpoints/round=<r>
   eval/round=<r>.json                         Avg@n of the round-r student
   stage_times.jsonl                           wall time of every stage run (view stage_times)
+  metrics.jsonl, tensorboard/                 per-step and per-round scalars (metrics.py; view metrics)
   replays/<name>/                             a run directory of its own whose cache/ links to RUN/cache
   opdcache.duckdb                             DuckDB views over all of the above (query.py)
   .staging/                                   work in progress; never read by anything else
@@ -98,6 +99,14 @@ class RunDir:
         return self.root / "stage_times.jsonl"
 
     @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
     def lock(self) -> Path:
         return self.root / ".lock"
 
@@ -139,6 +148,8 @@ class RunDir:
             "deepspeed": self.deepspeed,
             "eval": self.evals,
             "stage_times": self.stage_times,
+            "metrics": self.metrics,
+            "tensorboard": self.tensorboard,
             "replays": self.replays,
         }
 

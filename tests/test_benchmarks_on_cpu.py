@@ -25,8 +25,13 @@ EXPECTED = {
     "rollout_throughput.py": ["tokens/s", "positions/s", "ratio flat / dicts", "cache bytes/position"],
     "toy_overlap.py": ["mean response length"],
     "pack_throughput.py": ["pack MB/s", "unpack MB/s", "unpack check MB/s", "archive / run size"],
+    "inflight_rollout.py": ["ratio in flight / plain", "teacher/kept", "decoded/kept"],
 }
-SLOW = {"rollout_throughput.py", "toy_overlap.py"}  # a vLLM start; building the smoke toy models
+SLOW = {
+    "rollout_throughput.py",
+    "toy_overlap.py",
+    "inflight_rollout.py",
+}  # a vLLM start; building the smoke toy models
 
 
 def test_every_benchmark_is_covered():

@@ -131,7 +131,12 @@ def generate_inflight(
     """n samples per prompt at budget ``max_tokens``, each stopped once its R reaches 0 (+ ``tail``);
     ``teacher(prompt ids)`` starts the teacher on a prompt (forked for its n samples). Also returns
     the tokens the engine decoded (those streamed past a stop included)."""
+    import torch
+
     to_zero = rl.events_to_zero(spec.w_drop, spec.eps)
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available():  # on CPU the engine's worker holds a core: the teacher takes one thread
+        torch.set_num_threads(1)
     ids = engine.submit_streaming(llm, prompts, n, temperature, max_tokens, k, uuid.uuid4().hex[:12])
     all_ids = [rid for row in ids for rid in row]
     generated, finished = 0, set()
@@ -159,4 +164,6 @@ def generate_inflight(
     except BaseException:
         engine.abort(llm, [rid for rid in all_ids if rid not in finished])
         raise
+    finally:
+        torch.set_num_threads(threads)
     return samples, generated

@@ -152,8 +152,15 @@ def _records(path: Path) -> tuple[list[Any], str]:
         except (OSError, pa.ArrowException) as e:
             raise OpdcacheError(f"{path}: not a readable Parquet file ({e})") from e
     rows = []
-    with path.open() as f:
-        for i, line in enumerate(f):
+    with path.open("rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise OpdcacheError(
+                    f"{path}: line {i + 1}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "JSONL prompt files must be UTF-8"
+                ) from e
             if not line.strip():
                 continue
             try:
