@@ -125,9 +125,7 @@ def collect(run: RunDir) -> list[Scalar]:
                 out.append(Scalar(label, "round", int(r), int(r), tag, float(v)))
     eval_cols = [d[0] for d in con.execute("SELECT * FROM evals LIMIT 0").description]
     numeric = [c for c in eval_cols if c not in EVAL_SKIP]
-    per_round(
-        f"SELECT round, {', '.join(numeric)} FROM evals ORDER BY round", [f"eval/{c}" for c in numeric]
-    )
+    per_round(f"SELECT round, {', '.join(numeric)} FROM evals ORDER BY round", [f"eval/{c}" for c in numeric])
     return out
 
 
@@ -161,7 +159,9 @@ def _write_events(logdir: Path, scalars: list[Scalar]) -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:  # torch's writer needs the tensorboard package
-        raise OpdcacheError(f"TensorBoard files need the tensorboard package ({e}); pip install tensorboard") from e
+        raise OpdcacheError(
+            f"TensorBoard files need the tensorboard package ({e}); pip install tensorboard"
+        ) from e
     import shutil
 
     shutil.rmtree(logdir, ignore_errors=True)
