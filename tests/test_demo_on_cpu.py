@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,63 @@ def test_eval_refuses_bad_data_before_starting_an_engine(demo, tmp_path, capsys)
     bad.write_text('{"prompt_id": "a", "question": "start 1 add 2 steps 9 solve"}\n')
     assert main(["eval", str(demo / "models" / "teacher"), "--data", str(bad)]) == 2
     assert "no usable answer" in capsys.readouterr().err
+
+
+def test_tensorboard_holds_the_runs_scalars(demo):
+    """RUN/tensorboard/, read back with TensorBoard's own reader, equals what the run's own files say:
+    every optimizer step of opdcache_train.json and every round's stage seconds of stage_times.jsonl."""
+    import subprocess
+    import sys
+    from collections import defaultdict
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for arm in ("prune", "prune-inflight"):
+        root = demo / "runs" / f"low-{arm}-s0"
+        acc = EventAccumulator(str(root / "tensorboard"), size_guidance={"scalars": 0})
+        acc.Reload()
+        got = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+        step = 0
+        names = {"loss": "actor/pg_loss", "clip_frac": "actor/pg_clipfrac", "grad_norm": "actor/grad_norm"}
+        for ckpt in sorted((root / "checkpoints").glob("round=*"), key=lambda p: int(p.name.split("=")[1])):
+            for m in json.loads((ckpt / "opdcache_train.json").read_text())["metrics"]:
+                for field, tag in {
+                    **names,
+                    "reward": "critic/rewards/mean",
+                    "tokens": "actor/tokens",
+                }.items():
+                    assert got[tag][step] == pytest.approx(m[field], rel=1e-6), (tag, step)
+                step += 1
+        assert step > 0 and len(got["actor/pg_loss"]) == step
+        seconds = defaultdict(float)
+        for line in (root / "stage_times.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            seconds[(row["round"], row["stage"].replace(":", "/"))] += row["seconds"]
+        for (r, stage), s in seconds.items():
+            assert got[f"timing_s/{stage}"][r] == pytest.approx(s, rel=1e-6), (r, stage)
+        evals = {
+            int(p.stem.split("=")[1]): json.loads(p.read_text()) for p in (root / "eval").glob("round=*.json")
+        }
+        assert {r: got["eval/accuracy"][r] for r in evals} == pytest.approx(
+            {r: e["accuracy"] for r, e in evals.items()}
+        )
+        budget = json.loads((root / "budget.json").read_text())["history"]
+        assert {d["round"]: d["max_tokens"] for d in budget} == {
+            r: v for r, v in got["budget/max_tokens"].items()
+        }
+        # the same records in metrics.jsonl and its DuckDB view
+        n = run_sql(root, "select count(*) from metrics where tag = 'actor/pg_loss'").fetchall()[0][0]
+        assert n == step
+    # tensorboard's own command line reads the files
+    p = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "tensorboard"),
+            "--inspect",
+            "--logdir",
+            str(demo / "runs" / "low-prune-s0"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "actor/pg_loss" in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
