@@ -59,6 +59,18 @@ def _typed(columns: tuple[Column, ...]) -> list[tuple[str, str]]:
     return [(c.name, _DUCK_TYPES[c.type]) for c in columns]
 
 
+def _jsonl(files: list[Path], cols: list[tuple[str, str]], required: str) -> str:
+    """A view over JSON-lines files (the run's and its replays'); a line that does not parse or lacks
+    ``required`` (a torn last line after a crash) is skipped."""
+    if not files:
+        return _empty(cols)
+    spec = ", ".join(f"{n}: '{t}'" for n, t in cols)
+    return (
+        f"SELECT * FROM read_json([{', '.join(_q(p) for p in files)}], format = 'newline_delimited', "
+        f"columns = {{{spec}}}, ignore_errors = true) WHERE {required} IS NOT NULL"
+    )
+
+
 def view_statements(root: RunDir | str | Path) -> list[str]:
     run = RunDir.of(root)
     cache_glob = run.cache / round_dir("*") / "*.parquet"
@@ -125,14 +137,7 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
         ("teacher_positions", "BIGINT"),  # teacher stages and in-flight rollouts: positions scored
         ("shard", "VARCHAR"),  # "i/N": worker i of a sharded stage's N (NULL: not sharded)
     ]
-    if time_files:
-        cols = ", ".join(f"{n}: '{t}'" for n, t in time_cols)
-        stage_times = (
-            f"SELECT * FROM read_json([{', '.join(_q(p) for p in time_files)}], format = 'newline_delimited', "
-            f"columns = {{{cols}}}, ignore_errors = true) WHERE stage IS NOT NULL"
-        )
-    else:
-        stage_times = _empty(time_cols)
+    stage_times = _jsonl(time_files, time_cols, "stage")
     stage_walls = """
         WITH per_worker AS (
             SELECT run, round, stage, coalesce(split_part(shard, '/', 2)::INTEGER, 1) AS workers,
@@ -167,14 +172,7 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
         ("tag", "VARCHAR"),
         ("value", "DOUBLE"),
     ]
-    if metric_files:
-        cols = ", ".join(f"{n}: '{t}'" for n, t in metric_cols)
-        metrics = (
-            f"SELECT * FROM read_json([{', '.join(_q(p) for p in metric_files)}], "
-            f"format = 'newline_delimited', columns = {{{cols}}})"
-        )
-    else:
-        metrics = _empty(metric_cols)
+    metrics = _jsonl(metric_files, metric_cols, "tag")
     eval_cols = [
         ("round", "INTEGER"),
         ("accuracy", "DOUBLE"),
