@@ -7,7 +7,9 @@
 # TRAIN_NODES x GPUS_PER_NODE GPUs (default 2 x 8) under torchrun (DeepSpeed), then the budget
 # controller decides round ROUND + 1. The run directory must be on storage every node sees (see
 # docs/scale.md on locking over NFS). Extra sbatch options for every job (a partition, an account):
-# SBATCH_ARGS, e.g. SBATCH_ARGS="--partition=gpu --account=me".
+# SBATCH_ARGS, e.g. SBATCH_ARGS="--partition=gpu --account=me". A training job bigger than its
+# partition is accepted by sbatch and then pends forever (Reason=PartitionConfig), stalling the chain:
+# set TRAIN_NODES / GPUS_PER_NODE to what the partition has.
 set -euo pipefail
 run="$1"; round="$2"; workers="${3:-8}"
 here="$(cd "$(dirname "$0")" && pwd)"
