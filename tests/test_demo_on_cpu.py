@@ -194,6 +194,11 @@ def test_tensorboard_holds_the_runs_scalars(demo):
         # the same records in metrics.jsonl and its DuckDB view
         n = run_sql(root, "select count(*) from metrics where tag = 'actor/pg_loss'").fetchall()[0][0]
         assert n == step
+    # replays log under their own name: their own files, their run label in the main run's view
+    root = demo / "runs" / "low-prune-s0"
+    runs = dict(run_sql(root, "select run, count(*) from metrics group by run").fetchall())
+    for g in (0.6, 0.7, 0.8):
+        assert runs[f"replay:gamma{g:g}"] > 0 and (root / "replays" / f"gamma{g:g}" / "tensorboard").is_dir()
     # tensorboard's own command line reads the files
     p = subprocess.run(
         [
