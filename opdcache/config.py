@@ -22,6 +22,7 @@ from opdcache.errors import ConfigError
 from opdcache.fields import help_rows, setting, validate
 from opdcache.rundir import RunDir, atomic_write_bytes, check_variant_name
 from opdcache.score.variant import VariantSpec
+from opdcache.train import Objective
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,16 @@ class TrainConfig:
     seed: int = setting(0, "data order and dropout seed")
     keep_states: int = setting(
         1, "DeepSpeed states kept under RUN/deepspeed/ (the newest; 0 = all); each holds the optimizer", ge=0
+    )
+    objective: Objective = setting(
+        "student-topk",
+        "the OPD loss (train/loss.py, docs/objectives.md): student-topk = the paper's released code (the "
+        "student's top-k ids only); bucket = KL over student top-k ∪ teacher top-k plus one bucket for the "
+        "rest; sum-and-sample = bucket + the sampled token's residual when it lies in the rest (unbiased for "
+        "the full reverse-KL gradient); sampled-token = tinker's advantage on the sampled token",
+    )
+    residual_clamp: float = setting(
+        10.0, "objective sum-and-sample: |d_y - l_R| of the sampled residual is clamped to this (nats)", gt=0
     )
     grpo_coef: float = setting(
         1.0,

@@ -245,6 +245,8 @@ def verdicts_markdown(rows: list[dict[str, Any]]) -> str:
             value += f" ± {v['se']:.3f}"
         ratio = "" if not wall else (" - |" if v["wall_ratio"] is None else f" {v['wall_ratio']:.2f} |")
         verdict = "-" if v["holds"] is None else ("holds" if v["holds"] else "does not hold")
+        if v.get("needs_seeds"):
+            verdict = "needs >= 3 seeds"
         lines.append(f"| {v['claim']} | {v['pair']} | {v['seeds']} | {value} |{ratio} {verdict} |")
     return "\n".join(lines)
 

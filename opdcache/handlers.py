@@ -187,7 +187,14 @@ def replay(a: Args, run: RunDir) -> str:
 
     spec = _spec(_config(run).score.spec, a)
     sub = replay_run(
-        run, a.variant, spec, _round_list(a), progress=not a.quiet, train=not a.no_train, arm=a.arm
+        run,
+        a.variant,
+        spec,
+        _round_list(a),
+        progress=not a.quiet,
+        train=not a.no_train,
+        arm=a.arm,
+        objective=a.objective,
     )
     return (
         f"replay written to {sub.root}; compare: opdcache query {run.root} "
@@ -338,7 +345,17 @@ def demo(a: Args, _: None) -> list[str]:
             raise OpdcacheError(
                 "demo --real needs --data: a GSM8K-shaped prompt file (e.g. GSM8K's test.jsonl)"
             )
-        res = run_real_demo(a.data, a.out or "demo-real", a.smoke, a.rounds, tuple(a.seeds), not a.quiet)
+        res = run_real_demo(
+            a.data,
+            a.out or "demo-real",
+            a.smoke,
+            a.rounds,
+            tuple(a.seeds),
+            not a.quiet,
+            pairs=tuple(a.pairs),
+            objective=a.objective,
+            compare=a.compare_objectives,
+        )
     else:
         from opdcache.demo import run_demo
 

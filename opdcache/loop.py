@@ -282,11 +282,13 @@ def replay(
     progress: bool = True,
     train: bool = True,
     arm: str = "prune",
+    objective: str | None = None,
 ) -> RunDir:
     """Re-score the cached rounds as ``variant`` and retrain from the round-0 student, calling no model
     but the student being trained (``train=False``: scores and budget decisions only). Output:
     RUN/replays/<variant>/ (its own scores, checkpoints, budget and stage times; the cache is the
-    parent's, linked). ``arm``: prune (OPD x L) or prune-grpo (the gated objective, issue 24)."""
+    parent's, linked). ``arm``: prune (OPD x L) or prune-grpo (the gated objective, issue 24);
+    ``objective``: the OPD loss (train.objective; default the run's)."""
     if arm not in ("prune", "prune-grpo"):
         raise OpdcacheError(f"replay --arm {arm!r}: expected prune or prune-grpo")
     run.require()
@@ -305,9 +307,21 @@ def replay(
         cfg,
         score=dataclasses.replace(cfg.score, variant=variant, spec=spec),
         arm=dataclasses.replace(cfg.arm, name=arm),
+        train=dataclasses.replace(cfg.train, objective=objective or cfg.train.objective),
     )
     if not sub.config.exists():
         write_run_config(sub, rcfg)
+    elif (made := read_run_config(sub)) != rcfg:
+        diff = [
+            f"{sec}.{f.name}"
+            for sec in ("score", "arm", "train")
+            for f in dataclasses.fields(getattr(rcfg, sec))
+            if getattr(getattr(made, sec), f.name) != getattr(getattr(rcfg, sec), f.name)
+        ]
+        raise OpdcacheError(
+            f"{sub.config}: replay {variant!r} was made with other settings ({', '.join(diff) or 'config'}); "
+            "give it another --variant name, or the same settings to continue it"
+        )
     # the replay trains on the original rollouts, so its budget merely records what Alg. 1 would decide
     trainer = ResidentTrainer()
     for r in todo:

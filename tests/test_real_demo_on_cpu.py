@@ -1,6 +1,6 @@
 """`opdcache demo --real --smoke`: the real pair (SmolLM2-135M-Instruct and itself without layers
-20-23) through every arm, with the distillation metrics after every round and the calibrated gamma
-restated from the OPD run's cache."""
+20-23) through every arm and, for OPD, every objective, with the distillation metrics and the
+calibrated gamma restated from the OPD run's cache."""
 
 import json
 from pathlib import Path
@@ -11,8 +11,9 @@ import pytest
 from opdcache.cache.shards import read_cache_shard
 from opdcache.cli import main
 from opdcache.config import read_run_config
-from opdcache.real_demo import ARMS, CALIBRATION_QUANTILE, CALIBRATION_TOKENS
+from opdcache.real_demo import ALL_ARMS, CALIBRATION_QUANTILE, CALIBRATION_TOKENS
 from opdcache.rundir import RunDir
+from opdcache.train import OBJECTIVES
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
@@ -35,14 +36,18 @@ def real_demo(smollm2, tmp_path_factory):
         data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in GSM8K_LIKE))
     from opdcache.real_demo import run_real_demo
 
-    res = run_real_demo(data, d / "out", smoke=True, progress=False, models_dir=smollm2["base"])
+    res = run_real_demo(
+        data, d / "out", smoke=True, progress=False, models_dir=smollm2["base"], pairs=("low",),
+        objective="bucket", compare=True, arms=ALL_ARMS,
+    )  # fmt: skip
     return d / "out", res
 
 
 def test_every_arm_ran_and_was_evaluated_with_the_teacher(real_demo):
     out, res = real_demo
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert runs == sorted(f"low-{a}-s0" for a in ARMS)
+    want = [f"low-opd.{o}-s0" for o in OBJECTIVES] + [f"low-{a}.bucket-s0" for a in ALL_ARMS if a != "opd"]
+    assert runs == sorted(want)
     for name in runs:
         run = RunDir(out / "runs" / name)
         assert (run.checkpoint(1) / "model.safetensors").exists()
@@ -54,15 +59,21 @@ def test_every_arm_ran_and_was_evaluated_with_the_teacher(real_demo):
     first = {json.loads(RunDir(out / "runs" / n).eval_result(0).read_text())["topk_kl"] for n in runs}
     assert len(first) == 1  # round 0 is evaluated once and shared
     text = (out / "summary.md").read_text()
-    assert "OPD lowers the held-out top-k KL" in text and "prune-cal reaches OPD's final" in text
+    assert (
+        "OPD (sum-and-sample) lowers the held-out full KL" in text
+        and "prune-cal (bucket) reaches OPD's" in text
+    )
+    for o in OBJECTIVES:  # each run trained with its objective
+        name = "low-opd." + o + "-s0"
+        assert read_run_config(RunDir(out / "runs" / name)).train.objective == o
     assert (out / "report" / "distill_vs_time.png").exists()
     assert (out / "report" / "eval_overlap_by_depth.png").exists()
-    assert {r["arm"] for r in res["rows"]} == set(ARMS)
+    assert {r["arm"] for r in res["rows"]} == set(ALL_ARMS)
 
 
 def test_calibrated_gamma_is_the_quantile_of_early_overlap(real_demo):
     out, _ = real_demo
-    opd = RunDir(out / "runs" / "low-opd-s0")
+    opd = RunDir(out / "runs" / "low-opd.bucket-s0")
     overlaps = []
     for part in opd.shards(opd.cache_round(0)):
         table, meta = read_cache_shard(part)
@@ -72,9 +83,9 @@ def test_calibrated_gamma_is_the_quantile_of_early_overlap(real_demo):
             q = np.array(row["teacher_topk_ids"]).reshape(t, meta.k)
             overlaps += [len(set(s[i]) & set(q[i])) / meta.k for i in range(min(t, CALIBRATION_TOKENS))]
     want = float(np.quantile(overlaps, CALIBRATION_QUANTILE))
-    cfg = read_run_config(RunDir(out / "runs" / "low-prune-cal-s0"))
+    cfg = read_run_config(RunDir(out / "runs" / "low-prune-cal.bucket-s0"))
     assert cfg.score.variant == "cal" and cfg.score.spec.gamma == pytest.approx(want, abs=1e-5)
-    assert read_run_config(RunDir(out / "runs" / "low-prune-s0")).score.spec.gamma == 0.7
+    assert read_run_config(RunDir(out / "runs" / "low-prune.bucket-s0")).score.spec.gamma == 0.7
 
 
 def test_real_demo_needs_data(capsys):

@@ -1,4 +1,5 @@
-"""analysis/demo/real_verdicts.sql on a hand-made real-demo directory: every figure restated by hand."""
+"""analysis/demo/real_verdicts.sql on a hand-made real-demo directory: every figure restated by hand,
+with the seeds as the replicates (issue 30)."""
 
 import json
 
@@ -7,79 +8,112 @@ import pytest
 
 from opdcache.real_demo import verdicts
 
-KL = {  # run -> (round-0 per-prompt top-k KL, final per-prompt KL); seed 1 only for opd and prune
-    "low-opd-s0": ([1.2, 1.0, 1.4, 1.1], [0.5, 0.45, 0.6, 0.5]),
-    "low-prune-s0": ([1.2, 1.0, 1.4, 1.1], [0.55, 0.5, 0.6, 0.52]),
-    "low-prune-cal-s0": ([1.2, 1.0, 1.4, 1.1], [0.9, 0.8, 1.0, 0.85]),
-    "low-truncate-s0": ([1.2, 1.0, 1.4, 1.1], [0.5, 0.44, 0.62, 0.5]),
-    "low-opd-s1": ([1.1, 1.0, 1.3, 1.2], [0.6, 0.5, 0.7, 0.55]),
-    "low-prune-s1": ([1.1, 1.0, 1.3, 1.2], [0.62, 0.5, 0.75, 0.6]),
+P = 4  # probe prompts
+
+
+def _kl(seed, start, drop):
+    """Per-prompt values: a start that varies with the seed and a final ``drop`` lower, prompt-dependent."""
+    s = np.array([1.2, 1.0, 1.4, 1.1]) + 0.05 * seed
+    return list(s * start), list(s * start - drop - 0.03 * np.arange(P) * (1 + seed))
+
+
+# run -> seed -> (start, drop) of the full KL; the top-k KL and teacher NLL derive from it below
+RUNS = {
+    "low-opd.student-topk": {0: (1.0, 0.10), 1: (1.0, 0.05), 2: (1.0, 0.12)},
+    "low-opd.bucket": {0: (1.0, 0.60), 1: (1.0, 0.55), 2: (1.0, 0.62)},
+    "low-prune.bucket": {0: (1.0, 0.58), 1: (1.0, 0.50), 2: (1.0, 0.61)},
+    "low-truncate.bucket": {0: (1.0, 0.20)},  # one seed: no verdict
 }
-WALL = {"low-opd-s0": 100.0, "low-prune-s0": 50.0, "low-prune-cal-s0": 90.0, "low-truncate-s0": 70.0,
-        "low-opd-s1": 120.0, "low-prune-s1": 54.0}  # fmt: skip
+WALL = {
+    "low-opd.student-topk": 100.0,
+    "low-opd.bucket": 110.0,
+    "low-prune.bucket": 55.0,
+    "low-truncate.bucket": 40.0,
+}
 
 
 @pytest.fixture
 def real_runs(tmp_path):
     runs = tmp_path / "runs"
-    for name, (first, last) in KL.items():
-        d = runs / name
-        (d / "eval").mkdir(parents=True)
-        (d / "config.yaml").write_text("{}\n")
-        for r, pp in ((0, first), (3, last)):
-            res = {
-                "topk_kl": float(np.mean(pp)),
-                "per_prompt_kl": {f"p{i}": v for i, v in enumerate(pp)},
-                # the full KL: here one that rises where the top-k KL falls
-                "per_prompt_full_kl": {f"p{i}": 3.0 - v**2 for i, v in enumerate(pp)},
-            }
-            (d / "eval" / f"round={r}.json").write_text(json.dumps(res))
-        (d / "eval" / "round=1.json").write_text(json.dumps({"topk_kl": None}))  # accuracy-only: ignored
-        w = WALL[name]
-        lines = [  # the eval line counts only its 3 s start-up
-            {"run": "main", "round": 0, "stage": "eval", "seconds": 10.0, "work_seconds": 7.0},
-            {"run": "main", "round": 0, "stage": "train", "seconds": w - 3.0, "work_seconds": w - 9},
-            {"run": "replay:x", "round": 0, "stage": "train", "seconds": 999.0},  # not the main run
-        ]
-        (d / "stage_times.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for name, seeds in RUNS.items():
+        for seed, (start, drop) in seeds.items():
+            d = runs / f"{name}-s{seed}"
+            (d / "eval").mkdir(parents=True)
+            (d / "config.yaml").write_text("{}\n")
+            first, last = _kl(seed, start, drop)
+            for r, pp in ((0, first), (3, last)):
+                res = {
+                    "topk_kl": float(np.mean(pp)),
+                    "per_prompt_full_kl": {f"p{i}": v for i, v in enumerate(pp)},
+                    "per_prompt_kl": {f"p{i}": v / 2 for i, v in enumerate(pp)},
+                    "per_prompt_nll": {f"p{i}": 5.0 + 3.0 * (1.2 - v) for i, v in enumerate(pp)},  # rises
+                }
+                (d / "eval" / f"round={r}.json").write_text(json.dumps(res))
+            (d / "eval" / "round=1.json").write_text(json.dumps({"topk_kl": None}))  # accuracy-only: ignored
+            w = WALL[name] * (1 + 0.1 * seed)
+            lines = [  # the eval line counts only its 3 s start-up
+                {"run": "main", "round": 0, "stage": "eval", "seconds": 10.0, "work_seconds": 7.0},
+                {"run": "main", "round": 0, "stage": "train", "seconds": w - 3.0, "work_seconds": w - 9},
+                {"run": "replay:x", "round": 0, "stage": "train", "seconds": 999.0},  # not the main run
+            ]
+            (d / "stage_times.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return runs
 
 
-def _paired(x, y):
-    d = np.asarray(x) - np.asarray(y)
-    return d.mean(), d.var(ddof=1) / len(d)
+def _over_seeds(pairs):
+    """(mean, s.e.) of per-seed paired differences: s.e. the larger of the between-seed s.e. and the
+    pooled within-seed one."""
+    ds, vs = [], []
+    for x, y in pairs:
+        d = np.asarray(x) - np.asarray(y)
+        ds.append(d.mean())
+        vs.append(d.var(ddof=1) / len(d))
+    between = np.std(ds, ddof=1) / np.sqrt(len(ds)) if len(ds) > 1 else 0.0
+    return float(np.mean(ds)), float(max(between, np.sqrt(sum(vs)) / len(ds)))
+
+
+def _find(rows, start, metric_word):
+    return next(v for v in rows if v["claim"].startswith(start) and metric_word in v["claim"])
 
 
 def test_real_verdicts_restated(real_runs):
     rows = verdicts(real_runs)
-    assert len(rows) == 8  # 4 claims x 2 metrics
-    got = {(v["claim"].split(" ")[0], v["pair"]): v for v in rows if "top-k KL" in v["claim"]}
-    # OPD's gain: final - round 0 per seed, then over the two seeds
-    (d0, v0), (d1, v1) = (_paired(KL[f"low-opd-s{s}"][1], KL[f"low-opd-s{s}"][0]) for s in (0, 1))
-    opd = got[("OPD", "low")]
-    assert opd["seeds"] == 2
-    assert opd["value"] == pytest.approx((d0 + d1) / 2)
-    assert opd["se"] == pytest.approx(np.sqrt(v0 + v1) / 2)
-    start = np.mean([np.mean(KL[f"low-opd-s{s}"][0]) for s in (0, 1)])
-    assert opd["relative"] == pytest.approx(-(d0 + d1) / 2 / start)
-    assert opd["holds"] is True  # 55 % lower, many s.e.
-    # prune - opd over two seeds; wall ratio the mean of the seeds' ratios
-    (p0, w0), (p1, w1) = (_paired(KL[f"low-prune-s{s}"][1], KL[f"low-opd-s{s}"][1]) for s in (0, 1))
-    prune = got[("prune", "low")]
-    assert prune["value"] == pytest.approx((p0 + p1) / 2)
-    assert prune["se"] == pytest.approx(np.sqrt(w0 + w1) / 2)
-    assert prune["wall_ratio"] == pytest.approx((50 / 100 + 54 / 120) / 2)
-    assert prune["holds"] == bool((p0 + p1) / 2 <= 2 * np.sqrt(w0 + w1) / 2)
-    # one seed: the calibrated arm is far above OPD (does not hold); truncation close but 0.7x wall
-    cal = got[("prune-cal", "low")]
-    c, cv = _paired(KL["low-prune-cal-s0"][1], KL["low-opd-s0"][1])
-    assert cal["seeds"] == 1 and cal["value"] == pytest.approx(c) and cal["se"] == pytest.approx(np.sqrt(cv))
-    assert cal["holds"] is False
-    trunc = got[("truncate", "low")]
-    assert trunc["wall_ratio"] == pytest.approx(0.7) and trunc["holds"] is False
-    # the full KL's own OPD line, from its own per-prompt values
-    sampled = next(v for v in rows if v["claim"].startswith("OPD") and "full KL" in v["claim"])
-    f = lambda x: 3.0 - np.asarray(x) ** 2  # noqa: E731
-    (s0, u0), (s1, u1) = (_paired(f(KL[f"low-opd-s{s}"][1]), f(KL[f"low-opd-s{s}"][0])) for s in (0, 1))
-    assert sampled["value"] == pytest.approx((s0 + s1) / 2) and sampled["value"] > 0
-    assert sampled["se"] == pytest.approx(np.sqrt(u0 + u1) / 2) and sampled["holds"] is False
+    # OPD (bucket) lowers the full KL: final - start per seed, seeds as replicates
+    d, se = _over_seeds(
+        [(_kl(s, *RUNS["low-opd.bucket"][s])[1], _kl(s, *RUNS["low-opd.bucket"][s])[0]) for s in range(3)]
+    )
+    row = _find(rows, "OPD (bucket) lowers the held-out full KL", "full KL")
+    assert row["seeds"] == 3 and row["value"] == pytest.approx(d) and row["se"] == pytest.approx(se)
+    start = np.mean([np.mean(_kl(s, 1.0, 0)[0]) for s in range(3)])
+    assert row["relative"] == pytest.approx(-d / start)
+    assert row["holds"] is True  # ~50 % lower, many s.e.
+    ref = _find(rows, "OPD (student-topk) lowers the held-out full KL", "full KL")
+    assert ref["holds"] is False  # < 10 % lower
+    # the teacher NLL rises as the KL falls here: does not hold
+    nll = _find(rows, "OPD (bucket) ends with the teacher NLL", "NLL")
+    f = lambda x: 5.0 + 3.0 * (1.2 - np.asarray(x))  # noqa: E731
+    d, se = _over_seeds(
+        [(f(_kl(s, 1.0, 0.6 - (s == 1) * 0.05 + (s == 2) * 0.02)[1]), f(_kl(s, 1.0, 0)[0])) for s in range(3)]
+    )
+    assert nll["value"] == pytest.approx(d) and nll["value"] > 0 and nll["holds"] is False
+    # bucket - student-topk, final full KL
+    vs = _find(rows, "OPD (bucket) ends below OPD (student-topk)", "full KL")
+    d, se = _over_seeds(
+        [
+            (_kl(s, *RUNS["low-opd.bucket"][s])[1], _kl(s, *RUNS["low-opd.student-topk"][s])[1])
+            for s in range(3)
+        ]
+    )
+    assert vs["value"] == pytest.approx(d) and vs["se"] == pytest.approx(se) and vs["holds"] is True
+    # prune (bucket) against OPD (bucket): within 2 s.e., wall the mean of the seeds' ratios (0.5 each)
+    prune = next(v for v in rows if v["claim"].startswith("prune (bucket) reaches OPD's final full KL"))
+    d, se = _over_seeds(
+        [(_kl(s, *RUNS["low-prune.bucket"][s])[1], _kl(s, *RUNS["low-opd.bucket"][s])[1]) for s in range(3)]
+    )
+    assert prune["value"] == pytest.approx(d) and prune["se"] == pytest.approx(se)
+    assert prune["wall_ratio"] == pytest.approx(0.5) and prune["holds"] == bool(d <= 2 * se)
+    # one seed: a value, no verdict
+    trunc = next(v for v in rows if v["claim"].startswith("truncate (bucket) reaches OPD's final full KL"))
+    assert trunc["seeds"] == 1 and trunc["holds"] is None and trunc["needs_seeds"] is True
+    assert trunc["wall_ratio"] == pytest.approx(40 / 110)
+    assert not any("@start" in v["claim"] for v in rows)

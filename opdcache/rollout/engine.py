@@ -252,6 +252,13 @@ def completion_arrays(completion: Any, k: int) -> dict[str, np.ndarray]:
     """
     tokens = np.asarray(completion.token_ids, dtype=np.int32)
     t = len(tokens)
+    if t == 0:  # e.g. a streamed request's last, empty delta
+        return {
+            "response_ids": tokens,
+            "student_logprob": np.zeros(0, np.float32),
+            "student_topk_ids": np.zeros((0, k), np.int32),
+            "student_topk_logprobs": np.zeros((0, k), np.float32),
+        }
     lp = completion.logprobs
     if lp is None or len(lp) != t:
         raise OpdcacheError("vLLM returned no per-position log-probs; was SamplingParams.logprobs set?")

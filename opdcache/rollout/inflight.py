@@ -107,15 +107,6 @@ def _score(s: Sample, n: int, spec: VariantSpec, tail: int, to_zero: int | None)
             s.stop_at = a + int(spent[0]) + 1 + tail
 
 
-def _no_positions(k: int) -> dict[str, np.ndarray]:
-    return {
-        "response_ids": np.zeros(0, np.int32),
-        "student_logprob": np.zeros(0, np.float32),
-        "student_topk_ids": np.zeros((0, k), np.int32),
-        "student_topk_logprobs": np.zeros((0, k), np.float32),
-    }
-
-
 def generate_inflight(
     llm: Any,
     prompts: list[list[int]],
@@ -153,7 +144,7 @@ def generate_inflight(
                 if s is None or out.request_id in finished:
                     continue  # streamed before its abort took effect
                 c = out.outputs[0]
-                new = engine.completion_arrays(c, k) if len(c.token_ids) else _no_positions(k)
+                new = engine.completion_arrays(c, k)
                 generated += len(new["response_ids"])
                 advance(s, new, str(c.finish_reason) if out.finished else None, spec, chunk, tail, to_zero)
                 if s.finish_reason is not None:

@@ -142,7 +142,7 @@ class GrowingResponse:
         and the last waits for the next chunk."""
         t = len(response_ids)
         if t == 0:
-            return head_outputs(self.model, torch.zeros(0, 1), response_ids, student_topk_ids, self.k, 0, 1)
+            raise ValueError("GrowingResponse.extend needs at least one new position")
         ids = np.concatenate([self.pending, np.asarray(response_ids[:-1], dtype=np.int64)])
         self.pending = np.asarray(response_ids[-1:], dtype=np.int64)
         hidden = self._forward(ids)[-t:]

@@ -20,6 +20,9 @@ CACHE_COLS = [
     "student_topk_ids",
     "student_topk_logprobs",
     "teacher_logprob_on_student_topk",
+    "teacher_topk_ids",
+    "teacher_topk_logprobs",
+    "teacher_logprob",
 ]
 
 
@@ -34,6 +37,10 @@ class Example:
     rel: np.ndarray | None = None  # [T] R_tau (objectives that switch on R; None: not read)
     grpo_adv: float = 0.0  # the response's GRPO advantage (outcome variants)
     old_y: np.ndarray | None = None  # [T] old log-prob of the sampled token (the trainer's recompute)
+    teacher_ids: np.ndarray | None = None  # [T, k] the teacher's top-k ids
+    teacher_topk: np.ndarray | None = None  # [T, k] its log-probs at them
+    teacher_y: np.ndarray | None = None  # [T] the teacher's log-prob of the sampled token
+    sampler_weight: np.ndarray | None = None  # [T] p_old(y) / p_old,T(y) (rollouts at T != 1)
 
 
 def load_examples(run: RunDir, r: int, variant: str, outcome: bool = False) -> list[Example]:
@@ -62,6 +69,9 @@ def load_examples(run: RunDir, r: int, variant: str, outcome: bool = False) -> l
         ids = flat(cache.column("student_topk_ids"))[0].reshape(-1, k)
         old = flat(cache.column("student_topk_logprobs"))[0].reshape(-1, k)
         teach = flat(cache.column("teacher_logprob_on_student_topk"))[0].reshape(-1, k)
+        t_ids = flat(cache.column("teacher_topk_ids"))[0].reshape(-1, k)
+        t_lp = flat(cache.column("teacher_topk_logprobs"))[0].reshape(-1, k)
+        t_y = flat(cache.column("teacher_logprob"))[0]
         weight = flat(score.column("weight"))[0]
         rel = flat(score.column("reliability"))[0] if outcome else None
         adv = score.column("grpo_advantage").to_numpy() if outcome else np.zeros(cache.num_rows)
@@ -69,7 +79,10 @@ def load_examples(run: RunDir, r: int, variant: str, outcome: bool = False) -> l
         for i in range(cache.num_rows):
             a, b = off[i], off[i + 1]
             if b > a:
-                ex = Example(prompts[i], resp[a:b], ids[a:b], old[a:b], teach[a:b], weight[a:b])
+                ex = Example(
+                    prompts[i], resp[a:b], ids[a:b], old[a:b], teach[a:b], weight[a:b],
+                    teacher_ids=t_ids[a:b], teacher_topk=t_lp[a:b], teacher_y=t_y[a:b],
+                )  # fmt: skip
                 out.append(ex if rel is None else replace(ex, rel=rel[a:b], grpo_adv=float(adv[i])))
     return out
 
@@ -91,6 +104,10 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     response = torch.zeros((b, t_max), dtype=torch.long)
     rel = torch.zeros((b, t_max))
     old_y = torch.zeros((b, t_max))
+    teacher_ids = torch.zeros((b, t_max, k), dtype=torch.long)
+    teacher_topk = torch.zeros((b, t_max, k))
+    teacher_y = torch.zeros((b, t_max))
+    sampler_weight = torch.ones((b, t_max))
     grpo_adv = torch.tensor([e.grpo_adv for e in batch], dtype=torch.float32)
     for i, e in enumerate(batch):
         p, t = len(e.prompt_ids), len(e.response_ids)
@@ -109,6 +126,12 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
             rel[i, :t] = torch.tensor(e.rel)
         if e.old_y is not None:
             old_y[i, :t] = torch.tensor(e.old_y)
+        if e.teacher_ids is not None:
+            teacher_ids[i, :t] = torch.tensor(e.teacher_ids, dtype=torch.long)
+            teacher_topk[i, :t] = torch.tensor(e.teacher_topk)
+            teacher_y[i, :t] = torch.tensor(e.teacher_y)
+        if e.sampler_weight is not None:
+            sampler_weight[i, :t] = torch.tensor(e.sampler_weight)
     return {
         "input_ids": input_ids,
         "attention_mask": attention,
@@ -122,4 +145,8 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         "rel": rel,
         "old_y": old_y,
         "grpo_adv": grpo_adv,
+        "teacher_ids": teacher_ids,
+        "teacher_topk": teacher_topk,
+        "teacher_y": teacher_y,
+        "sampler_weight": sampler_weight,
     }

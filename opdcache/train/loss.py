@@ -19,7 +19,11 @@ reference, so one wild token cannot make the loss inf.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from opdcache.train import OBJECTIVES
 
 LOG_RATIO_CLAMP = 20.0
 
@@ -69,16 +73,10 @@ def opd_policy_loss(
     dual_clip: float = 3.0,
     tokens: torch.Tensor | float | None = None,  # valid positions of the whole mini-batch (default: mask's)
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    adv = opd_advantages(student_old, teacher, weight).detach()
-    per_candidate, pg1, pg2 = _ppo_clipped(adv, _ratio(logp, student_old), clip, dual_clip)
-    per_token = per_candidate.sum(-1)
-    loss, m, n = _token_mean(per_token, mask, tokens)
-    with torch.no_grad():
-        stats = {
-            "clip_frac": ((pg2 > pg1).float().sum(-1) * m).sum() / (n * logp.shape[-1]),
-            "reward": (adv.sum(-1) * m).sum() / n,
-        }
-    return loss, stats
+    """The ``student-topk`` objective (the paper's released code) on its own inputs."""
+    return policy_loss(
+        "student-topk", Terms(logp, student_old, teacher, weight, mask), clip, dual_clip, tokens
+    )
 
 
 def hybrid_policy_loss(
@@ -97,26 +95,168 @@ def hybrid_policy_loss(
     tokens: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """OPD x L where ``opd_on``, plus the sampled token's PPO-clipped GRPO loss where ``grpo_on``
-    (issue 24; paper App. A.4). The gated arm (prune-grpo) sets opd_on = R > 0 and grpo_on = R = 0;
-    ``sum`` mode (the peers' form) both everywhere; the grpo arm only grpo_on. Token mean over all
-    valid positions, as the OPD loss; where only ``opd_on`` is set the loss is ``opd_policy_loss``'s
-    exactly (the GRPO term is selected away, not multiplied by 0)."""
-    adv = opd_advantages(student_old, teacher, weight).detach()
-    per_candidate, pg1, pg2 = _ppo_clipped(adv, _ratio(logp, student_old), clip, dual_clip)
-    opd_token = per_candidate.sum(-1)
-    a_y = grpo_adv.detach()[:, None].expand_as(logp_y)
-    grpo_token, g1, g2 = _ppo_clipped(a_y, _ratio(logp_y, old_y), clip, dual_clip)
+    (issue 24; paper App. A.4), with the ``student-topk`` objective as the OPD term (``policy_loss``
+    takes any). The gated arm (prune-grpo) sets opd_on = R > 0 and grpo_on = R = 0; ``sum`` mode (the
+    peers' form) both everywhere; the grpo arm only grpo_on. Token mean over all valid positions, as the
+    OPD loss; where only ``opd_on`` is set the loss is ``opd_policy_loss``'s exactly (the GRPO term is
+    selected away, not multiplied by 0)."""
+    terms = Terms(logp, student_old, teacher, weight, mask, logp_y=logp_y, old_y=old_y)
+    return policy_loss("student-topk", terms, clip, dual_clip, tokens, grpo=(grpo_adv, opd_on, grpo_on))
+
+
+# --- objectives (issue 30) ------------------------------------------------------------------------
+#
+# Every objective below is a per-position loss scaled by Prune-OPD's L_tau, token-meaned as above.
+# U_tau = the student's cached top-k ids ∪ the teacher's cached top-k ids, R_tau = the rest of the
+# vocabulary; P_R / Q_R the student's (trainer's full softmax) / teacher's (1 - its cached mass on U)
+# mass in R, l_R = log(P_R / Q_R), d_v = log p_v - log q_v.
+
+TEACHER_REST_MIN = 1e-6  # Q_R floor: the cached teacher mass on U can round to >= 1
+
+
+@dataclass
+class Terms:
+    """What the objectives read at each response position: ``[B, T, k]`` or ``[B, T]`` tensors.
+
+    ``logp`` / ``logp_t`` / ``log_rest`` / ``logp_y`` carry the gradient (current student); the rest are
+    fixed (the trainer's recomputed old log-probs, the teacher cache). ``entropy`` and ``topk_mass``
+    are diagnostics (no gradient)."""
+
+    logp: torch.Tensor  # log p_theta at the student's top-k ids
+    old: torch.Tensor  # old log-probs at those ids
+    teacher: torch.Tensor  # log q at those ids (teacher_logprob_on_student_topk)
+    weight: torch.Tensor  # L_tau, 0 on padding
+    mask: torch.Tensor  # bool, valid positions
+    logp_t: torch.Tensor | None = None  # log p_theta at the teacher's top-k ids
+    teacher_t: torch.Tensor | None = None  # log q at those ids (teacher_topk_logprobs)
+    new_t: torch.Tensor | None = None  # bool: teacher id not among the student's top-k (U's other half)
+    log_rest: torch.Tensor | None = None  # log P_R
+    logp_y: torch.Tensor | None = None  # log p_theta(y_tau), the sampled token
+    old_y: torch.Tensor | None = None  # its old log-prob
+    teacher_y: torch.Tensor | None = None  # log q(y_tau) (teacher_logprob)
+    y_in_rest: torch.Tensor | None = None  # bool: y_tau in R
+    sampler_weight: torch.Tensor | None = None  # p_old(y) / p_old,T(y): y drawn at rollout temperature T
+    entropy: torch.Tensor | None = None  # the student's full-vocabulary entropy
+
+
+def teacher_log_rest(t: Terms) -> torch.Tensor:
+    """log Q_R = log(1 - sum_{v in U} q_v), in float64, floored at TEACHER_REST_MIN."""
+    q_u = t.teacher.double().exp().sum(-1) + (t.teacher_t.double().exp() * t.new_t).sum(-1)
+    return torch.log((1.0 - q_u).clamp(min=TEACHER_REST_MIN)).to(t.logp.dtype)
+
+
+def bucket_kl(t: Terms) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL of p and q coarse-grained to U + one bucket R, l_R): sum_{v in U} p_v d_v + P_R l_R, per
+    position, differentiable in the student's log-probs; >= 0 and <= the full reverse KL."""
+    p_s, p_t = t.logp.exp(), t.logp_t.exp()
+    kl_u = (p_s * (t.logp - t.teacher)).sum(-1) + (p_t * (t.logp_t - t.teacher_t) * t.new_t).sum(-1)
+    ell = t.log_rest - teacher_log_rest(t)
+    return kl_u + t.log_rest.exp() * ell, ell
+
+
+def _student_topk(t: Terms, clip: float, dual_clip: float, clamp: float) -> tuple[torch.Tensor, dict]:
+    adv = opd_advantages(t.old, t.teacher, t.weight).detach()
+    per_candidate, pg1, pg2 = _ppo_clipped(adv, _ratio(t.logp, t.old), clip, dual_clip)
+    return per_candidate.sum(-1), {
+        "clip_frac": (pg2 > pg1).to(adv.dtype).mean(-1),
+        "reward": adv.sum(-1),
+    }
+
+
+def _bucket(t: Terms, clip: float, dual_clip: float, clamp: float) -> tuple[torch.Tensor, dict]:
+    kl, _ = bucket_kl(t)
+    per_token = t.weight * kl
+    return per_token, {"reward": -per_token.detach(), "clip_frac": torch.zeros_like(kl).detach()}  # no ratio
+
+
+def _sum_and_sample(t: Terms, clip: float, dual_clip: float, clamp: float) -> tuple[torch.Tensor, dict]:
+    """The bucket plus, where y_tau lies in R, rho_y * sg(d_y - l_R) (PPO-clipped ratio): with y ~ p its
+    expected gradient is the rest of sum_V p_v d_v grad log p_v (Rao-Blackwellised; Liu et al. 2019).
+    Rollouts at T != 1 draw y from p_T: the residual is importance-weighted by p(y) / p_T(y) (1 at T = 1)."""
+    kl, ell = bucket_kl(t)
+    resid = (t.logp_y - t.teacher_y - ell).detach()
+    adv = -t.weight * resid.clamp(-clamp, clamp)
+    if t.sampler_weight is not None:
+        adv = adv * t.sampler_weight
+    res, g1, g2 = _ppo_clipped(adv, _ratio(t.logp_y, t.old_y), clip, dual_clip)
+    on = t.y_in_rest & t.mask
+    per_token = t.weight * kl + torch.where(on, res, torch.zeros_like(res))
+    return per_token, {
+        "reward": -(t.weight * kl).detach() + torch.where(on, adv, torch.zeros_like(adv)),
+        "clip_frac": ((g2 > g1) & on).to(adv.dtype),
+        "residual_clamp_frac": ((resid.abs() > clamp) & on).to(adv.dtype),
+    }
+
+
+def _sampled_token(t: Terms, clip: float, dual_clip: float, clamp: float) -> tuple[torch.Tensor, dict]:
+    """tinker-cookbook's form: advantage -(log p_old(y) - log q(y)) x L on the sampled token."""
+    adv = (-(t.old_y - t.teacher_y) * t.weight).detach()
+    per_token, g1, g2 = _ppo_clipped(adv, _ratio(t.logp_y, t.old_y), clip, dual_clip)
+    return per_token, {"reward": adv, "clip_frac": (g2 > g1).to(adv.dtype)}
+
+
+OBJECTIVE_FNS = {
+    "student-topk": _student_topk,
+    "bucket": _bucket,
+    "sum-and-sample": _sum_and_sample,
+    "sampled-token": _sampled_token,
+}
+
+
+def diagnostics(t: Terms) -> dict[str, torch.Tensor]:
+    """Per-position diagnostics logged every step (whatever the objective): the student's top-k mass,
+    P_R, Q_R, l_R, y_tau in R, the full-vocabulary entropy."""
+    with torch.no_grad():
+        out = {"student_topk_mass": t.logp.exp().sum(-1)}
+        if t.log_rest is not None:
+            log_q_rest = teacher_log_rest(t)
+            out |= {
+                "rest_mass": t.log_rest.exp(),
+                "teacher_rest_mass": log_q_rest.exp(),
+                "rest_log_ratio": t.log_rest - log_q_rest,
+            }
+        if t.y_in_rest is not None:
+            out["sampled_in_rest"] = t.y_in_rest.to(t.logp.dtype)
+        if t.entropy is not None:
+            out["entropy"] = t.entropy
+        return out
+
+
+def policy_loss(
+    objective: str,
+    t: Terms,
+    clip: float = 0.2,
+    dual_clip: float = 3.0,
+    tokens: torch.Tensor | float | None = None,
+    residual_clamp: float = 10.0,
+    grpo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The token mean of ``objective``'s per-position loss; with ``grpo`` = (advantage per response,
+    OPD positions, GRPO positions) the hybrid of issue 24 with that objective as its OPD term. Stats are
+    sums over the valid positions / ``tokens`` (so they add up over micro-batches and ranks)."""
+    if objective not in OBJECTIVE_FNS:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    opd_token, per_pos = OBJECTIVE_FNS[objective](t, clip, dual_clip, residual_clamp)
+    diag = diagnostics(t)
+    if grpo is None:
+        loss, m, n = _token_mean(opd_token, t.mask, tokens)
+        with torch.no_grad():
+            stats = {k_: (v.to(m.dtype) * m).sum() / n for k_, v in (per_pos | diag).items()}
+        return loss, stats
+    grpo_adv, opd_on, grpo_on = grpo
+    a_y = grpo_adv.detach()[:, None].expand_as(t.logp_y)
+    grpo_token, g1, g2 = _ppo_clipped(a_y, _ratio(t.logp_y, t.old_y), clip, dual_clip)
     zero = torch.zeros_like(opd_token)
     per_token = torch.where(opd_on, opd_token, zero) + torch.where(grpo_on, grpo_token, zero)
     per_token = torch.where(opd_on & ~grpo_on, opd_token, per_token)
-    loss, m, n = _token_mean(per_token, mask, tokens)
+    loss, m, n = _token_mean(per_token, t.mask, tokens)
     with torch.no_grad():
-        om, gm = (opd_on & mask).to(m.dtype), (grpo_on & mask).to(m.dtype)
-        stats = {
-            "clip_frac": ((pg2 > pg1).float().sum(-1) * om).sum() / (n * logp.shape[-1]),
-            "reward": (adv.sum(-1) * om).sum() / n,
-            "grpo_clip_frac": ((g2 > g1).float() * gm).sum() / n,
+        om, gm = (opd_on & t.mask).to(m.dtype), (grpo_on & t.mask).to(m.dtype)
+        stats = {k_: (v.to(m.dtype) * om).sum() / n for k_, v in per_pos.items()}
+        stats |= {k_: (v.to(m.dtype) * m).sum() / n for k_, v in diag.items()}
+        stats |= {
+            "grpo_clip_frac": ((g2 > g1).to(m.dtype) * gm).sum() / n,
             "grpo_tokens": gm.sum(),
-            "grpo_advantage": (a_y * gm).sum() / n,  # over all valid tokens, like reward (sums over ranks)
+            "grpo_advantage": (a_y * gm).sum() / n,
         }
     return loss, stats

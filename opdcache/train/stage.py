@@ -19,7 +19,7 @@ One round's update, as the reference recipe (verl) does it:
      zero-weight), and the token mean is over the whole mini-batch on all ranks.
 
 Arms prune-grpo and grpo (issue 24) train ``loss.hybrid_policy_loss`` instead: the same forward also
-gives the sampled token's log-prob (its old value from the same recompute), and ``objective_masks``
+gives the sampled token's log-prob (its old value from the same recompute), and ``term_masks``
 says which positions take the OPD term and which the GRPO term.
 """
 
@@ -48,7 +48,7 @@ from opdcache.results import TrainResult
 from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir
 from opdcache.train.data import Example, collate, load_examples
 from opdcache.train.extensions import before_deepspeed
-from opdcache.train.loss import hybrid_policy_loss, opd_policy_loss
+from opdcache.train.loss import Terms, policy_loss
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -109,6 +109,44 @@ def sequence_logprobs(
     return both[..., :-1], both[..., -1]
 
 
+def forward_terms(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> Terms:
+    """One forward of the student on a collated batch -> the objectives' ``Terms``: log p_theta at the
+    student's and the teacher's cached top-k ids and at the sampled token, log P_R over the rest of the
+    vocabulary (U = both top-k sets), and the full-vocabulary entropy (no gradient). ``sampler_weight``
+    is the batch's (set by the old-log-prob pass); with ``temperature`` != 1 that pass gets it here as
+    p(y) / p_T(y), the rollout's sampling distribution at temperature T."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    idx = batch["positions"].unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    picked = logits.gather(1, idx).float()
+    lp = torch.log_softmax(picked, dim=-1)
+    s_ids, t_ids, y = batch["topk_ids"], batch["teacher_ids"], batch["response_ids"].unsqueeze(-1)
+    in_u = torch.zeros(lp.shape, dtype=torch.bool, device=lp.device)
+    in_u.scatter_(2, s_ids, True).scatter_(2, t_ids, True)
+    with torch.no_grad():
+        entropy = -(lp.exp() * lp).sum(-1)
+        sampler_weight = batch.get("sampler_weight")
+        if temperature != 1.0:
+            lp_temp = torch.log_softmax(picked / temperature, dim=-1)
+            sampler_weight = (lp.gather(2, y) - lp_temp.gather(2, y))[..., 0].exp()
+    return Terms(
+        logp=lp.gather(2, s_ids),
+        old=batch["old"],
+        teacher=batch["teacher"],
+        weight=batch["weight"],
+        mask=batch["mask"],
+        logp_t=lp.gather(2, t_ids),
+        teacher_t=batch["teacher_topk"],
+        new_t=~(t_ids.unsqueeze(-1) == s_ids.unsqueeze(-2)).any(-1),
+        log_rest=lp.masked_fill(in_u, float("-inf")).logsumexp(-1),
+        logp_y=lp.gather(2, y)[..., 0],
+        old_y=batch["old_y"],
+        teacher_y=batch["teacher_y"],
+        y_in_rest=~in_u.gather(2, y)[..., 0],
+        entropy=entropy,
+        sampler_weight=sampler_weight,
+    )
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     owned: list[int]  # this rank's examples (indices into the round's examples)
@@ -116,10 +154,10 @@ class BatchPlan:
     steps: list[list[list[int]]]  # per optimizer step (epochs x mini-batches): this rank's micro-batches
 
 
-def objective_masks(
-    objective: str, mask: torch.Tensor, rel: torch.Tensor, eps: float
+def term_masks(
+    terms: str, mask: torch.Tensor, rel: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions of the OPD term, positions of the GRPO term) of an objective (arms.ArmPlan): gated
+    """(positions of the OPD term, positions of the GRPO term) of an arm's terms (arms.ArmPlan): gated
     switches at R = 0 (R <= eps, eq. 12's criterion, so the GRPO suffix is exactly what E leaves out)."""
     reliable = rel > eps
     none = torch.zeros_like(mask)
@@ -127,7 +165,7 @@ def objective_masks(
         "gated": (mask & reliable, mask & ~reliable),
         "sum": (mask, mask),
         "grpo": (none, mask),
-    }[objective]
+    }[terms]
 
 
 def plan_batches(n: int, rank: int, world: int, mini: int, micro: int, epochs: int, seed: int) -> BatchPlan:
@@ -267,7 +305,7 @@ def _train_round(
     t_load = time.perf_counter()
     final = run.checkpoint(r + 1)
     arm = arm_plan(cfg)
-    outcome = arm.objective != "opd"  # the GRPO term needs R, the outcome advantages and log p(y)
+    outcome = arm.terms != "opd"  # the GRPO term needs R, the outcome advantages and log p(y)
     examples = load_examples(run, r, variant, outcome)
     trainer = (resident.take(r) if resident else None) or load_trainer(run, r, cfg)
     engine, model, tokenizer, source = trainer.engine, trainer.model, trainer.tokenizer, trainer.source
@@ -289,14 +327,18 @@ def _train_round(
     with torch.no_grad():
         for idx in plan.recompute:
             batch = _batch(examples, idx, pad)
-            out = sequence_logprobs(engine, {k: v.to(dev) for k, v in batch.items()}, sampled=outcome)
-            lp, lp_y = (out[0].float().cpu(), out[1].float().cpu()) if outcome else (out.float().cpu(), None)
+            terms = forward_terms(engine, {k: v.to(dev) for k, v in batch.items()}, cfg.rollout.temperature)
+            lp, lp_y = terms.logp.float().cpu(), terms.logp_y.float().cpu()
+            sw = None if terms.sampler_weight is None else terms.sampler_weight.float().cpu()
             for row, i in enumerate(idx):
                 t_i = len(examples[i].response_ids)
                 recomputed = lp[row, :t_i].numpy()
                 d = np.abs(recomputed - examples[i].old)  # against the cached vLLM values
                 examples[i] = dataclasses.replace(
-                    examples[i], old=recomputed, old_y=None if lp_y is None else lp_y[row, :t_i].numpy()
+                    examples[i],
+                    old=recomputed,
+                    old_y=lp_y[row, :t_i].numpy(),
+                    sampler_weight=None if sw is None else sw[row, :t_i].numpy(),
                 )
                 diff_max, diff_sum, diff_n = (
                     max(diff_max, float(d.max())),
@@ -314,36 +356,14 @@ def _train_round(
         loss_sum, stats_sum = 0.0, {}
         for idx in micro_batches:
             batch = {k: v.to(dev) for k, v in _batch(examples, idx, pad).items()}
-            if not outcome:
-                logp = sequence_logprobs(engine, batch)
-                loss, stats = opd_policy_loss(
-                    logp,
-                    batch["old"],
-                    batch["teacher"],
-                    batch["weight"],
-                    batch["mask"],
-                    t.ppo_clip,
-                    t.dual_clip,
-                    n_global,
-                )
-            else:
-                logp, logp_y = sequence_logprobs(engine, batch, sampled=True)
-                opd_on, grpo_on = objective_masks(arm.objective, batch["mask"], batch["rel"], eps)
-                loss, stats = hybrid_policy_loss(
-                    logp,
-                    batch["old"],
-                    batch["teacher"],
-                    batch["weight"],
-                    batch["mask"],
-                    logp_y,
-                    batch["old_y"],
-                    batch["grpo_adv"] * t.grpo_coef,
-                    opd_on,
-                    grpo_on,
-                    t.ppo_clip,
-                    t.dual_clip,
-                    n_global,
-                )
+            terms = forward_terms(engine, batch)
+            grpo = None
+            if outcome:
+                opd_on, grpo_on = term_masks(arm.terms, batch["mask"], batch["rel"], eps)
+                grpo = (batch["grpo_adv"] * t.grpo_coef, opd_on, grpo_on)
+            loss, stats = policy_loss(
+                t.objective, terms, t.ppo_clip, t.dual_clip, n_global, t.residual_clamp, grpo
+            )
             if not torch.isfinite(loss):
                 raise OpdcacheError(f"train round {r}: non-finite loss at step {step}")
             # DeepSpeed averages gradients over ranks; the token mean is already global
