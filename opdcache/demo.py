@@ -45,8 +45,19 @@ ARM_OVERRIDES = {  # demo arm -> run config (the others are arm.name=<arm>)
 }
 
 
+PAPER_OBJECTIVE = "student-topk"  # every arm above trains the paper's released loss, by name
+
+
+def objective_arms() -> tuple[str, ...]:
+    """OPD and Prune-OPD with train.objective's default beside the paper's (issue 30): ``<arm>.<objective>``."""
+    from opdcache.config import TrainConfig
+
+    default = TrainConfig().objective
+    return () if default == PAPER_OBJECTIVE else (f"opd.{default}", f"prune.{default}")
+
+
 def arms_for(pair: str) -> tuple[str, ...]:
-    return ARMS + CONTROLS if pair == "low" else ARMS
+    return ARMS + objective_arms() + (CONTROLS if pair == "low" else ())
 
 
 GAMMAS = (0.6, 0.7, 0.8)
@@ -99,7 +110,8 @@ def toy_overrides(
         "train.micro_batch_size=8",
         "train.mini_batch_responses=8",  # 8 optimizer steps per round (not the reference's one): the toy's choice
         f"train.seed={seed}",
-        *ARM_OVERRIDES.get(arm, [f"arm.name={arm}"]),
+        *ARM_OVERRIDES.get(arm.split(".")[0], [f"arm.name={arm.split('.')[0]}"]),
+        f"train.objective={arm.split('.')[1] if '.' in arm else PAPER_OBJECTIVE}",
         f"arm.truncate_tokens={M0}",
         f"eval.data={data / 'eval.jsonl'}",
         f"eval.every={eval_every}",

@@ -91,6 +91,7 @@ def distill_fields(teacher: EvalTeacher, prompts: list, encoded: list, outs: lis
     from opdcache.teacher.forward import score_response
 
     kl, full, nll, own, ov = _Pooled(), _Pooled(), _Pooled(), _Pooled(), _Pooled()
+    ent, t_ent = _Pooled(), _Pooled()
     total = sum(len(o.outputs) for o in outs)
     with tqdm(total=total, desc="teacher metrics", unit="sample", disable=not progress) as bar:
         for pr, ids, out in zip(prompts, encoded, outs, strict=True):
@@ -111,6 +112,8 @@ def distill_fields(teacher: EvalTeacher, prompts: list, encoded: list, outs: lis
                 )
                 if t.full_kl is not None:
                     full.add(pr.prompt_id, t.full_kl, teacher.band)
+                    ent.add(pr.prompt_id, t.student_entropy, teacher.band)
+                    t_ent.add(pr.prompt_id, t.teacher_entropy, teacher.band)
                 kl.add(
                     pr.prompt_id, topk_reverse_kl(a["student_topk_logprobs"], t.on_student_topk), teacher.band
                 )
@@ -125,6 +128,8 @@ def distill_fields(teacher: EvalTeacher, prompts: list, encoded: list, outs: lis
         "student_nll": own.mean(),
         "sample_kl": nll.mean() - own.mean(),
         "full_kl": full.mean() if full.per_prompt else None,
+        "student_entropy": ent.mean() if ent.per_prompt else None,  # full vocabulary, own samples
+        "teacher_entropy": t_ent.mean() if t_ent.per_prompt else None,  # at the student's prefixes
         "overlap": ov.mean(),
         "band": teacher.band,
         "overlap_by_band": ov.band_means(),

@@ -189,6 +189,8 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
         ("student_nll", "DOUBLE"),
         ("sample_kl", "DOUBLE"),
         ("full_kl", "DOUBLE"),
+        ("student_entropy", "DOUBLE"),  # NULL in results written before it was recorded
+        ("teacher_entropy", "DOUBLE"),
         ("overlap", "DOUBLE"),
         ("band", "INTEGER"),
         ("overlap_by_band", "MAP(VARCHAR, DOUBLE)"),

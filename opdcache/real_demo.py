@@ -45,6 +45,7 @@ ARMS = ("opd", "prune", "truncate")  # the default demo's, with the default obje
 ALL_ARMS = ("opd", "prune", "prune-cal", "truncate")
 GAMMAS = (0.3, 0.4, 0.5, 0.6, 0.7)  # the score-only sweep over the Prune-OPD cache
 CALIBRATION_TOKENS = 32
+PROBE_READOUT = 3  # probe prompts whose greedy answers the summary prints, per model
 CALIBRATION_QUANTILE = 0.5
 
 
@@ -176,7 +177,10 @@ def distill_summary(root: Path) -> dict[str, Any]:
     last evaluated distillation metrics."""
     from opdcache.demo import run_summary
 
-    cols = "topk_kl, full_kl, teacher_nll, student_nll, overlap, mean_response_tokens, stop_rate, accuracy, boxed_rate"
+    cols = (
+        "topk_kl, full_kl, teacher_nll, student_nll, student_entropy, overlap, mean_response_tokens, stop_rate, "
+        "accuracy, boxed_rate"
+    )
     names = cols.split(", ")
     out = run_summary(root)
     for label, order in (("start", "ASC"), ("final", "DESC")):
@@ -188,12 +192,56 @@ def distill_summary(root: Path) -> dict[str, Any]:
     return out
 
 
+def probe_answers(
+    models: dict[str, Path], roots: list[Path], probe: Path, prompts: int = PROBE_READOUT, tokens: int = 96
+) -> str:
+    """Markdown: the first ``prompts`` probe questions, the teacher's greedy answer, each pair's round-0
+    student's and every run's final student's (transformers, greedy: read, not sampled)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opdcache.config import read_run_config
+    from opdcache.models.checkpoint import student_checkpoint
+    from opdcache.rollout.prompts import encode_prompts, load_prompts
+
+    rows = load_prompts(probe, quiet=True)[:prompts]
+    cfg = read_run_config(RunDir(roots[0]))
+    tok = AutoTokenizer.from_pretrained(models["teacher"])
+    encoded = encode_prompts(tok, rows, cfg.data.template, cfg.data.chat_template)
+    who: list[tuple[str, Path]] = [("teacher", models["teacher"])]
+    for pair in dict.fromkeys(p.name.split("-", 1)[0] for p in roots):
+        who.append((f"{pair} student, round 0", models[pair]))
+    for root in roots:
+        run = RunDir(root)
+        last = max(run.rounds(run.checkpoints), default=None)
+        if last is not None:
+            who.append((f"{root.name}, round {last}", student_checkpoint(run, read_run_config(run), last)))
+    answers: dict[str, list[str]] = {}
+    for name, path in tqdm(who, desc="probe answers", unit="model", leave=False):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        answers[name] = []
+        for ids in encoded:
+            with torch.no_grad():
+                out = model.generate(
+                    torch.tensor([ids]), max_new_tokens=tokens, do_sample=False, pad_token_id=tok.eos_token_id
+                )
+            answers[name].append(tok.decode(out[0, len(ids) :], skip_special_tokens=True).strip())
+    lines = []
+    for i, pr in enumerate(rows):
+        lines += [f"### Probe {i + 1}: {pr.question.strip()}", "", f"Gold: {pr.answer}", ""]
+        for name in answers:
+            text = answers[name][i].replace("\n", " ").replace("|", "\\|") or "(nothing)"
+            lines.append(f"- **{name}**: {text}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| pair | arm | objective | seed | gamma | top-16 KL start -> final | full KL | teacher NLL | own NLL | overlap "
+        "| pair | arm | objective | seed | gamma | top-16 KL start -> final | full KL | teacher NLL | own NLL | entropy | overlap "
         "| length | stop rate | acc. (boxed) | wall (s) | x OPD | rollout tokens | last mean E | last M_t -> M_t+1 |"
     )
-    lines = [head, "|" + "---|" * 18]
+    lines = [head, "|" + "---|" * 19]
     f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     for r in rows:
         lines.append(
@@ -202,6 +250,7 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {f(r['full_kl_start'])} -> {f(r['full_kl_final'])} "
             f"| {f(r['teacher_nll_start'], 2)} -> {f(r['teacher_nll_final'], 2)} "
             f"| {f(r['student_nll_start'], 2)} -> {f(r['student_nll_final'], 2)} "
+            f"| {f(r['student_entropy_start'], 2)} -> {f(r['student_entropy_final'], 2)} "
             f"| {f(r['overlap_start'])} -> {f(r['overlap_final'])} "
             f"| {f(r['mean_response_tokens_final'], 0)} | {f(r['stop_rate_final'], 2)} "
             f"| {f(r['accuracy_final'], 3)} ({f(r['boxed_rate_final'], 2)}) "
@@ -317,6 +366,7 @@ def run_real_demo(
     claims = verdicts(outd / "runs")
     table = summary_markdown(rows)
     table += "\n\nVerdicts (`analysis/demo/real_verdicts.sql`):\n\n" + verdicts_markdown(claims)
+    readout = probe_answers(models, roots, probe, tokens=32 if smoke else 96)
     total = time.perf_counter() - t0
     text = (
         f"# opdcache real-pair demo{' (smoke)' if smoke else ''}\n\n"
@@ -327,7 +377,8 @@ def run_real_demo(
         f"{size.n_samples} samples, {size.steps} optimizer steps a round; objective {objective}"
         f"{' (OPD with every objective beside it)' if compare else ''}.\n\n{table}\n\n"
         f"Models converted/reused in {t_models:.0f} s; one-time DeepSpeed op build {t_warm:.0f} s; whole "
-        f"demo {total:.0f} s. Report: {report}\n"
+        f"demo {total:.0f} s. Report: {report}\n\n## What the students write (greedy, {PROBE_READOUT} probe "
+        f"prompts)\n\n{readout}\n"
     )
     atomic_write_bytes(outd / "summary.md", text.encode())
     payload = {"rows": rows, "verdicts": claims, "seconds": total, "models_seconds": t_models}

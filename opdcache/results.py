@@ -122,6 +122,8 @@ class EvalResult:
     student_nll: float | None = None  # the student's own NLL of them (raw log-probs), same averaging
     sample_kl: float | None = None  # teacher_nll - student_nll: sampled estimate of the full reverse KL
     full_kl: float | None = None  # exact full-vocabulary reverse KL at the sampled prefixes, same averaging
+    student_entropy: float | None = None  # the student's full-vocabulary entropy at its samples' positions
+    teacher_entropy: float | None = None  # the teacher's, at the same prefixes
     overlap: float | None = None  # top-k overlap (eq. 6), same averaging
     band: int = 0  # width of the depth bands of overlap_by_band, in tokens
     overlap_by_band: dict[str, float] = field(default_factory=dict)  # band start -> token-mean overlap

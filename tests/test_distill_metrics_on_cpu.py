@@ -43,7 +43,7 @@ def test_distill_fields_match_a_naive_restatement(models):
     prompts = [SimpleNamespace(prompt_id=f"q{i}") for i in range(3)]
     encoded = [list(rng.integers(3, vocab, size=4)) for _ in prompts]
     lengths = [[7, 2], [5, 0], [0]]  # an empty sample, and a prompt with no tokens at all
-    outs, want = [], {"kl": {}, "nll": {}, "own": {}, "ov": {}, "full": {}}
+    outs, want = [], {"kl": {}, "nll": {}, "own": {}, "ov": {}, "full": {}, "ent": {}, "t_ent": {}}
     bands: dict[str, dict[int, list[float]]] = {"kl": {}, "ov": {}}
     for pr, ids, lens in zip(prompts, encoded, lengths, strict=True):
         comps, per = [], {key: [] for key in want}
@@ -62,6 +62,8 @@ def test_distill_fields_match_a_naive_restatement(models):
                 per["kl"].append(kl), per["nll"].append(-t_row[y]), per["own"].append(-s_row[y])
                 per["ov"].append(ov)
                 per["full"].append(sum(np.exp(s_row[v]) * (s_row[v] - t_row[v]) for v in range(vocab)))
+                per["ent"].append(-sum(np.exp(s_row[v]) * s_row[v] for v in range(vocab)))
+                per["t_ent"].append(-sum(np.exp(t_row[v]) * t_row[v] for v in range(vocab)))
                 bands["kl"].setdefault(t // BAND * BAND, []).append(kl)
                 bands["ov"].setdefault(t // BAND * BAND, []).append(ov)
         outs.append(SimpleNamespace(outputs=comps))
@@ -82,6 +84,8 @@ def test_distill_fields_match_a_naive_restatement(models):
     assert got["student_nll"] == pytest.approx(np.mean(list(want["own"].values())), abs=1e-4)
     assert got["overlap"] == pytest.approx(np.mean(list(want["ov"].values())))
     assert got["full_kl"] == pytest.approx(np.mean(list(want["full"].values())), abs=1e-5)
+    assert got["student_entropy"] == pytest.approx(np.mean(list(want["ent"].values())), abs=1e-5)
+    assert got["teacher_entropy"] == pytest.approx(np.mean(list(want["t_ent"].values())), abs=1e-5)
     assert got["band"] == BAND and list(got["overlap_by_band"]) == ["0", "3", "6"]
     for b, vals in bands["ov"].items():
         assert got["overlap_by_band"][str(b)] == pytest.approx(np.mean(vals))

@@ -144,4 +144,8 @@ FROM diff WHERE x = 'prune-grpo' AND y IN ('prune', 'truncate', 'grpo')
 UNION ALL
 SELECT 'hybrid: wall prune-grpo / Prune-OPD <= 1.1', pair, seeds, wall_ratio, NULL, wall_ratio <= 1.1
 FROM diff WHERE x = 'prune-grpo' AND y = 'prune'
+UNION ALL  -- issue 30: the same arm with the default objective against the paper's loss (student-topk)
+SELECT 'objective: accuracy ' || x || ' - ' || y || ' >= 2 s.e.', pair, seeds, acc_diff, acc_diff_se,
+       acc_diff > 2 * acc_diff_se
+FROM diff WHERE x LIKE '%.%' AND y = split_part(x, '.', 1)
 ORDER BY claim, pair;

@@ -26,6 +26,10 @@ class TeacherOutputs:
     sampled_logprob: np.ndarray  # [T] float32
     on_student_topk: np.ndarray  # [T, k] float32
     full_kl: np.ndarray | None = None  # [T] float32, KL(student || teacher) over the vocabulary (evaluation)
+    student_entropy: np.ndarray | None = (
+        None  # [T] float32, the student's full-vocabulary entropy (evaluation)
+    )
+    teacher_entropy: np.ndarray | None = None  # [T] float32, the teacher's (evaluation)
 
 
 def check_architecture(model: Any) -> None:
@@ -87,6 +91,8 @@ def head_outputs(
         np.empty(t, np.float32),
         np.empty((t, k), np.float32),
         None if student is None else np.empty(t, np.float32),
+        None if student is None else np.empty(t, np.float32),
+        None if student is None else np.empty(t, np.float32),
     )
     for s in range(0, t, chunk):
         e = min(s + chunk, t)
@@ -100,6 +106,8 @@ def head_outputs(
             s_head = student.get_output_embeddings()
             ls = torch.log_softmax(s_head(student_hidden[s:e]).float()[:, :vocab], dim=-1).to(lp.device)
             out.full_kl[s:e] = (ls.exp() * (ls - lp)).sum(-1).cpu().numpy()
+            out.student_entropy[s:e] = -(ls.exp() * ls).sum(-1).cpu().numpy()
+            out.teacher_entropy[s:e] = -(lp.exp() * lp).sum(-1).cpu().numpy()
     return out
 
 
