@@ -39,6 +39,8 @@ STEP_TAGS = {
     "rest_log_ratio": "distill/rest_log_ratio",  # l_R = log P_R / Q_R
     "sampled_in_rest": "distill/sampled_in_rest",  # share of sampled tokens in R
     "residual_clamp_frac": "distill/residual_clamp_frac",  # sum-and-sample: |d_y - l_R| clamped
+    "teacher_rest_floor_frac": "distill/teacher_rest_floor_frac",  # Q_R at its floor (fp32 noise)
+    "sampler_weight": "distill/sampler_weight",  # mean p(y) / p_T(y) (rollouts at T != 1)
 }
 # budget.json decision field -> tag
 BUDGET_TAGS = {

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from opdcache.train.loss import policy_loss
-from opdcache.train.stage import forward_terms
-from tests.restated import released_opd_loss
+from opdcache.train.stage import forward_terms, sequence_logprobs
+from tests.restated import released_hybrid_loss, released_opd_loss
 
 V, K = 24, 4
 
@@ -106,6 +106,33 @@ def test_student_topk_is_the_released_loss_bit_for_bit():
             want = released_opd_loss(logp, batch["old"], batch["teacher"], batch["weight"], batch["mask"])
             assert torch.equal(got, want)
             assert torch.equal(_grad(got, logits), _grad(want, logits))
+    # the trainer's forward gives the released code's log-probs (sequence_logprobs, unchanged) exactly
+    logits, q, batch = _case(0)
+    assert torch.equal(forward_terms(_Logits(logits), batch).logp, sequence_logprobs(_Logits(logits), batch))
+
+
+@pytest.mark.parametrize("masks", ["gated", "sum", "grpo"])
+def test_the_hybrid_with_student_topk_is_the_released_hybrid_bit_for_bit(masks):
+    logits, q, batch = _case(6)
+    terms = forward_terms(_Logits(logits), batch)
+    g = torch.Generator().manual_seed(3)
+    terms.logp = terms.logp + 0.5 * torch.randn(terms.logp.shape, generator=g, dtype=torch.float64)
+    terms.logp_y = terms.logp_y + 0.5 * torch.randn(terms.logp_y.shape, generator=g, dtype=torch.float64)
+    reliable = torch.rand(batch["mask"].shape, generator=g) > 0.4
+    none = torch.zeros_like(reliable)
+    opd_on, grpo_on = {
+        "gated": (reliable, ~reliable),
+        "sum": (batch["mask"], batch["mask"]),
+        "grpo": (none, batch["mask"]),
+    }[masks]
+    adv = torch.tensor([1.3, -0.7], dtype=torch.float64)
+    got, _ = policy_loss("student-topk", terms, grpo=(adv, opd_on & batch["mask"], grpo_on & batch["mask"]))
+    want = released_hybrid_loss(
+        terms.logp, batch["old"], batch["teacher"], batch["weight"], batch["mask"], terms.logp_y,
+        batch["old_y"], adv, opd_on & batch["mask"], grpo_on & batch["mask"],
+    )  # fmt: skip
+    assert torch.equal(got, want)
+    assert torch.equal(_grad(got, logits), _grad(want, logits))
 
 
 def test_bucket_is_the_coarse_grained_kl_and_its_gradient():
@@ -128,9 +155,10 @@ def test_bucket_pushes_mass_from_the_rest_to_the_teachers_ids():
     lp = torch.log_softmax(logits.detach(), -1)
     i, tau = 0, 0
     new = [v for v in batch["teacher_ids"][i, tau].tolist() if v not in batch["topk_ids"][i, tau].tolist()]
-    for v in new:  # an id the teacher prefers far more than the student rises (descent: -grad > 0)
-        if q[i, tau, v] > lp[i, tau, v] + 1.0:
-            assert g[i, tau, v] < 0
+    preferred = [v for v in new if q[i, tau, v] > lp[i, tau, v] + 1.0]
+    assert preferred  # the case has such ids
+    for v in preferred:  # an id the teacher prefers far more than the student rises (descent: -grad > 0)
+        assert g[i, tau, v] < 0
 
 
 @pytest.mark.parametrize("objective", ["sum-and-sample", "sampled-token"])
@@ -166,7 +194,8 @@ def test_sum_and_sample_residual_fires_only_in_the_rest_and_is_clamped():
     assert in_rest.any() and (~in_rest & batch["mask"]).any()
     # the residual's value at ratio 1 is -A = L (d_y - l_R) where y is in R
     lp = torch.log_softmax(logits.detach(), -1)
-    ell = terms.log_rest.detach() - torch.log(1 - (q.exp() * _in_u(batch)).sum(-1))
+    in_u = _in_u(batch)
+    ell = torch.log((lp.exp() * (1 - in_u)).sum(-1)) - torch.log(1 - (q.exp() * in_u).sum(-1))
     d_y = lp.gather(2, batch["response_ids"][..., None])[..., 0] - batch["teacher_y"]
     resid = torch.where(in_rest, batch["weight"] * (d_y - ell), 0.0)
     assert both.item() == pytest.approx(bucket.item() + (resid.sum() / batch["mask"].sum()).item(), rel=1e-6)
@@ -266,3 +295,21 @@ def test_rollouts_at_another_temperature_are_importance_weighted():
         unweighted += p_temp[..., a][..., None] * g0
     torch.testing.assert_close(expected, want, rtol=0, atol=1e-5)
     assert (unweighted - want).abs().max() > 1e-3  # without the weight it is biased
+
+
+def test_padding_as_collate_writes_it_changes_nothing():
+    """Padded positions hold id 0 everywhere and zeros for the cached values (collate's padding): the
+    loss and its gradient equal those of the valid positions alone, for every objective."""
+    logits, q, batch = _case(7)
+    pad = ~batch["mask"]
+    padded = dict(batch)
+    for key in ("topk_ids", "teacher_ids", "old", "teacher", "teacher_topk"):
+        padded[key] = batch[key].masked_fill(pad[..., None], 0)
+    for key in ("response_ids", "old_y", "teacher_y"):
+        padded[key] = batch[key].masked_fill(pad, 0)
+    for objective in ("student-topk", "bucket", "sum-and-sample", "sampled-token"):
+        got, stats = _loss(objective, logits, padded)
+        want, _ = _loss(objective, logits, batch)
+        assert torch.isfinite(got) and all(torch.isfinite(v) for v in stats.values())
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        torch.testing.assert_close(_grad(got, logits), _grad(want, logits), rtol=1e-5, atol=1e-7)

@@ -19,6 +19,7 @@ reference, so one wild token cannot make the loss inf.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +112,10 @@ def hybrid_policy_loss(
 # vocabulary; P_R / Q_R the student's (trainer's full softmax) / teacher's (1 - its cached mass on U)
 # mass in R, l_R = log(P_R / Q_R), d_v = log p_v - log q_v.
 
-TEACHER_REST_MIN = 1e-6  # Q_R floor: the cached teacher mass on U can round to >= 1
+# Q_R floor: 1 - sum_U q from fp32 log-probs carries ~1e-6 of rounding, so a smaller Q_R is noise
+# (distill/teacher_rest_floor_frac logs how often it applies)
+TEACHER_REST_MIN = 1e-5
+REST_OBJECTIVES = ("bucket", "sum-and-sample")  # the objectives that train on log P_R and the teacher's ids
 
 
 @dataclass
@@ -151,7 +155,9 @@ def bucket_kl(t: Terms) -> tuple[torch.Tensor, torch.Tensor]:
     p_s, p_t = t.logp.exp(), t.logp_t.exp()
     kl_u = (p_s * (t.logp - t.teacher)).sum(-1) + (p_t * (t.logp_t - t.teacher_t) * t.new_t).sum(-1)
     ell = t.log_rest - teacher_log_rest(t)
-    return kl_u + t.log_rest.exp() * ell, ell
+    p_rest = t.log_rest.exp()
+    # P_R = 0 (U the whole vocabulary) contributes 0, not 0 * -inf
+    return kl_u + torch.where(p_rest > 0, p_rest * ell, torch.zeros_like(ell)), ell
 
 
 def _student_topk(t: Terms, clip: float, dual_clip: float, clamp: float) -> tuple[torch.Tensor, dict]:
@@ -174,7 +180,8 @@ def _sum_and_sample(t: Terms, clip: float, dual_clip: float, clamp: float) -> tu
     expected gradient is the rest of sum_V p_v d_v grad log p_v (Rao-Blackwellised; Liu et al. 2019).
     Rollouts at T != 1 draw y from p_T: the residual is importance-weighted by p(y) / p_T(y) (1 at T = 1)."""
     kl, ell = bucket_kl(t)
-    resid = (t.logp_y - t.teacher_y - ell).detach()
+    # d_y at the current parameters (the gradient's point), as l_R; sampled-token uses p_old (tinker's)
+    resid = torch.where(t.y_in_rest, t.logp_y - t.teacher_y - ell, torch.zeros_like(ell)).detach()
     adv = -t.weight * resid.clamp(-clamp, clamp)
     if t.sampler_weight is not None:
         adv = adv * t.sampler_weight
@@ -215,8 +222,13 @@ def diagnostics(t: Terms) -> dict[str, torch.Tensor]:
                 "teacher_rest_mass": log_q_rest.exp(),
                 "rest_log_ratio": t.log_rest - log_q_rest,
             }
+            out["teacher_rest_floor_frac"] = (log_q_rest <= math.log(TEACHER_REST_MIN) + 1e-6).to(
+                t.logp.dtype
+            )
         if t.y_in_rest is not None:
             out["sampled_in_rest"] = t.y_in_rest.to(t.logp.dtype)
+        if t.sampler_weight is not None:
+            out["sampler_weight"] = t.sampler_weight.to(t.logp.dtype)
         if t.entropy is not None:
             out["entropy"] = t.entropy
         return out

@@ -48,7 +48,7 @@ from opdcache.results import TrainResult
 from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir
 from opdcache.train.data import Example, collate, load_examples
 from opdcache.train.extensions import before_deepspeed
-from opdcache.train.loss import Terms, policy_loss
+from opdcache.train.loss import REST_OBJECTIVES, Terms, policy_loss
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -109,39 +109,47 @@ def sequence_logprobs(
     return both[..., :-1], both[..., -1]
 
 
-def forward_terms(model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> Terms:
+def forward_terms(
+    model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0, rest_grad: bool = True
+) -> Terms:
     """One forward of the student on a collated batch -> the objectives' ``Terms``: log p_theta at the
     student's and the teacher's cached top-k ids and at the sampled token, log P_R over the rest of the
-    vocabulary (U = both top-k sets), and the full-vocabulary entropy (no gradient). ``sampler_weight``
-    is the batch's (set by the old-log-prob pass); with ``temperature`` != 1 that pass gets it here as
-    p(y) / p_T(y), the rollout's sampling distribution at temperature T."""
+    vocabulary (U = both top-k sets), and the full-vocabulary entropy (no gradient). ``rest_grad``
+    False: log P_R and the teacher-id log-probs only as diagnostics, without a gradient (objectives
+    that do not train on them keep no vocabulary-sized tensor alive for the backward).
+    ``sampler_weight`` is the batch's (set by the old-log-prob pass); with ``temperature`` != 1 that
+    pass gets it here as p(y) / p_T(y), y's probability under the rollout's sampling distribution."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     idx = batch["positions"].unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     picked = logits.gather(1, idx).float()
     lp = torch.log_softmax(picked, dim=-1)
     s_ids, t_ids, y = batch["topk_ids"], batch["teacher_ids"], batch["response_ids"].unsqueeze(-1)
-    in_u = torch.zeros(lp.shape, dtype=torch.bool, device=lp.device)
-    in_u.scatter_(2, s_ids, True).scatter_(2, t_ids, True)
     with torch.no_grad():
-        entropy = -(lp.exp() * lp).sum(-1)
+        in_u = torch.zeros(lp.shape, dtype=torch.bool, device=lp.device)
+        in_u.scatter_(2, s_ids, True).scatter_(2, t_ids, True)
+        y_in_rest = ~in_u.gather(2, y)[..., 0]
+        entropy = torch.special.entr(lp.exp()).sum(-1)
         sampler_weight = batch.get("sampler_weight")
         if temperature != 1.0:
             lp_temp = torch.log_softmax(picked / temperature, dim=-1)
             sampler_weight = (lp.gather(2, y) - lp_temp.gather(2, y))[..., 0].exp()
+    with torch.set_grad_enabled(rest_grad and torch.is_grad_enabled()):
+        log_rest = lp.masked_fill(in_u, float("-inf")).logsumexp(-1)
+        logp_t = lp.gather(2, t_ids)
     return Terms(
         logp=lp.gather(2, s_ids),
         old=batch["old"],
         teacher=batch["teacher"],
         weight=batch["weight"],
         mask=batch["mask"],
-        logp_t=lp.gather(2, t_ids),
+        logp_t=logp_t,
         teacher_t=batch["teacher_topk"],
         new_t=~(t_ids.unsqueeze(-1) == s_ids.unsqueeze(-2)).any(-1),
-        log_rest=lp.masked_fill(in_u, float("-inf")).logsumexp(-1),
+        log_rest=log_rest,
         logp_y=lp.gather(2, y)[..., 0],
         old_y=batch["old_y"],
         teacher_y=batch["teacher_y"],
-        y_in_rest=~in_u.gather(2, y)[..., 0],
+        y_in_rest=y_in_rest,
         entropy=entropy,
         sampler_weight=sampler_weight,
     )
@@ -356,7 +364,7 @@ def _train_round(
         loss_sum, stats_sum = 0.0, {}
         for idx in micro_batches:
             batch = {k: v.to(dev) for k, v in _batch(examples, idx, pad).items()}
-            terms = forward_terms(engine, batch)
+            terms = forward_terms(engine, batch, rest_grad=t.objective in REST_OBJECTIVES)
             grpo = None
             if outcome:
                 opd_on, grpo_on = term_masks(arm.terms, batch["mask"], batch["rel"], eps)
