@@ -144,8 +144,9 @@ class TrainConfig:
         1, "DeepSpeed states kept under RUN/deepspeed/ (the newest; 0 = all); each holds the optimizer", ge=0
     )
     objective: Objective = setting(
-        "student-topk",
-        "the OPD loss (train/loss.py, docs/objectives.md): student-topk = the paper's released code (the "
+        "sum-and-sample",
+        "the OPD loss (train/loss.py, docs/objectives.md; the default keeps a real student from flattening, docs/real-pair.md): "
+        "student-topk = the paper's released code (the "
         "student's top-k ids only); bucket = KL over student top-k ∪ teacher top-k plus one bucket for the "
         "rest; sum-and-sample = bucket + the sampled token's residual when it lies in the rest (unbiased for "
         "the full reverse-KL gradient); sampled-token = tinker's advantage on the sampled token",

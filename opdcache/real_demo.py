@@ -298,7 +298,7 @@ def run_real_demo(
     seeds: tuple[int, ...] = (0,),
     progress: bool = True,
     models_dir: str | Path | None = None,
-    pairs: tuple[str, ...] = tuple(STUDENTS),
+    pairs: tuple[str, ...] = ("low",),
     objective: str | None = None,
     compare: bool = False,
     arms: tuple[str, ...] = ARMS,

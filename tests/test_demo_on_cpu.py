@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from opdcache.cli import main
+from opdcache.config import read_run_config
 from opdcache.query import run_sql
 from opdcache.rundir import RunDir
 
@@ -27,6 +28,7 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
     untaught = any(v["claim"].startswith("OPD teaches") and v["holds"] is False for v in summary["verdicts"])
     assert ("Where OPD does not teach" in (demo / "summary.md").read_text()) == untaught
     arms = ("opd", "prune", "truncate", "prune-inflight", "prune-grpo")
+    arms += ("opd.sum-and-sample", "prune.sum-and-sample")  # the default objective beside the paper's
     controls = ("prune-topp", "random", "grpo")  # the paper's controls and GRPO alone, low pair only
     assert set(rows) == {(p, a) for p in ("low", "high") for a in arms} | {("low", a) for a in controls}
     for (pair, arm), r in rows.items():
@@ -36,7 +38,7 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
         assert 0.0 <= r["accuracy_final"] <= 1.0 and r["train_seconds"] > 0
         # each arm sampled under its own budget: OPD at M_max, truncation and Prune-OPD at M_0 = 128
         m0 = run_sql(run.root, "select max_tokens from budget where round = 0").fetchall()[0][0]
-        assert m0 == (768 if arm in ("opd", "grpo") else 128)
+        assert m0 == (768 if arm.split(".")[0] in ("opd", "grpo") else 128)
         longest = run_sql(run.root, "select max(response_len) from rollouts").fetchall()[0][0]
         assert longest <= m0
         stopped = run_sql(run.root, "select count(*) from rollouts where finish_reason = 'unreliable'")
@@ -49,6 +51,7 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
         variants = {v for (v,) in run_sql(run.root, "select distinct variant from scores").fetchall()}
         expected = {
             "opd": {"opd"},
+            "opd.sum-and-sample": {"opd"},
             "truncate": {"opd"},
             "prune-topp": {"topp"},
             "random": {"prune", "random"},
@@ -76,6 +79,12 @@ def test_smoke_demo_runs_every_pair_and_arm(demo):
         ).fetchall()[0]
         assert scored == kept and rows[(pair, "prune-inflight")]["teacher_per_kept"] == 1.0, pair
         assert kept <= decoded <= kept + (spare or 0), pair
+    # the paper's arms train the paper's loss by name; the objective arms the default (issue 30)
+    for pair, arm in rows:
+        cfg = read_run_config(RunDir(demo / "runs" / f"{pair}-{arm}-s0"))
+        assert cfg.train.objective == (arm.split(".")[1] if "." in arm else "student-topk"), (pair, arm)
+    claims = {v["claim"] for v in summary["verdicts"]}
+    assert "objective: accuracy prune.sum-and-sample - prune >= 2 s.e." in claims
     for arm in ("prune", "opd"):  # the teacher stage scores every cached position once
         assert rows[("low", arm)]["teacher_per_kept"] == 1.0, arm
     assert rows[("low", "opd")]["time_vs_opd"] == 1.0
