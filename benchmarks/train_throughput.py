@@ -6,7 +6,8 @@
 Both loops run the OPD loss (opdcache/train/loss.py) on the same synthetic cached batch of a tiny
 self-built Qwen2; DeepSpeed runs ZeRO stage ``--zero`` in one process (CPU: gloo) with torch AdamW
 as the client optimizer. Prints tokens/s of each and the ratio, and the max |loss difference| of the
-two runs (fp32: they should agree). Figures only; nothing is asserted.
+two runs (fp32: they should agree); then the plain loop's tokens/s with each ``train.objective``
+(the trainer's forward_terms + policy_loss) against student-topk's. Figures only; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from opdcache.models.tiny import build_tiny_model
+    from opdcache.train import OBJECTIVES
     from opdcache.train.data import Example, collate
     from opdcache.train.extensions import before_deepspeed
-    from opdcache.train.loss import opd_policy_loss
-    from opdcache.train.stage import sequence_logprobs, single_process_env
+    from opdcache.train.loss import REST_OBJECTIVES, opd_policy_loss, policy_loss
+    from opdcache.train.stage import forward_terms, sequence_logprobs, single_process_env
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -55,13 +57,21 @@ def main() -> None:
             t = args.tokens
             ids = np.stack([rng.choice(vocab, args.k, replace=False) for _ in range(t)])
             old = np.log(rng.dirichlet(np.ones(args.k), size=t)).astype(np.float32) - 0.1
+            t_ids = (
+                np.concatenate([ids[:, : args.k // 2], ids[:, : args.k - args.k // 2] + 1], axis=1) % vocab
+            )
+            teacher = old + rng.normal(0, 0.5, old.shape).astype(np.float32)
             return Example(
                 rng.integers(3, 60, 24),
                 ids[:, 0].copy(),
                 ids,
                 old,
-                old + rng.normal(0, 0.5, old.shape).astype(np.float32),
+                teacher,
                 np.full(t, 1.5, np.float32),
+                teacher_ids=t_ids,
+                teacher_topk=teacher - 0.5,
+                teacher_y=teacher[:, 0].copy(),
+                old_y=old[:, 0].copy(),
             )
 
         batches = [collate([example() for _ in range(args.batch)], pad_id=1) for _ in range(args.steps)]
@@ -136,6 +146,27 @@ def main() -> None:
         print(
             f"max |loss difference| over the steps: {max(abs(a - b) for a, b in zip(l_plain, l_ds, strict=True)):.3g}"
         )
+
+        per_objective = {}
+        for objective in OBJECTIVES:
+            torch.manual_seed(0)
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            o = torch.optim.AdamW(m.parameters(), lr=1e-5)
+
+            def obj_step(model, b, objective=objective, o=o) -> float:
+                terms = forward_terms(model, b, rest_grad=objective in REST_OBJECTIVES)
+                loss, _ = policy_loss(objective, terms)
+                o.zero_grad()
+                loss.backward()
+                o.step()
+                return loss.item()
+
+            per_objective[objective], _ = run(obj_step, m)
+        base = per_objective["student-topk"]
+        for objective, sec in per_objective.items():
+            print(
+                f"objective {objective:15s} {tokens / sec:8.0f} tokens/s  ({base / sec:.2f}x student-topk's)"
+            )
 
 
 if __name__ == "__main__":
