@@ -255,6 +255,8 @@ def verdicts_markdown(rows: list[dict[str, Any]]) -> str:
         value = "-" if v["value"] is None else f"{v['value']:.3f}"
         if v["se"] is not None:
             value += f" ± {v['se']:.3f}"
+        if v.get("relative") is not None:  # the real verdicts: the change relative to the reference
+            value += f" ({v['relative']:+.0%})"
         ratio = "" if not wall else (" - |" if v["wall_ratio"] is None else f" {v['wall_ratio']:.2f} |")
         verdict = "-" if v["holds"] is None else ("holds" if v["holds"] else "does not hold")
         if v.get("needs_seeds"):

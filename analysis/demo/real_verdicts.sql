@@ -9,7 +9,8 @@
 -- value = the mean over seeds of the per-seed paired differences, s.e. = the larger of their s.d. over
 -- seeds / sqrt(seeds) and the pooled within-seed s.e. (sqrt(sum of squared s.e.) / seeds). With fewer
 -- than 3 seeds no claim holds or fails: the verdict is "needs >= 3 seeds". Wall time is every stage but
--- evaluation (an engine start made by evaluation counts), as in verdicts.sql.
+-- evaluation (an engine start made by evaluation counts), as in verdicts.sql. relative = value over the
+-- reference's mean (round 0's, or the run compared with).
 WITH runs AS (
     SELECT DISTINCT regexp_extract(filename, '([^/]+)/config\.yaml$', 1) AS run
     FROM glob(getvariable('runs') || '/*/config.yaml') t(filename)
@@ -63,7 +64,7 @@ WITH runs AS (
     GROUP BY ALL
 ), claims AS (
     SELECT 1 AS k, x AS sub, 'OPD (' || split_part(x, '.', 2) || ') lowers the held-out full KL (final - round 0; holds: >= 40 % lower and >= 3 s.e.)' AS claim,
-           pair, metric, seeds, d AS value, se, -d / y_mean AS relative, NULL::DOUBLE AS wall_ratio,
+           pair, metric, seeds, d AS value, se, d / y_mean AS relative, NULL::DOUBLE AS wall_ratio,
            -d / y_mean >= 0.4 AND -d >= 3 * se AS holds
     FROM diff WHERE metric = 'full KL' AND x LIKE 'opd.%' AND y = x || '@start'
     UNION ALL
@@ -72,7 +73,7 @@ WITH runs AS (
     FROM diff WHERE metric = 'teacher NLL' AND x LIKE 'opd.%' AND y = x || '@start'
     UNION ALL
     SELECT 3, x, 'OPD (' || split_part(x, '.', 2) || ') lowers the held-out top-k KL (final - round 0; holds: >= 20 % lower and >= 3 s.e.)',
-           pair, metric, seeds, d, se, -d / y_mean, NULL, -d / y_mean >= 0.2 AND -d >= 3 * se
+           pair, metric, seeds, d, se, d / y_mean, NULL, -d / y_mean >= 0.2 AND -d >= 3 * se
     FROM diff WHERE metric = 'top-k KL' AND x LIKE 'opd.%' AND y = x || '@start'
     UNION ALL
     SELECT 4, x, 'OPD (' || split_part(x, '.', 2) || ') ends below OPD (student-topk) in full KL (' || x || ' - opd.student-topk; holds: < 0 by >= 2 s.e.)',
