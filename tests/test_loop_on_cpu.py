@@ -135,23 +135,23 @@ def test_replay_uses_only_the_cache(looped, monkeypatch):
 
 
 def test_replay_with_another_objective_from_the_same_cache(looped):
-    """issue 30: the same cached rounds retrain with the bucket objective; the step logs carry the
-    diagnostics; the replay cannot silently change settings afterwards."""
+    """issue 30: the same cached rounds retrain with the paper's objective (the run trained the default);
+    the step logs carry the diagnostics; the replay cannot silently change settings afterwards."""
     from opdcache.config import read_run_config
     from opdcache.errors import OpdcacheError
 
     run, cfg, *_ = looped
-    sub = replay(run, "bucket", cfg.score.spec, rounds=[0], progress=False, objective="bucket")
-    assert read_run_config(sub).train.objective == "bucket" and cfg.train.objective != "bucket"
+    sub = replay(run, "topk", cfg.score.spec, rounds=[0], progress=False, objective="student-topk")
+    assert read_run_config(sub).train.objective == "student-topk" and cfg.train.objective == "sum-and-sample"
     steps = json.loads((sub.checkpoint(1) / "opdcache_train.json").read_text())["metrics"]
     main_steps = json.loads((run.checkpoint(1) / "opdcache_train.json").read_text())["metrics"]
     for m in steps:
         assert 0 < m["rest_mass"] < 1 and 0 < m["student_topk_mass"] <= 1 and m["entropy"] > 0
-        assert 0 <= m["sampled_in_rest"] <= 1 and m["clip_frac"] == 0  # a direct loss: no ratio
+        assert 0 <= m["sampled_in_rest"] <= 1 and m["clip_frac"] == 0  # ratio 1 at the first step
     assert steps[0]["loss"] != main_steps[0]["loss"]  # another loss on the same rows
     assert steps[0]["tokens"] == main_steps[0]["tokens"]
     with pytest.raises(OpdcacheError, match=r"train.objective"):
-        replay(run, "bucket", cfg.score.spec, rounds=[0], progress=False, objective="sampled-token")
+        replay(run, "topk", cfg.score.spec, rounds=[0], progress=False, objective="sampled-token")
 
 
 def test_arms_plan(tiny_overrides):
