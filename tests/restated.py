@@ -20,19 +20,9 @@ def _ppo(adv, logp, old, clip, dual_clip):
     return torch.where(adv < 0, torch.minimum(clipped, -adv * dual_clip), clipped)
 
 
-def released_opd_loss(logp, student_old, teacher, weight, mask, clip=0.2, dual_clip=3.0, tokens=None):
-    """The OPD loss as opdcache computed it before train.objective existed (commit 22036a6, the paper's
-    released code), kept verbatim so that ``student-topk`` can be held to it bit for bit."""
+def _token_mean(per_token, mask, tokens):
     import torch
 
-    w = torch.softmax(student_old, dim=-1)
-    adv = (-w * (student_old - teacher) * weight.unsqueeze(-1)).detach()
-    ratio = torch.exp((logp - student_old).clamp(-20.0, 20.0))
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
-    clipped = torch.maximum(pg1, pg2)
-    dual = torch.minimum(clipped, -adv * dual_clip)
-    per_token = torch.where(adv < 0, dual, clipped).sum(-1)
     m = mask.to(per_token.dtype)
     n = (
         m.sum().clamp(min=1.0)
@@ -40,6 +30,17 @@ def released_opd_loss(logp, student_old, teacher, weight, mask, clip=0.2, dual_c
         else torch.as_tensor(tokens, dtype=per_token.dtype).clamp(min=1.0)
     )
     return (per_token * m).sum() / n
+
+
+def released_opd_loss(logp, student_old, teacher, weight, mask, clip=0.2, dual_clip=3.0, tokens=None):
+    """The OPD loss as opdcache computed it before train.objective existed (commit 22036a6, the paper's
+    released code), kept verbatim so that ``student-topk`` can be held to it bit for bit."""
+    import torch
+
+    w = torch.softmax(student_old, dim=-1)
+    adv = (-w * (student_old - teacher) * weight.unsqueeze(-1)).detach()
+    per_token = _ppo(adv, logp, student_old, clip, dual_clip).sum(-1)
+    return _token_mean(per_token, mask, tokens)
 
 
 def released_hybrid_loss(
@@ -69,10 +70,4 @@ def released_hybrid_loss(
     zero = torch.zeros_like(opd_token)
     per_token = torch.where(opd_on, opd_token, zero) + torch.where(grpo_on, grpo_token, zero)
     per_token = torch.where(opd_on & ~grpo_on, opd_token, per_token)
-    m = mask.to(per_token.dtype)
-    n = (
-        m.sum().clamp(min=1.0)
-        if tokens is None
-        else torch.as_tensor(tokens, dtype=per_token.dtype).clamp(min=1.0)
-    )
-    return (per_token * m).sum() / n
+    return _token_mean(per_token, mask, tokens)
