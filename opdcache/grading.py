@@ -1,8 +1,15 @@
-"""Grading a response against a gold answer: the last ``\\boxed{...}``, compared exactly or by math-verify.
+"""Grading a response against a gold answer.
 
-Both checkers read only the last complete ``\\boxed{}`` (or ``\\fbox{}``) of a response, as the
+``math`` and ``exact`` read only the last complete ``\\boxed{}`` (or ``\\fbox{}``) of a response, as the
 reference recipe's grader does: a response without one scores 0, however its last number reads. That
-matters most for truncated responses, the ones Prune-OPD is about.
+matters most for truncated responses, the ones Prune-OPD is about, and it is the protocol for the
+paper's tasks.
+
+``last-number`` is lm-evaluation-harness's GSM8K "flexible-extract" filter, for models too small to
+box an answer (the real pair on the embedded arithmetic task, docs/real-pair.md): the last match of
+``(-?[$0-9.,]{2,})|(-?[0-9]+)`` in the response, then the task's ``exact_match`` normalisation (commas,
+``$``, anything up to ``#### `` and one trailing ``.`` removed, case ignored) on it and on the gold
+answer, compared as strings ("5.0" is not "5", as there).
 """
 
 from __future__ import annotations
@@ -13,8 +20,11 @@ from typing import Literal
 
 from opdcache.errors import OpdcacheError
 
-Checker = Literal["math", "exact"]
+Checker = Literal["math", "exact", "last-number"]
+CHECKERS: tuple[Checker, ...] = ("math", "exact", "last-number")
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_IGNORE = (re.compile(","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.compile(r"\.$"))
 
 
 def extract_boxed(text: str) -> str | None:
@@ -29,12 +39,37 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+def extract_last_number(text: str) -> str | None:
+    """The last number of a response as lm-eval's GSM8K flexible-extract reads it (before normalising)."""
+    matches = _FLEXIBLE.findall(text)
+    if not matches:
+        return None
+    wide, plain = matches[-1]
+    return (wide or plain).strip()
+
+
+def normalize_number(text: str) -> str:
+    """lm-eval's GSM8K exact_match normalisation (regexes_to_ignore, then ignore_case)."""
+    for pattern in _IGNORE:
+        text = pattern.sub("", text)
+    return text.strip().lower()
+
+
 def grader(answer: str, checker: Checker) -> Callable[[str], bool]:
     """A response -> correct? function for one gold answer (parsed once, used for all its samples).
 
     ``exact``: the boxed string equals the answer (the toy task). ``math``: math-verify equivalence of
-    the boxed content and the gold answer.
+    the boxed content and the gold answer. ``last-number``: the normalised last number equals the
+    normalised answer.
     """
+    if checker == "last-number":
+        gold_number = normalize_number(answer)
+
+        def check_last(response: str) -> bool:
+            found = extract_last_number(response)
+            return found is not None and normalize_number(found) == gold_number
+
+        return check_last
     if checker == "exact":
         gold_text = answer.strip()
         return lambda response: extract_boxed(response) == gold_text

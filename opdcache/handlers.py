@@ -341,10 +341,6 @@ def demo(a: Args, _: None) -> list[str]:
     if a.real:
         from opdcache.real_demo import run_real_demo
 
-        if not a.data:
-            raise OpdcacheError(
-                "demo --real needs --data: a GSM8K-shaped prompt file (e.g. GSM8K's test.jsonl)"
-            )
         res = run_real_demo(
             a.data,
             a.out or "demo-real",
@@ -355,12 +351,15 @@ def demo(a: Args, _: None) -> list[str]:
             pairs=tuple(a.pairs),
             objective=a.objective,
             compare=a.compare_objectives,
+            arms=tuple(a.arms),
         )
     else:
         from opdcache.demo import run_demo
 
         if a.data:
             raise OpdcacheError("demo --data: only with --real (the toy demo writes its own prompts)")
+        if a.arms != ["opd", "prune", "truncate"] or a.objective or a.compare_objectives:
+            raise OpdcacheError("demo --arms / --objective / --compare-objectives: only with --real")
         res = run_demo(a.out or "demo", a.smoke, a.rounds, tuple(a.seeds), progress=not a.quiet)
     return [
         res["table"],

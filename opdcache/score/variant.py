@@ -36,7 +36,7 @@ class VariantSpec:
         "fraction", "random: match kept token fraction or |reward| mass"
     )
     seed: int = setting(0, "random: permutation seed (combined with the round)")
-    outcome: Literal["", "math", "exact"] = setting(
+    outcome: Literal["", "math", "exact", "last-number"] = setting(
         "",
         "outcome reward per response (columns outcome, grpo_advantage): checker of the decoded response"
         " against the prompt's gold answer; empty = none (arms prune-grpo and grpo set it to eval.checker)",
