@@ -348,7 +348,7 @@ def demo(a: Args, _: None) -> list[str]:
             a.rounds,
             tuple(a.seeds),
             not a.quiet,
-            pairs=tuple(a.pairs),
+            pairs=tuple(a.pairs) if a.pairs else None,
             objective=a.objective,
             compare=a.compare_objectives,
             arms=tuple(a.arms),

