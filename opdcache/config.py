@@ -49,7 +49,10 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        from opdcache.rollout.prompts import check_template
+
         validate(self, "data")
+        check_template(self.template, "data.template")
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,9 @@ class RolloutConfig:
     )
     seed: int = setting(0, "prompt shuffle and sampling seed")
     part_size: int = setting(16, "prompts per cache part (the unit of resume)", ge=1)
-    dtype: str = setting("auto", 'vLLM dtype; "auto" = float32 on CPU, bfloat16 on GPU')
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", 'vLLM dtype; "auto" = float32 on CPU, bfloat16 on GPU'
+    )
     kv_cache_gib: int = setting(2, "CPU only: VLLM_CPU_KVCACHE_SPACE in whole GiB", ge=1)
     gpu_memory_utilization: float = setting(0.85, "GPU only: vLLM's share of GPU memory", gt=0, le=1)
     max_model_len: int = setting(0, "vLLM context length; 0 = longest prompt + budget.max", ge=0)
@@ -350,7 +355,88 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {p} is not a section")
-    node[leaf] = yaml.safe_load(value)
+    if _leaf_type(key.split(".")) is str and not (
+        len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
+    ):
+        node[leaf] = value  # text as typed: a template such as "{question} Solve." is not YAML
+        return
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({e.problem}); quote it") from None
+
+
+def _leaf_type(keys: list[str]) -> Any:
+    """The declared type of the config key ``keys`` (a section's inline fields included), or None."""
+    cls: Any = RunConfig
+    for k in keys:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if k not in hints:  # a field of an inline sub-dataclass (score.gamma is score.spec.gamma)
+            inline = [hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("inline")]
+            owner = next((c for c in inline if k in typing.get_type_hints(c)), None)
+            if owner is None:
+                return None
+            hints = typing.get_type_hints(owner)
+        cls = hints[k]
+    return cls
+
+
+def check_checkpoint(name: str, where: str) -> str:
+    """``name`` is an existing checkpoint directory, or a hub id already in the local cache (nothing
+    downloads at run time: a typo is an error here, not a minute of connection attempts later)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return name
+    if not path.exists():
+        try:
+            if isinstance(try_to_load_from_cache(name, "config.json"), str):
+                return name
+        except Exception:  # not a valid hub id either
+            pass
+    raise ConfigError(
+        f"{where}: expected an existing checkpoint directory (or a hub id in the local cache), got {name!r}"
+    )
+
+
+def resolve_inputs(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its local input paths absolute (a run works from any folder) and its models checked
+    (:func:`check_checkpoint`)."""
+
+    def local(value: str) -> str:
+        return (
+            str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+        )
+
+    for key in ("student", "teacher"):
+        if name := getattr(cfg.models, key):
+            check_checkpoint(name, f"models.{key}")
+    if cfg.eval.teacher:
+        check_checkpoint(cfg.eval.teacher, "eval.teacher")
+    return dataclasses.replace(
+        cfg,
+        models=dataclasses.replace(
+            cfg.models, student=local(cfg.models.student), teacher=local(cfg.models.teacher)
+        ),
+        data=dataclasses.replace(cfg.data, prompts=local(cfg.data.prompts)),
+        eval=dataclasses.replace(cfg.eval, data=local(cfg.eval.data), teacher=local(cfg.eval.teacher)),
+    )
+
+
+def config_diff(a: RunConfig, b: RunConfig) -> list[str]:
+    """The keys (section.key) whose values differ between two configs."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "fields" else {prefix + k: v})
+        return out
+
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

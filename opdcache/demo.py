@@ -323,7 +323,7 @@ def run_demo(
         opd = next(x for x in rows if (x["pair"], x["seed"], x["arm"]) == (r["pair"], r["seed"], "opd"))
         r["time_vs_opd"] = r["train_seconds"] / opd["train_seconds"] if opd["train_seconds"] else None
         r["work_vs_opd"] = r["work_seconds"] / opd["work_seconds"] if opd["work_seconds"] else None
-    report = make_report(roots, outd / "report", band_scale=64, bucket=32, every=max(1, size.rounds // 2))
+    report = make_report(roots, outd / "report", band_scale=64, bucket=32)
     table = summary_markdown(rows)
     if len(seeds) > 1:
         table += "\n\nMean over seeds " + ", ".join(map(str, seeds)) + ":\n\n" + seed_means_markdown(rows)

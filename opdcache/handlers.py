@@ -26,10 +26,28 @@ def _config(run: RunDir):
     return cfg
 
 
+# variant flags that only one bad-event metric reads
+_METRIC_OF = {
+    "gamma": "overlap",
+    "top_p": "top_p",
+    "reference": "random",
+    "match": "random",
+    "seed": "random",
+}
+
+
 def _spec(base, a: Args):
-    """``base`` VariantSpec with the variant flags given on the command line."""
+    """``base`` VariantSpec with the variant flags given on the command line; a flag the resulting
+    metric does not read is an error, not silently ignored."""
     names = ("metric", "gamma", "top_p", "w_drop", "w_base", "eps", "reference", "match", "seed")
-    return base.replace(**{n: getattr(a, n, None) for n in names})
+    spec = base.replace(**{n: getattr(a, n, None) for n in names})
+    for name, metric in _METRIC_OF.items():
+        if getattr(a, name, None) is not None and spec.metric != metric:
+            flag = "--" + name.replace("_", "-")
+            raise OpdcacheError(
+                f"{flag}: only metric {metric} reads it; this variant's metric is {spec.metric}"
+            )
+    return spec
 
 
 def _pairs(items: list[str], flag: str, expected: str) -> dict[str, str]:
@@ -149,7 +167,11 @@ def round_(a: Args, run: RunDir):
 
 
 def run_all(a: Args, run: RunDir) -> list[Any]:
-    shard = _run_shard(a)  # first: nothing may start CUDA before the worker's GPUs are pinned
+    if a.config is None and not run.config.exists():
+        raise OpdcacheError(
+            f"RUN {run.root} holds no config.yaml: give a config (opdcache run CONFIG RUN) or `opdcache init` it"
+        )
+    shard = _run_shard(a, run)  # first: nothing may start CUDA before the worker's GPUs are pinned
     from opdcache.loop import run_rounds, start_run, start_sharded_run
 
     if shard.count == 1:
@@ -166,15 +188,16 @@ def run_all(a: Args, run: RunDir) -> list[Any]:
     ]
 
 
-def _run_shard(a: Args):
+def _run_shard(a: Args, run: RunDir):
     """This worker of ``opdcache run``: the launcher's RANK / WORLD_SIZE. Under a launcher the workers
     are pinned to their own GPUs and joined in a process group before anything starts CUDA."""
-    from opdcache.config import load_config
+    from opdcache.config import load_config, read_run_config
     from opdcache.shard import Shard, join_ranks, pin_cpu_cores, pin_devices
 
     shard = Shard.of(None)
     if shard.count > 1:
-        pin_devices(load_config(a.config, a.set).rollout.tensor_parallel_size)
+        cfg = read_run_config(run) if a.config is None else load_config(a.config, a.set)
+        pin_devices(cfg.rollout.tensor_parallel_size)
         pin_cpu_cores()
         join_ranks()
     return shard
@@ -283,6 +306,10 @@ def unpack(a: Args, _: None):
 def synth(a: Args, run: RunDir) -> str:
     from opdcache.cache.synthetic import write_synthetic_run
 
+    if run.cache.exists():
+        raise OpdcacheError(
+            f"RUN {run.root}: already holds a cache; synth writes into a new or initialised run"
+        )
     write_synthetic_run(
         run.root,
         rounds=a.rounds,
@@ -298,8 +325,14 @@ def synth(a: Args, run: RunDir) -> str:
 
 
 def evaluate(a: Args, _: None) -> list[Any]:
+    from opdcache.config import check_checkpoint
     from opdcache.evaluation import evaluate as evaluate_checkpoint
+    from opdcache.rollout.prompts import check_template
 
+    check_template(a.template, "--template")
+    check_checkpoint(a.checkpoint, "eval CHECKPOINT")
+    if a.teacher:
+        check_checkpoint(a.teacher, "--teacher")
     fields = _pairs(a.field, "--field", "ROLE=FIELD, e.g. answer=reward_model.ground_truth")
     res = evaluate_checkpoint(
         a.checkpoint,
@@ -327,14 +360,14 @@ def evaluate(a: Args, _: None) -> list[Any]:
 def convert(a: Args, _: None) -> str:
     from opdcache.models.gguf import convert_gguf, parse_layer_range
 
-    drop = parse_layer_range(a.drop_layers) if a.drop_layers else None
+    drop = parse_layer_range(a.drop_layers) if a.drop_layers is not None else None
     return f"wrote {convert_gguf(a.source, a.out, a.layers, drop)}"
 
 
 def report(a: Args, _: None) -> str:
     from opdcache.report import make_report
 
-    return f"wrote {make_report(a.runs, a.out, a.band_scale, a.bucket, a.every, a.sql_dir)}"
+    return f"wrote {make_report(a.runs, a.out, a.band_scale, a.bucket, a.sql_dir)}"
 
 
 def demo(a: Args, _: None) -> list[str]:

@@ -224,18 +224,23 @@ def start_run(config_path: str | Path | None, run: RunDir, overrides: list[str] 
 
     The prompt files are read and checked first: a bad file fails here, before anything is written.
     """
+    from opdcache.config import config_diff, resolve_inputs
     from opdcache.rollout.prompts import load_prompts
 
-    cfg = load_config(config_path, overrides)
+    existing = read_run_config(run) if run.config.exists() else None
+    if existing is not None and config_path is None and not overrides:
+        return existing  # `opdcache run RUN`: continue the run as it was made
+    cfg = resolve_inputs(load_config(config_path, overrides))
     if cfg.data.prompts:
         load_prompts(cfg.data.prompts, cfg.data.fields)
     if cfg.eval.data:
         load_prompts(cfg.eval.data, cfg.eval.fields)
-    existing = read_run_config(run) if run.config.exists() else None
     if existing is not None and existing != cfg:
+        keys = config_diff(existing, cfg)
         raise OpdcacheError(
-            f"{run.config} differs from {config_path or 'the defaults'} (with the --set overrides); "
-            "resume with the same config, or start a new run directory"
+            f"{run.config} differs from {config_path or 'the defaults'} (with the --set overrides) in "
+            f"{', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}; resume with the same config (or "
+            f"`opdcache run {run.root} --rounds N` alone), or start a new run directory"
         )
     run.root.mkdir(parents=True, exist_ok=True)
     if existing is None:
@@ -260,16 +265,20 @@ def start_sharded_run(
 def check_run_config(config_path: str | Path | None, run: RunDir, overrides: list[str] | None) -> RunConfig:
     """The config a worker other than 0 was launched with, which must be the one worker 0 wrote to RUN
     (a launcher may start workers on other hosts with their own copy of CONFIG)."""
-    cfg = load_config(config_path, overrides)
+    from opdcache.config import config_diff, resolve_inputs
+
     existing = read_run_config(run)
     if existing is None:
         raise OpdcacheError(
             f"{run.config}: missing after worker 0 started the run; is {run.root} shared storage?"
         )
+    if config_path is None and not overrides:
+        return existing
+    cfg = resolve_inputs(load_config(config_path, overrides))
     if existing != cfg:
         raise OpdcacheError(
-            f"{run.config} differs from this worker's {config_path or 'defaults'} (with the --set overrides); "
-            "launch every worker with the same config"
+            f"{run.config} differs from this worker's {config_path or 'defaults'} (with the --set overrides) "
+            f"in {', '.join(config_diff(existing, cfg)[:8])}; launch every worker with the same config"
         )
     return cfg
 

@@ -106,6 +106,11 @@ def unpack_run(archive: str | os.PathLike, dest: str | os.PathLike, progress: bo
     archive, dest = Path(archive), Path(dest).absolute()
     if not archive.is_file():
         raise OpdcacheError(f"{archive}: no such archive")
+    with archive.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"\x28\xb5\x2f\xfd":  # every zstd frame starts with it
+        kind = {b"\x1f\x8b": "a gzip file", b"PK": "a zip file"}.get(magic[:2], "not a zstd file")
+        raise OpdcacheError(f"{archive}: {kind}; expected a .tar.zst written by opdcache pack")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise OpdcacheError(f"{dest}: exists and is not empty; unpack into a new directory")
     dest.parent.mkdir(parents=True, exist_ok=True)

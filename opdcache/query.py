@@ -268,7 +268,7 @@ def run_sql(
         con.execute(f"SET VARIABLE {name} = ?", [_param_value(value)])
     statements = [s for s in _split_statements(sql) if s.strip()]
     for stmt in statements[:-1]:
-        con.execute(stmt)
+        con.execute(stmt).fetchall()  # earlier results are dropped; unfetched, they block the next one
     return con.sql(statements[-1]) if statements else None
 
 

@@ -501,8 +501,7 @@ def run_real_demo(
         gap = teacher["accuracy"] - (r["accuracy_start"] or 0.0)
         closed = (r["accuracy_final"] or 0.0) - (r["accuracy_start"] or 0.0)
         r["gap_closed"] = closed / gap if gap > 0 else None
-    every = max(1, size.rounds // 2)
-    report = make_report(roots, outd / "report", band_scale=32, bucket=32, every=every)
+    report = make_report(roots, outd / "report", band_scale=32, bucket=32)
     claims = verdicts(outd / "runs")
     table = f"Teacher's accuracy on the probe set: {teacher['accuracy']:.3f}.\n\n" + summary_markdown(rows)
     table += "\n\nVerdicts (`analysis/demo/real_verdicts.sql`):\n\n" + verdicts_markdown(claims)

@@ -2,8 +2,8 @@
 
     opdcache report RUN [RUN ...] --out DIR [--band-scale 1000] [--bucket 256]
 
-Views (paper): accuracy against wall time per run (Fig. 1/4), mean weight L by position every few
-rounds (Fig. 8), effective length and budget M_t per round (Fig. 6), overlap by depth band per round
+Views (paper): accuracy against wall time per run (Fig. 1/4), mean weight L by position in the first
+and the last round (Fig. 8), effective length and budget M_t per round (Fig. 6), overlap by depth band per round
 (Fig. 7), and the gamma sweep over the run's score-only replays (Table 4). Each table is also
 written as CSV next to the plots; edit a query in ``analysis/`` and rerun to change a figure.
 """
@@ -154,7 +154,6 @@ def make_report(
     out: str | Path,
     band_scale: int = 1000,
     bucket: int = 256,
-    every: int = 2,
     sql_dir: str | Path | None = None,
 ) -> Path:
     """Write ``out/report.md``, ``out/*.png`` and ``out/*.csv`` for ``runs``; returns the Markdown path."""

@@ -281,9 +281,15 @@ class RunDir:
         raise ValueError(f"unknown stage {stage!r}")
 
     def require(self) -> RunDir:
+        if self.root.exists() and not self.root.is_dir():
+            raise OpdcacheError(f"{self.root}: is a file; expected a run directory")
         if not self.root.is_dir():
             raise OpdcacheError(f"{self.root}: run directory does not exist")
         return self
+
+    def is_run(self) -> bool:
+        """A run holds config.yaml (``init``, ``run``) or cache/ (``synth``, a rollout)."""
+        return self.config.is_file() or self.cache.is_dir()
 
 
 def check_variant_name(name: str) -> str:

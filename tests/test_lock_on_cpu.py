@@ -9,8 +9,10 @@ import time
 import pytest
 
 from opdcache.cli import main
+from opdcache.config import RunConfig, write_run_config
 from opdcache.errors import OpdcacheError
 from opdcache.lock import RunLock
+from opdcache.rundir import RunDir
 
 HOLD = "import sys, time; from opdcache.lock import RunLock\nwith RunLock(sys.argv[1], 'holder'):\n    print('locked', flush=True); time.sleep(60)\n"
 
@@ -30,6 +32,7 @@ def test_second_writer_gets_a_clear_error(tmp_path, capsys):
         assert main(["synth", str(tmp_path), "--rounds", "1"]) == 2
         assert "another opdcache process is writing this run" in capsys.readouterr().err
         assert not (tmp_path / "cache").exists()
+        write_run_config(RunDir(tmp_path), RunConfig())  # a run (config.yaml) to read
         assert main(["query", str(tmp_path), "select 1"]) == 0  # readers are not blocked
     finally:
         p.kill()

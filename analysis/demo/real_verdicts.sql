@@ -77,7 +77,7 @@ WITH runs AS (
     FROM diff WHERE metric = 'full KL' AND x LIKE 'opd.%' AND y = x || '@start'
     UNION ALL
     SELECT 2, x, 'OPD (' || split_part(x, '.', 2) || ') ends with the teacher NLL of the student''s samples below round 0''s (final - round 0; holds: < 0 by >= 2 s.e.)',
-           pair, metric, seeds, d, se, d / y_mean, NULL, -d >= 2 * se
+           pair, metric, seeds, d, se, d / y_mean, NULL, d < 0 AND -d >= 2 * se
     FROM diff WHERE metric = 'teacher NLL' AND x LIKE 'opd.%' AND y = x || '@start'
     UNION ALL
     SELECT 3, x, 'OPD (' || split_part(x, '.', 2) || ') lowers the held-out top-k KL (final - round 0; holds: >= 20 % lower and >= 3 s.e.)',
@@ -94,8 +94,8 @@ WITH runs AS (
     WHERE a.metric IN ('full KL', 'top-k KL') AND a.x NOT LIKE 'opd.%' AND a.x NOT LIKE '%@start'
           AND a.y = 'opd.' || split_part(a.x, '.', 2)
     UNION ALL
-    SELECT 6, y, 'The teacher answers more of the probe set than the round-0 student (teacher - round 0; holds: >= 3 s.e.)',
-           pair, metric, seeds, d, se, d / y_mean, NULL, d >= 3 * se
+    SELECT 6, y, 'The teacher answers more of the probe set than the round-0 student (teacher - round 0; holds: > 0 and >= 3 s.e.)',
+           pair, metric, seeds, d, se, d / y_mean, NULL, d > 0 AND d >= 3 * se
     FROM diff WHERE metric = 'accuracy' AND x = 'teacher' AND y LIKE '%@start'
     QUALIFY row_number() OVER (PARTITION BY pair ORDER BY y) = 1  -- round 0 is one checkpoint in every run
     UNION ALL

@@ -28,11 +28,17 @@ from opdcache.rundir import replace_dir
 def find_gguf(source: str | Path) -> Path:
     """``source`` is a .gguf file, or an installed package (not imported) that holds exactly one."""
     path = Path(source)
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" or path.exists():
         if not path.is_file():
             raise OpdcacheError(f"{path}: no such GGUF file")
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise OpdcacheError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
         return path
-    spec = importlib.util.find_spec(str(source))
+    try:
+        spec = importlib.util.find_spec(str(source)) if str(source).isidentifier() else None
+    except ImportError:  # e.g. a parent package that does not exist
+        spec = None
     dirs = list(spec.submodule_search_locations or []) if spec else []
     found = [g for d in dirs for g in Path(d).glob("*.gguf")]
     if len(found) != 1:

@@ -146,6 +146,8 @@ def read_prompt_set(path: str | Path, fields: Mapping[str, str] | None = None) -
 def _records(path: Path) -> tuple[list[Any], str]:
     if not path.exists():
         raise OpdcacheError(f"{path}: prompt file does not exist")
+    if path.is_dir():
+        raise OpdcacheError(f"{path}: is a directory; expected a JSONL or Parquet prompt file")
     if path.suffix == ".parquet":
         try:
             return pq.read_table(path).to_pylist(), "row"
@@ -198,6 +200,23 @@ def round_prompts(prompts: list[Prompt], r: int, per_round: int, seed: int) -> l
 def render(question: str, template: str) -> str:
     """Apply the prompt template (``str.format`` with ``{question}``)."""
     return template.format(question=question)
+
+
+def check_template(template: str, where: str) -> str:
+    """A template that renders a question: ``{question}`` in it, no other placeholder, literal braces
+    doubled (``\\boxed{{}}``). Checked by rendering a dummy question."""
+    try:
+        text = render("\x00", template)
+    except (KeyError, IndexError, ValueError) as e:
+        raise OpdcacheError(
+            f"{where} {template!r}: cannot render it ({type(e).__name__}: {e}); the only placeholder is "
+            "{question}, literal braces are doubled, e.g. '\\boxed{{}}'"
+        ) from None
+    if "\x00" not in text:
+        raise OpdcacheError(
+            f"{where} {template!r}: expected {{question}} in it (else every prompt is the same)"
+        )
+    return template
 
 
 def encode_prompts(tokenizer: Any, prompts: list[Prompt], template: str, chat: bool) -> list[list[int]]:

