@@ -75,7 +75,10 @@ class RolloutConfig:
     gpu_memory_utilization: float = setting(0.85, "GPU only: vLLM's share of GPU memory", gt=0, le=1)
     max_model_len: int = setting(0, "vLLM context length; 0 = longest prompt + budget.max", ge=0)
     max_num_batched_tokens: int = setting(
-        0, "vLLM tokens per scheduler step (prefill chunk); 0 = vLLM's default", ge=0
+        0,
+        "vLLM tokens per scheduler step; 0 = vLLM's default (on CPU prefill is not chunked, for per-request "
+        "sampling streams: at least the context)",
+        ge=0,
     )
     enforce_eager: bool | Literal["auto"] = setting(
         "auto", "vLLM without compilation / graph capture; auto = on for CPU (start-up), off for GPU"

@@ -158,14 +158,17 @@ def evaluate_with(
     checkpoint: str = "",
     teacher: EvalTeacher | None = None,
     progress: bool = False,
+    seed: int = 0,
 ) -> EvalResult:
     """Evaluate with an engine already holding the checkpoint (asked for >= ``teacher.k`` log-probs
-    when a teacher is given)."""
+    when a teacher is given). Prompt p's samples draw from ``request_seed`` of (``seed``, p's id): the
+    same for every checkpoint, so two checkpoints' accuracies are paired on common random numbers."""
     prompts = load_prompts(data, fields, quiet=True)
     encoded = encode_prompts(tokenizer, prompts, template, chat)
     t0 = time.perf_counter()
     k = teacher.k if teacher else 0
-    outs = engine.generate(llm, encoded, n, temperature, max_tokens, k=k, top_p=top_p)  # seed: the engine
+    seeds = [engine.request_seed(n, "eval", seed, pr.prompt_id) for pr in prompts]  # same per checkpoint
+    outs = engine.generate(llm, encoded, n, temperature, max_tokens, k=k, top_p=top_p, seeds=seeds)
     per_prompt, lengths, truncated, boxed = {}, [], 0, 0
     for pr, out in zip(prompts, outs, strict=True):
         correct = grader(pr.answer, checker)
@@ -279,6 +282,7 @@ def evaluate(
             checkpoint=checkpoint,
             teacher=t_model,
             progress=progress,
+            seed=seed,
         )
     finally:
         engines.close() if own else engines.release()

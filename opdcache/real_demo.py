@@ -363,7 +363,7 @@ def probe_answers(
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| pair | arm | objective | seed | gamma | top-16 KL start -> final | full KL | teacher NLL | own NLL | entropy | overlap "
-        "| length | stop rate | accuracy (boxed) | gap closed | wall (s) | x OPD | rollout tokens | last mean E "
+        "| length | stop rate | accuracy (boxed rate) | gap closed | wall (s) | x OPD | rollout tokens | last mean E "
         "| last M_t -> M_t+1 | GRPO positions by round |"
     )
     lines = [head, "|" + "---|" * 21]

@@ -1,7 +1,8 @@
 """`opdcache demo --real --smoke`: the real pair (SmolLM2-135M-Instruct and itself without layers
-20-23) on the embedded arithmetic through every arm and, for OPD, every objective, with the
+20-23) on the embedded arithmetic through the arms with real-demo-specific steps (OPD, Prune-OPD and
+its gamma sweep, the calibrated gamma, the GRPO arms; truncation runs in the toy demo's test), with the
 distillation metrics, the teacher's accuracy and the calibrated gamma restated from the OPD run's
-cache; the GSM8K-shaped path's prompt split."""
+cache; the run list with every objective; the GSM8K-shaped path's prompt split."""
 
 import json
 
@@ -11,12 +12,20 @@ import pytest
 from opdcache.cache.shards import read_cache_shard
 from opdcache.cli import REAL_ARMS
 from opdcache.config import read_run_config
-from opdcache.real_demo import ALL_ARMS, CALIBRATION_QUANTILE, CALIBRATION_TOKENS, RealSize, split_prompts
+from opdcache.real_demo import (
+    ALL_ARMS,
+    CALIBRATION_QUANTILE,
+    CALIBRATION_TOKENS,
+    RealSize,
+    demo_jobs,
+    split_prompts,
+)
 from opdcache.rundir import RunDir
 from opdcache.train import OBJECTIVES
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
+SMOKE_ARMS = ("opd", "prune", "prune-cal", "prune-grpo", "grpo")  # each run costs ~2 min on 2 cores
 GSM8K_LIKE = [
     ("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 + 4 = 7\n#### 7"),
     ("A book costs $12. How much do 3 books cost?", "3 * 12 = 36\n#### 36"),
@@ -33,7 +42,7 @@ def real_demo(smollm2, tmp_path_factory):
 
     res = run_real_demo(
         None, d / "out", smoke=True, progress=False, models_dir=smollm2["base"], pairs=("low",),
-        objective="bucket", compare=True, arms=ALL_ARMS,
+        objective="bucket", arms=SMOKE_ARMS,
     )  # fmt: skip
     return d / "out", res
 
@@ -41,7 +50,7 @@ def real_demo(smollm2, tmp_path_factory):
 def test_every_arm_ran_and_was_evaluated_with_the_teacher(real_demo):
     out, res = real_demo
     runs = sorted(p.name for p in (out / "runs").iterdir() if p.name != "teacher")
-    want = [f"low-opd.{o}-s0" for o in OBJECTIVES] + [f"low-{a}.bucket-s0" for a in ALL_ARMS if a != "opd"]
+    want = [f"low-{a}.bucket-s0" for a in SMOKE_ARMS]
     assert runs == sorted(want)
     assert set(REAL_ARMS) == set(ALL_ARMS)
     for name in runs:
@@ -55,17 +64,16 @@ def test_every_arm_ran_and_was_evaluated_with_the_teacher(real_demo):
     first = {json.loads(RunDir(out / "runs" / n).eval_result(0).read_text())["topk_kl"] for n in runs}
     assert len(first) == 1  # round 0 is evaluated once and shared
     text = (out / "summary.md").read_text()
-    assert (
-        "OPD (sum-and-sample) lowers the held-out full KL" in text
-        and "prune-cal (bucket) reaches OPD's" in text
-    )
+    assert "OPD (bucket) lowers the held-out full KL" in text and "prune-cal (bucket) reaches OPD's" in text
     assert "closes >= 50 % of the teacher-student accuracy gap" in text
-    for o in OBJECTIVES:  # each run trained with its objective
-        name = "low-opd." + o + "-s0"
-        assert read_run_config(RunDir(out / "runs" / name)).train.objective == o
+    for name in runs:
+        assert read_run_config(RunDir(out / "runs" / name)).train.objective == "bucket"
+    sweep = RunDir(out / "runs" / "low-prune.bucket-s0")
+    swept = {r.root.name for r in sweep.replay_runs() if (r.root / "budget.json").exists()}  # score-only
+    assert swept == {f"gamma{g:g}" for g in (0.3, 0.4, 0.5, 0.6, 0.7)}
     assert (out / "report" / "distill_vs_time.png").exists()
     assert (out / "report" / "eval_overlap_by_depth.png").exists()
-    assert {r["arm"] for r in res["rows"]} == set(ALL_ARMS)
+    assert {r["arm"] for r in res["rows"]} == set(SMOKE_ARMS)
 
 
 def test_calibrated_gamma_is_the_quantile_of_early_overlap(real_demo):
@@ -122,3 +130,16 @@ def test_gsm8k_shaped_file_splits_into_probe_and_train(tmp_path):
     assert [r["answer"] for r in rows[1]] == ["15", "750", "24"]
     with pytest.raises(Exception, match="the real demo needs 102"):
         split_prompts(data, tmp_path / "out2", RealSize(3, 2, 2, 1, 24, 16, 96, 1, 16))
+
+
+def test_run_list_puts_opd_first_and_every_objective_beside_it_with_compare():
+    jobs = demo_jobs(("low", "mild"), (0, 1), "bucket", True, ALL_ARMS)
+    first = [j for j in jobs if j[0] == "low" and j[3] == 0]
+    assert first[0] == ("low", "opd", "bucket", 0)
+    assert {j[2] for j in first if j[1] == "opd"} == set(OBJECTIVES)
+    assert [j[1] for j in first if j[2] == "bucket"] == list(ALL_ARMS)
+    assert len(jobs) == 2 * 2 * (len(OBJECTIVES) - 1 + len(ALL_ARMS))
+    assert demo_jobs(("low",), (0,), "bucket", False, ("opd", "prune")) == [
+        ("low", "opd", "bucket", 0),
+        ("low", "prune", "bucket", 0),
+    ]

@@ -145,9 +145,10 @@ def test_real_accuracy_verdicts_against_the_teacher(real_runs):
     rows = verdicts(real_runs)
     seeds = range(3)
     gap = _find(rows, "The teacher answers more", "teacher")
-    d_gap, se_gap = _over_seeds([(TEACHER_ACC, _acc("low-opd.bucket", s)[0]) for s in seeds])
-    assert gap["seeds"] == 3 and gap["value"] == pytest.approx(d_gap) and gap["se"] == pytest.approx(se_gap)
-    assert gap["holds"] is bool(d_gap >= 3 * se_gap)
+    # two fixed checkpoints (nothing trained): seed 0's round 0 against the teacher, prompt by prompt
+    d_gap, se_gap = _over_seeds([(TEACHER_ACC, _acc("low-opd.bucket", 0)[0])])
+    assert gap["seeds"] == 1 and gap["value"] == pytest.approx(d_gap) and gap["se"] == pytest.approx(se_gap)
+    assert gap["holds"] is bool(d_gap >= 3 * se_gap) and gap["needs_seeds"] is False
     assert sum(v["claim"].startswith("The teacher answers more") for v in rows) == 1  # once per pair
     for name in GAIN:
         label = name.split("-", 1)[1]

@@ -8,7 +8,8 @@
 -- so a difference is taken prompt by prompt inside a seed (paired); the seeds are the replicates:
 -- value = the mean over seeds of the per-seed paired differences, s.e. = the larger of their s.d. over
 -- seeds / sqrt(seeds) and the pooled within-seed s.e. (sqrt(sum of squared s.e.) / seeds). With fewer
--- than 3 seeds no claim holds or fails: the verdict is "needs >= 3 seeds". Wall time is every stage but
+-- than 3 seeds no claim holds or fails: the verdict is "needs >= 3 seeds" (except the teacher against the
+-- round-0 student: two fixed checkpoints, nothing trained, the prompts are the replicates). Wall time is every stage but
 -- evaluation (an engine start made by evaluation counts), as in verdicts.sql. relative = value over the
 -- reference's mean (round 0's, or the run compared with). Accuracy (per_prompt: the task's checker) is
 -- measured against the teacher's on the same probe prompts, OUT/runs/teacher/eval/round=0.json (written
@@ -94,10 +95,10 @@ WITH runs AS (
     WHERE a.metric IN ('full KL', 'top-k KL') AND a.x NOT LIKE 'opd.%' AND a.x NOT LIKE '%@start'
           AND a.y = 'opd.' || split_part(a.x, '.', 2)
     UNION ALL
-    SELECT 6, y, 'The teacher answers more of the probe set than the round-0 student (teacher - round 0; holds: > 0 and >= 3 s.e.)',
-           pair, metric, seeds, d, se, d / y_mean, NULL, d > 0 AND d >= 3 * se
-    FROM diff WHERE metric = 'accuracy' AND x = 'teacher' AND y LIKE '%@start'
-    QUALIFY row_number() OVER (PARTITION BY pair ORDER BY y) = 1  -- round 0 is one checkpoint in every run
+    SELECT 6, y, 'The teacher answers more of the probe set than the round-0 student (teacher - round 0, two fixed checkpoints: the prompts are the replicates; holds: > 0 and >= 3 s.e.)',
+           pair, metric, 1, d, sqrt(v), d / y_mean, NULL, d > 0 AND d >= 3 * sqrt(v)
+    FROM seed_diff WHERE metric = 'accuracy' AND x = 'teacher' AND y LIKE '%@start'
+    QUALIFY row_number() OVER (PARTITION BY pair ORDER BY seed, y) = 1  -- round 0: one checkpoint in every run
     UNION ALL
     SELECT 7, a.x, split_part(a.x, '.', 1) || ' (' || split_part(a.x, '.', 2) || ') closes >= 50 % of the teacher-student accuracy gap (final - round 0; relative: share of the gap; holds: >= 50 % and >= 3 s.e.)',
            a.pair, a.metric, a.seeds, a.d, a.se, CASE WHEN g.d > 0 THEN a.d / g.d END, w.wall_ratio,
@@ -114,6 +115,6 @@ WITH runs AS (
           AND a.y = 'opd.' || split_part(a.x, '.', 2)
 )
 SELECT claim, pair, seeds, value, se, relative, wall_ratio,
-       CASE WHEN seeds >= 3 THEN holds END AS holds, seeds < 3 AS needs_seeds
+       CASE WHEN seeds >= 3 OR k = 6 THEN holds END AS holds, seeds < 3 AND k <> 6 AS needs_seeds
 FROM claims
 ORDER BY pair, k, sub, metric;

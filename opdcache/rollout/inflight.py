@@ -118,17 +118,19 @@ def generate_inflight(
     spec: VariantSpec,
     teacher: Callable[[np.ndarray], GrowingResponse],
     temperature: float = 1.0,
+    seeds: list[int] | None = None,
 ) -> tuple[list[list[Sample]], int]:
     """n samples per prompt at budget ``max_tokens``, each stopped once its R reaches 0 (+ ``tail``);
     ``teacher(prompt ids)`` starts the teacher on a prompt (forked for its n samples). Also returns
-    the tokens the engine decoded (those streamed past a stop included)."""
+    the tokens the engine decoded (those streamed past a stop included). ``seeds``: one per prompt, as
+    in ``engine.generate`` (the same samples as a plain rollout with those seeds, up to each stop)."""
     import torch
 
     to_zero = rl.events_to_zero(spec.w_drop, spec.eps)
     threads = torch.get_num_threads()
     if not torch.cuda.is_available():  # on CPU the engine's worker holds a core: the teacher takes one thread
         torch.set_num_threads(1)
-    ids = engine.submit_streaming(llm, prompts, n, temperature, max_tokens, k, uuid.uuid4().hex[:12])
+    ids = engine.submit_streaming(llm, prompts, n, temperature, max_tokens, k, uuid.uuid4().hex[:12], seeds)
     all_ids = [rid for row in ids for rid in row]
     generated, finished = 0, set()
     try:

@@ -49,8 +49,9 @@ def rollout_round(
 
     With ``engines`` (``opdcache run``) the engine outlives the round; without, one is started and
     shut down here. Arm prune-inflight also needs the teacher (``teacher``: kept across rounds).
-    With ``shard`` i/N this worker generates parts p with p mod N = i; each part is sampled from a
-    seed of its own, so its rows are the same whichever worker generates it.
+    With ``shard`` i/N this worker generates parts p with p mod N = i; each prompt's samples draw from
+    a seed of their own (``engine.request_seed`` of rollout.seed, round and prompt id), so its rows are
+    the same whichever worker, batch or launch generates them.
     """
     from transformers import AutoTokenizer
 
@@ -109,9 +110,13 @@ def rollout_round(
                 continue
             idx = parts[p]
             batch = [encoded[i] for i in idx]
-            engine.reseed(llm, int(np.random.default_rng([rc.seed, r, p]).integers(2**31)))
+            # per prompt, not per part or arm: arms sharing a checkpoint share their samples (up to
+            # the shorter budget), whichever worker, launch or batch generates them
+            seeds = [engine.request_seed(rc.n_samples, rc.seed, r, prompts[i].prompt_id) for i in idx]
             if scorer is None:
-                outs = engine.generate(llm, batch, rc.n_samples, rc.temperature, max_tokens, rc.k)
+                outs = engine.generate(
+                    llm, batch, rc.n_samples, rc.temperature, max_tokens, rc.k, seeds=seeds
+                )
                 samples = [
                     [(engine.completion_arrays(c, rc.k), str(c.finish_reason)) for c in out.outputs]
                     for out in outs
@@ -119,7 +124,7 @@ def rollout_round(
             else:
                 grown, decoded = inflight.generate_inflight(
                     llm, batch, rc.n_samples, max_tokens, rc.k, rc.chunk_tokens, rc.unreliable_tail,
-                    cfg.score.spec, scorer, rc.temperature,
+                    cfg.score.spec, scorer, rc.temperature, seeds,
                 )  # fmt: skip
                 generated += decoded
                 teacher_positions += sum(s.teacher.positions for row in grown for s in row)
