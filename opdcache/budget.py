@@ -36,6 +36,8 @@ class BudgetConfig:
 
     def __post_init__(self) -> None:
         validate(self, "budget")
+        if self.min > self.max:
+            fail("budget", "min", f"min <= max ({self.max})", self.min)
         if not self.min <= self.initial <= self.max:
             fail(
                 "budget", "initial", f"min <= initial <= max ({self.min} <= ... <= {self.max})", self.initial

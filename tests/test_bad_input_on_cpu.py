@@ -56,7 +56,10 @@ CASES = [
     (["init", "r9", "--set", "models.student=models/studnet"], "models.student"),
     (["init", "r9", "--set", "models.teacher=afile.txt"], "models.teacher"),
     (["init", "r9", "--set", "rollout.dtype=float17"], "rollout.dtype"),
-    (["init", "r9", "--set", "budget.min=4096", "--set", "budget.max=1024"], "budget"),
+    (
+        ["init", "r9", "--set", "budget.min=4096", "--set", "budget.max=1024"],
+        "budget.min: expected min <= max",
+    ),
     (["init", "r9", "--config", "adir"], "is a directory"),
     # read-only commands on folders that are not runs
     (["verify", "emptydir"], "not a run directory"),
@@ -143,3 +146,19 @@ def test_set_takes_a_template_as_typed(tmp_path, place, monkeypatch):
     assert cfg["data"]["prompts"] == str(place / "prompts.jsonl")
     # another config is refused with the keys that differ named
     assert main(["init", str(run), "--set", "data.template={question} Other."]) == 2
+
+
+def test_chat_template_asked_of_a_tokenizer_without_one(tmp_path):
+    from transformers import AutoTokenizer
+
+    from opdcache.errors import OpdcacheError
+    from opdcache.models.tiny import build_tiny_model
+    from opdcache.rollout.prompts import Prompt, encode_prompts
+
+    tok = AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "m", seed=0))
+    assert not tok.chat_template  # the tiny model has none
+    prompts = [Prompt("q0", "1+1=?", "2")]
+    assert encode_prompts(tok, prompts, "{question}", False)  # without the chat template: fine
+    with pytest.raises(OpdcacheError, match="has no chat template") as e:
+        encode_prompts(tok, prompts, "{question}", True)
+    assert "\n" not in str(e.value)

@@ -221,6 +221,12 @@ def check_template(template: str, where: str) -> str:
 
 def encode_prompts(tokenizer: Any, prompts: list[Prompt], template: str, chat: bool) -> list[list[int]]:
     """Token ids of each rendered prompt (wrapped in the tokenizer's chat template when ``chat``)."""
+    if chat and not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise OpdcacheError(
+            f"{name}: has no chat template (tokenizer_config.json / chat_template.jinja), but the chat "
+            "template was asked for (data.chat_template / --chat-template); leave it off for this model"
+        )
     out = []
     for pr in prompts:
         text = render(pr.question, template)
