@@ -12,24 +12,22 @@ from pathlib import Path
 from opdcache.errors import OpdcacheError
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, least: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer > 0") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value}: expected an integer > 0")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer {expected}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer {expected}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "> 0")
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 0")
-    return value
+    return _int_at_least(text, 0, ">= 0")
 
 
 def file_in_the_way(path: Path) -> Path | None:

@@ -149,7 +149,7 @@ def student_engine(models):
 
 
 def test_inflight_rows_equal_a_stop_applied_afterwards(models, near_teacher, student_engine):
-    """For the same random draws (one request at a time: the engine's seeded sequence is its alone) the
+    """For the same random draws (the same per-request seed in both calls) the
     rows are a plain generation's cut after the fact at the naive stop point, teacher columns included,
     and no position past the stop went through the teacher."""
     from opdcache.rollout import engine, inflight
@@ -164,9 +164,7 @@ def test_inflight_rows_equal_a_stop_applied_afterwards(models, near_teacher, stu
     reasons = []
     for i in range(8):
         prompt = tokenizer(f"Question: {i} + {i + 1} = ?\nAnswer:")["input_ids"]
-        engine.reseed(student_engine, i)
-        c = engine.generate(student_engine, [prompt], 1, 1.0, budget, k)[0].outputs[0]
-        engine.reseed(student_engine, i)
+        c = engine.generate(student_engine, [prompt], 1, 1.0, budget, k, seeds=[i])[0].outputs[0]
         grown, decoded = inflight.generate_inflight(
             student_engine,
             [prompt],
@@ -177,6 +175,7 @@ def test_inflight_rows_equal_a_stop_applied_afterwards(models, near_teacher, stu
             tail,
             spec,
             lambda p: GrowingResponse(model, p, k, vocab),
+            seeds=[i],
         )
         s = grown[0][0]
         full = engine.completion_arrays(c, k)

@@ -59,13 +59,13 @@ def make_llm(
     kwargs: dict[str, Any] = {}
     if max_num_batched_tokens:  # without chunked prefill one step must hold a whole prompt
         kwargs["max_num_batched_tokens"] = max(max_num_batched_tokens, max_model_len)
-    if not torch.cuda.is_available():
-        kwargs["enable_chunked_prefill"] = False  # per-request generators (module docstring)
     if tensor_parallel_size > 1:
         kwargs["tensor_parallel_size"] = tensor_parallel_size
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs["enable_sleep_mode"] = True  # PersistentEngine.release: the teacher and trainer get the GPU
+    else:
+        kwargs["enable_chunked_prefill"] = False  # per-request generators (module docstring)
     return LLM(
         model=model,
         dtype=default_dtype(dtype),
@@ -157,19 +157,6 @@ def _refresh_derived_weights(worker: Any) -> int:
             dispatch_cpu_unquantized_gemm(module, remove_weight=False)
             n += 1
     return n
-
-
-def reseed(llm: Any, seed: int) -> None:
-    """Re-seed the sampling generator in every engine worker: calls that follow draw the same samples
-    for the same requests whatever ran before (the rollout re-seeds per part, so a part's rows do not
-    depend on which worker, or which resumed launch, generates it)."""
-    llm.collective_rpc(_seed_worker, args=(seed,))
-
-
-def _seed_worker(worker: Any, seed: int) -> None:
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
 
 
 def shutdown(llm: Any) -> None:
