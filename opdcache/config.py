@@ -386,28 +386,10 @@ def _leaf_type(keys: list[str]) -> Any:
     return cls
 
 
-def check_checkpoint(name: str, where: str) -> str:
-    """``name`` is an existing checkpoint directory, or a hub id already in the local cache (nothing
-    downloads at run time: a typo is an error here, not a minute of connection attempts later)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return name
-    if not path.exists():
-        try:
-            if isinstance(try_to_load_from_cache(name, "config.json"), str):
-                return name
-        except Exception:  # not a valid hub id either
-            pass
-    raise ConfigError(
-        f"{where}: expected an existing checkpoint directory (or a hub id in the local cache), got {name!r}"
-    )
-
-
 def resolve_inputs(cfg: RunConfig) -> RunConfig:
     """``cfg`` with its local input paths absolute (a run works from any folder) and its models checked
-    (:func:`check_checkpoint`)."""
+    (:func:`~opdcache.models.checkpoint.require_checkpoint`)."""
+    from opdcache.models.checkpoint import require_checkpoint
 
     def local(value: str) -> str:
         return (
@@ -416,9 +398,9 @@ def resolve_inputs(cfg: RunConfig) -> RunConfig:
 
     for key in ("student", "teacher"):
         if name := getattr(cfg.models, key):
-            check_checkpoint(name, f"models.{key}")
+            require_checkpoint(name, f"models.{key}")
     if cfg.eval.teacher:
-        check_checkpoint(cfg.eval.teacher, "eval.teacher")
+        require_checkpoint(cfg.eval.teacher, "eval.teacher")
     return dataclasses.replace(
         cfg,
         models=dataclasses.replace(

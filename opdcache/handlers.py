@@ -325,14 +325,14 @@ def synth(a: Args, run: RunDir) -> str:
 
 
 def evaluate(a: Args, _: None) -> list[Any]:
-    from opdcache.config import check_checkpoint
     from opdcache.evaluation import evaluate as evaluate_checkpoint
+    from opdcache.models.checkpoint import require_checkpoint
     from opdcache.rollout.prompts import check_template
 
     check_template(a.template, "--template")
-    check_checkpoint(a.checkpoint, "eval CHECKPOINT")
+    require_checkpoint(a.checkpoint, "eval")
     if a.teacher:
-        check_checkpoint(a.teacher, "--teacher")
+        require_checkpoint(a.teacher, "--teacher")
     fields = _pairs(a.field, "--field", "ROLE=FIELD, e.g. answer=reward_model.ground_truth")
     res = evaluate_checkpoint(
         a.checkpoint,

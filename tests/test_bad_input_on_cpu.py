@@ -36,6 +36,10 @@ def place(tmp_path_factory) -> Path:
     )
     (root / "x.tar.gz").write_bytes(gzip.compress(b"not a run"))
     (root / "fake.gguf").write_bytes(b"not a gguf file")
+    ckpt = root / "ackpt"  # the files a checkpoint check looks for (their contents are never read)
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (ckpt / name).write_text("{}")
     return root
 
 
@@ -96,8 +100,10 @@ CASES = [
     (["eval", "ckpt", "--data", "nope.jsonl"], "no such file"),
     (["eval", "ckpt", "--data", "prompts.jsonl", "--template", "a \\boxed{}"], "cannot render"),
     (["eval", "ckpt", "--data", "prompts.jsonl", "--n", "0"], "expected an integer > 0"),
-    (["eval", "models/studnet", "--data", "prompts.jsonl"], "eval CHECKPOINT"),
-    (["eval", "adir", "--data", "prompts.jsonl", "--teacher", "models/teachr"], "--teacher"),
+    (["eval", "models/studnet", "--data", "prompts.jsonl"], "eval checkpoint models/studnet: no such"),
+    (["eval", "adir", "--data", "prompts.jsonl"], "eval checkpoint adir: missing config.json"),
+    (["eval", "afile.txt", "--data", "prompts.jsonl"], "eval checkpoint afile.txt: is a file"),
+    (["eval", "ackpt", "--data", "prompts.jsonl", "--teacher", "models/teachr"], "--teacher"),
     (["init", "r9", "--set", "eval.teacher=nope"], "eval.teacher"),
     (["demo", "--rounds", "0"], "expected an integer > 0"),
 ]

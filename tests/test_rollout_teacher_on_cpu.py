@@ -193,7 +193,8 @@ def test_missing_checkpoint_files_are_named(models, config, tmp_path):
     (broken / "config.json").unlink()
     with pytest.raises(OpdcacheError, match="missing config.json, weights"):
         require_checkpoint(str(broken), "teacher")
-    assert require_checkpoint("Qwen/Qwen3-4B", "teacher") == "Qwen/Qwen3-4B"  # left to the HF cache
+    with pytest.raises(OpdcacheError, match="nor a hub id in the local cache"):  # nothing downloads
+        require_checkpoint("Qwen/Qwen3-4B-not-cached", "teacher")
 
 
 def test_samples_are_independent_across_prompts_and_survive_chunked_prefill(config, tmp_path):

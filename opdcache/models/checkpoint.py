@@ -12,18 +12,19 @@ if TYPE_CHECKING:
     from opdcache.rundir import RunDir
 
 
-def require_checkpoint(path: str, role: str) -> str:
-    """A local checkpoint must hold a config, weights and a tokenizer.
+def require_checkpoint(name: str, role: str) -> str:
+    """``name`` as a stage will load it: a checkpoint directory holding a config, weights and a
+    tokenizer (returned with ``~`` expanded), or a hub id already in the local Hugging Face cache.
 
-    Names that are not filesystem paths (``org/model``) are left to transformers, which resolves
-    them from the local Hugging Face cache.
+    Nothing downloads at run time, so a typo is an error here, not a minute of connection attempts
+    inside transformers. The one check behind ``init``, ``eval`` and every stage.
     """
-    looks_local = path.startswith(("/", ".", "~")) or Path(path).exists()
-    if not looks_local:
-        return path
-    p = Path(path).expanduser()
+    p = Path(name).expanduser()
+    if not p.exists() and not name.startswith(("/", ".", "~")) and _in_hub_cache(name):
+        return name
     if not p.is_dir():
-        raise OpdcacheError(f"{role} checkpoint {p}: no such directory")
+        what = "is a file" if p.exists() else "no such directory (nor a hub id in the local cache)"
+        raise OpdcacheError(f"{role} checkpoint {name}: {what}; expected a checkpoint directory")
     missing = []
     if not (p / "config.json").exists():
         missing.append("config.json")
@@ -34,6 +35,15 @@ def require_checkpoint(path: str, role: str) -> str:
     if missing:
         raise OpdcacheError(f"{role} checkpoint {p}: missing {', '.join(missing)}")
     return str(p)
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid hub id
+        return False
 
 
 def student_checkpoint(run: RunDir, cfg: RunConfig, r: int) -> str:
