@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,21 +28,75 @@ def test_relative_links_resolve():
 def shell_block(doc: Path, heading: str) -> list[str]:
     """The commands of the first ```bash block under ``heading`` (comments dropped)."""
     text = doc.read_text().split(heading, 1)[1]
-    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
-    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [" ".join(line.split("  #", 1)[0].split()) for line in block.splitlines() if line.strip()]
 
 
-def test_usage_try_it_without_any_model_runs_as_printed(tmp_path):
-    """docs/usage.md's model-free walk-through, every line through the installed CLI in a fresh folder."""
+def run_as_printed(commands: list[str], where: Path) -> None:
+    """Each command through the installed CLI in ``where`` (analysis/ and pipelines/ beside it): exit 0."""
     import os
     import subprocess
     import sys
 
-    (tmp_path / "analysis").symlink_to(ROOT / "analysis")
+    for folder in ("analysis", "pipelines"):
+        (where / folder).symlink_to(ROOT / folder)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for command in commands:
+        p = subprocess.run(command, shell=True, cwd=where, env=env, capture_output=True, text=True)
+        assert p.returncode == 0, f"{command}\n{p.stderr[-2000:]}"
+
+
+def test_usage_try_it_without_any_model_runs_as_printed(tmp_path):
+    """docs/usage.md's model-free walk-through, every line through the installed CLI in a fresh folder."""
     commands = shell_block(ROOT / "docs" / "usage.md", "## Try it without any model")
     assert len(commands) >= 8 and all(c.startswith("opdcache ") for c in commands)
-    for command in commands:
-        p = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert p.returncode == 0, f"{command}\n{p.stderr[-2000:]}"
+    run_as_printed(commands, tmp_path)
     assert (tmp_path / "runs" / "demo" / "scores" / "topp").is_dir()
+
+
+@pytest.mark.slow
+def test_readme_pipeline_runs_as_printed_on_the_tiny_models(tmp_path, models, tiny_overrides):
+    """README's stage-by-stage block: S and T become the tiny models, `init` gets the tiny sizes and
+    `run` 2 rounds instead of 20; every other argument as printed."""
+    (tmp_path / "prompts.jsonl").write_bytes((models / "prompts.jsonl").read_bytes())
+    commands = shell_block(ROOT / "README.md", "## The pipeline")
+    assert [c.split()[1] for c in commands] == [
+        *("init", "rollout", "teacher", "score", "train", "budget", "run", "replay", "query", "report")
+    ]
+    sizes = " ".join(f"--set {s}" for s in tiny_overrides if not s.startswith(("models.", "data.")))
+    commands[0] = f"{commands[0]} {sizes}".replace("=S ", f"={models / 'student'} ")
+    commands[0] = commands[0].replace("=T ", f"={models / 'teacher'} ")
+    commands = [c.replace("--rounds 20", "--rounds 2") for c in commands]
+    run_as_printed(commands, tmp_path)
+    run = tmp_path / "runs" / "r1"
+    assert (run / "checkpoints" / "round=2").is_dir() and (run / "replays" / "g08").is_dir()
+    assert any((tmp_path / "reports").rglob("*.md"))
+
+
+def test_every_documented_command_parses(tmp_path, monkeypatch, capsys):
+    """Every `opdcache ...` line in a ```bash block of README.md and docs/ (torchrun's `-m opdcache.cli`
+    included) is accepted by the CLI's parser: no unknown option, no swapped or missing argument. Only
+    an input file the reader supplies (a prompt file) may be missing here."""
+    import shlex
+
+    from opdcache.cli import build_parser
+
+    (tmp_path / "pipelines").symlink_to(ROOT / "pipelines")
+    monkeypatch.chdir(tmp_path)
+    seen, wrong = 0, []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                m = re.search(r"(?:^|\s)(?:\.venv/bin/)?(?:opdcache|-m opdcache\.cli)\s+(.*)$", line)
+                if not m:
+                    continue
+                seen += 1
+                try:
+                    build_parser().parse_args(shlex.split(m.group(1), comments=True))
+                except SystemExit as e:
+                    err = capsys.readouterr().err.strip().splitlines()
+                    if e.code != 0 and not (
+                        err and re.search(r"argument --data: \S+: no such file", err[-1])
+                    ):
+                        wrong.append(f"{doc.name}: {line.strip()} -> {err[-1] if err else e.code}")
+    assert seen >= 40 and not wrong, "\n".join(wrong)
