@@ -26,11 +26,13 @@ EXPECTED = {
     "toy_overlap.py": ["mean response length"],
     "pack_throughput.py": ["pack MB/s", "unpack MB/s", "unpack check MB/s", "archive / run size"],
     "inflight_rollout.py": ["ratio in flight / plain", "teacher/kept", "decoded/kept"],
+    "repeat_flips.py": ["reversed vs batch: responses identical", "alone vs batch", "fresh engine vs batch"],
 }
 SLOW = {
     "rollout_throughput.py",
     "toy_overlap.py",
     "inflight_rollout.py",
+    "repeat_flips.py",
 }  # a vLLM start; building the smoke toy models
 
 
