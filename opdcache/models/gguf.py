@@ -63,6 +63,37 @@ def parse_layer_range(text: str) -> tuple[int, int]:
     return a, b
 
 
+def _block_count(gguf: Path) -> int:
+    """The decoder layer count from the GGUF header (``<arch>.block_count``), without loading weights."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    try:
+        arch = fields["general.architecture"]
+        name = bytes(arch.parts[arch.data[0]]).decode()
+        count = fields[f"{name}.block_count"]
+        return int(count.parts[count.data[0]][0])
+    except (KeyError, IndexError) as e:
+        raise OpdcacheError(f"{gguf}: no decoder layer count in its header ({e})") from None
+
+
+def _kept_layers(total: int, layers: int | None, drop_layers: tuple[int, int] | None) -> list[int]:
+    """The source layers a conversion keeps: the first ``layers``, or all but ``drop_layers``."""
+    kept = list(range(total))
+    if layers is not None:
+        if not 1 <= layers <= total:
+            raise OpdcacheError(f"--layers {layers}: the model has {total} decoder layers")
+        kept = kept[:layers]
+    if drop_layers is not None:
+        a, b = drop_layers
+        if b >= total or b - a + 1 >= total:
+            raise OpdcacheError(
+                f"--drop-layers {a}-{b}: the model has {total} decoder layers (0-{total - 1}); keep at least one"
+            )
+        kept = [i for i in kept if not a <= i <= b]
+    return kept
+
+
 def convert_gguf(
     source: str | Path,
     out: str | Path,
@@ -95,24 +126,12 @@ def convert_gguf(
         raise OpdcacheError(
             f"{out} exists and is not a conversion of {gguf.name} ({what}); choose another path"
         )
+    kept = _kept_layers(_block_count(gguf), layers, drop_layers)  # before the minute-long load
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = src.config
     if hasattr(config, "quantization_config"):  # the weights are plain fp32 now; vLLM would look for GGUF
         del config.quantization_config
-    total = config.num_hidden_layers
-    kept = list(range(total))
-    if layers is not None:
-        if not 1 <= layers <= total:
-            raise OpdcacheError(f"--layers {layers}: the model has {total} decoder layers")
-        kept = kept[:layers]
-    if drop_layers is not None:
-        a, b = drop_layers
-        if b >= total or b - a + 1 >= total:
-            raise OpdcacheError(
-                f"--drop-layers {a}-{b}: the model has {total} decoder layers (0-{total - 1}); keep at least one"
-            )
-        kept = [i for i in kept if not a <= i <= b]
     config.num_hidden_layers = len(kept)
     if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds, if any
         config.layer_types = [config.layer_types[i] for i in kept]
