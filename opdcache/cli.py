@@ -292,7 +292,7 @@ def commands() -> dict[str, Command]:
                 help="the real pairs: SmolLM2-135M-Instruct teaching itself with layers removed"),
             arg("--data", help="--real: GSM8K-shaped prompts, the first 16 held out as the probe set "
                 "(default: the embedded arithmetic, graded by its last number)"),
-            arg("--smoke", action="store_true", help="tiny sizes (what the tests run)"),
+            arg("--smoke", action="store_true", help="tiny sizes, the high pair with opd and prune only (what the tests run)"),
             arg("--rounds", type=positive_int, help="rounds per arm (default 4, --real 3; smoke 1)"),
             arg("--seeds", type=int, nargs="+", default=[0], help="rollout/train seeds to repeat over"),
             arg("--pairs", nargs="+", choices=["low", "mild"],

@@ -56,7 +56,12 @@ def objective_arms() -> tuple[str, ...]:
     return () if default == PAPER_OBJECTIVE else (f"opd.{default}", f"prune.{default}")
 
 
-def arms_for(pair: str) -> tuple[str, ...]:
+SMOKE_HIGH_ARMS = ("opd", "prune")  # --smoke: the low pair runs every arm, the high pair the two compared
+
+
+def arms_for(pair: str, smoke: bool = False) -> tuple[str, ...]:
+    if smoke and pair != "low":
+        return SMOKE_HIGH_ARMS
     return ARMS + objective_arms() + (CONTROLS if pair == "low" else ())
 
 
@@ -208,7 +213,7 @@ def seed_means_markdown(rows: list[dict[str, Any]]) -> str:
         "|" + "---|" * 7,
     ]
     for pair in PAIRS:
-        for arm in arms_for(pair):
+        for arm in dict.fromkeys(r["arm"] for r in rows if r["pair"] == pair):
             group = [r for r in rows if (r["pair"], r["arm"]) == (pair, arm)]
             if not group:
                 continue
@@ -300,7 +305,7 @@ def run_demo(
     data = outd / "data"
     write_toy_data(data, size)
     rows, roots = [], []
-    jobs = [(pair, arm, seed) for seed in seeds for pair in PAIRS for arm in arms_for(pair)]
+    jobs = [(pair, arm, seed) for seed in seeds for pair in PAIRS for arm in arms_for(pair, smoke)]
     for pair, arm, seed in tqdm(jobs, desc="demo runs", unit="run", disable=not progress):
         run = RunDir(outd / "runs" / f"{pair}-{arm}-s{seed}")
         run.root.mkdir(parents=True, exist_ok=True)
