@@ -215,8 +215,6 @@ def seed_means_markdown(rows: list[dict[str, Any]]) -> str:
     for pair in PAIRS:
         for arm in dict.fromkeys(r["arm"] for r in rows if r["pair"] == pair):
             group = [r for r in rows if (r["pair"], r["arm"]) == (pair, arm)]
-            if not group:
-                continue
             v = {k: np.array([r[k] for r in group if r[k] is not None], dtype=float) for k in keys}
             m = {k: f"{x.mean():.2f}" if len(x) else "-" for k, x in v.items()}
             acc = v["accuracy_final"]

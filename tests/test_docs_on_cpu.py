@@ -25,11 +25,15 @@ def test_relative_links_resolve():
     assert not broken, broken
 
 
+def bash_blocks(text: str) -> list[list[str]]:
+    """The lines of each ```bash block in ``text``, continuation lines joined."""
+    return [b.replace("\\\n", " ").splitlines() for b in re.findall(r"```bash\n(.*?)```", text, re.S)]
+
+
 def shell_block(doc: Path, heading: str) -> list[str]:
     """The commands of the first ```bash block under ``heading`` (comments dropped)."""
-    text = doc.read_text().split(heading, 1)[1]
-    block = text.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
-    return [" ".join(line.split("  #", 1)[0].split()) for line in block.splitlines() if line.strip()]
+    block = bash_blocks(doc.read_text().split(heading, 1)[1])[0]
+    return [" ".join(line.split("  #", 1)[0].split()) for line in block if line.strip()]
 
 
 def run_as_printed(commands: list[str], where: Path) -> None:
@@ -85,8 +89,8 @@ def test_every_documented_command_parses(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     seen, wrong = 0, []
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
-            for line in block.replace("\\\n", " ").splitlines():
+        for block in bash_blocks(doc.read_text()):
+            for line in block:
                 m = re.search(r"(?:^|\s)(?:\.venv/bin/)?(?:opdcache|-m opdcache\.cli)\s+(.*)$", line)
                 if not m:
                     continue
