@@ -20,12 +20,14 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 @pytest.fixture(scope="module")
 def place(tmp_path_factory) -> Path:
-    """A folder holding a synthetic run, a file, a folder, an empty folder, a prompt file and a gzip file."""
+    """A folder holding a synthetic run (initialised, one replay g08 at gamma 0.8), a file, a folder, an empty folder, a prompt file and a gzip file."""
     root = tmp_path_factory.mktemp("bad-input")
     cwd = os.getcwd()
     os.chdir(root)
     try:
         assert main(["synth", "r1", "--rounds", "1", "--parts", "1", "--prompts", "2"]) == 0
+        assert main(["init", "r1", "--set", "budget.initial=256", "--set", "budget.min=64"]) == 0
+        assert main(["replay", "r1", "--variant", "g08", "--gamma", "0.8", "--no-train", "--quiet"]) == 0
     finally:
         os.chdir(cwd)
     (root / "afile.txt").write_text("hello\n")
@@ -81,6 +83,7 @@ CASES = [
     (["synth", "r9", "--rounds", "0"], "expected an integer > 0"),
     (["synth", "r9", "--prompts", "-3"], "expected an integer > 0"),
     (["synth", "r1"], "already holds a cache"),
+    (["replay", "r1", "--variant", "g08", "--gamma", "0.6", "--no-train"], "other settings (score.spec)"),
     (["query", "r1", "select 1", "--max-rows", "0"], "expected an integer > 0"),
     # where output goes
     (["report", "r1", "--out", "afile.txt"], "afile.txt is a file"),
