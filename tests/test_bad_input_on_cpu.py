@@ -134,7 +134,7 @@ def test_a_multi_statement_query_returns_the_last_result(place, capsys, monkeypa
     assert json.loads(capsys.readouterr().out) == [{"b": 2}]
 
 
-def test_set_takes_a_template_as_typed(tmp_path, place, monkeypatch):
+def test_set_takes_a_template_as_typed(tmp_path, place, monkeypatch, capsys):
     """The documented form `--set "data.template={question} solve"` is text, not YAML, and relative
     paths are stored resolved, so later commands work from any folder."""
     monkeypatch.chdir(place)
@@ -154,7 +154,10 @@ def test_set_takes_a_template_as_typed(tmp_path, place, monkeypatch):
     assert cfg["data"]["template"] == "{question} Solve it."
     assert cfg["data"]["prompts"] == str(place / "prompts.jsonl")
     # another config is refused with the keys that differ named
+    capsys.readouterr()
     assert main(["init", str(run), "--set", "data.template={question} Other."]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differs" in err[0] and "data.template" in err[0], err
 
 
 def test_chat_template_asked_of_a_tokenizer_without_one(tmp_path):
