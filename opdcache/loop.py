@@ -95,25 +95,28 @@ def eval_round(
     return timed(run.require(), r, "eval", stage)
 
 
-def run_rounds(
-    run: RunDir, rounds: int, cfg: RunConfig, progress: bool = True, shard: Shard = WHOLE
-) -> list[RoundResult]:
-    """Rounds from the controller's next round up to ``rounds``, evaluating every ``eval.every``.
+class Residents:
+    """The vLLM engine and the teacher one ``run_rounds`` call keeps across its rounds; a caller that
+    runs several runs of one student (the demos' arms and seeds) passes one ``Residents`` to all of
+    them, so each run reloads the engine's weights instead of starting an engine. A run with another
+    round-0 student or other engine settings starts a new engine (weights are reloaded in place only
+    between checkpoints of one architecture)."""
 
-    One vLLM engine serves every rollout and evaluation of the call: it starts with a context that
-    fits both, and each new checkpoint's weights are loaded into it in place. The teacher and (on
-    CPU) the trainer with its optimizer state stay in memory across rounds too. With ``shard`` i/N
-    (N > 1, ``start_sharded_run`` first) this is worker i of a sharded run: each worker keeps its own
-    engine, teacher and trainer, and only worker 0 evaluates (the others go on meanwhile).
-    """
-    from opdcache.evaluation import eval_context
-    from opdcache.metrics import write_metrics
-    from opdcache.models.checkpoint import student_checkpoint
+    def __init__(self) -> None:
+        self.engines: PersistentEngine | None = None
+        self.student = ""
+        self.teacher = ResidentTeacher()
 
-    start = BudgetController(run, plan(cfg).budget).state.next_round
-    out = []
-    teacher, trainer = ResidentTeacher(), ResidentTrainer()
-    with PersistentEngine(**engine_settings(cfg)) as engines:
+    def engine_for(self, run: RunDir, cfg: RunConfig, start: int) -> PersistentEngine:
+        """The engine for ``run`` from round ``start``, its context sized for rollouts and evaluation."""
+        from opdcache.evaluation import eval_context
+        from opdcache.models.checkpoint import student_checkpoint
+
+        settings = engine_settings(cfg)
+        if self.engines is None or self.engines.kwargs != settings or self.student != cfg.models.student:
+            self.close()
+            self.engines, self.student = PersistentEngine(**settings), cfg.models.student
+        engines = self.engines
         first = student_checkpoint(run, cfg, start)
         engines.min_len = run_context_length(cfg, first)
         if cfg.eval.data:
@@ -127,6 +130,58 @@ def run_rounds(
                 ec.fields,
             )
             engines.min_len = max(engines.min_len, longest + mt)
+        return engines
+
+    def warm(self, run: RunDir, cfg: RunConfig, rounds: int) -> float:
+        """Have the engine hold ``run``'s next student before ``run_rounds(run, rounds, ...)``, so that
+        starting it (or reloading its weights) lands outside the run's stage times, as ``demo.warm_up``
+        builds DeepSpeed's op first; the seconds it took (0 when the run has no round left)."""
+        from opdcache.models.checkpoint import student_checkpoint
+
+        start = BudgetController(run, plan(cfg).budget).state.next_round
+        if start >= rounds:
+            return 0.0
+        engines = self.engine_for(run, cfg, start)
+        checkpoint = student_checkpoint(run, cfg, start)
+        return engines.get(checkpoint, cfg.rollout.k, engines.min_len, cfg.rollout.seed)[1]
+
+    def close(self) -> None:
+        if self.engines is not None:
+            self.engines.close()
+        self.engines, self.student = None, ""
+
+    def __enter__(self) -> Residents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_rounds(
+    run: RunDir,
+    rounds: int,
+    cfg: RunConfig,
+    progress: bool = True,
+    shard: Shard = WHOLE,
+    residents: Residents | None = None,
+) -> list[RoundResult]:
+    """Rounds from the controller's next round up to ``rounds``, evaluating every ``eval.every``.
+
+    One vLLM engine serves every rollout and evaluation of the call: it starts with a context that
+    fits both, and each new checkpoint's weights are loaded into it in place. The teacher and (on
+    CPU) the trainer with its optimizer state stay in memory across rounds too. With ``shard`` i/N
+    (N > 1, ``start_sharded_run`` first) this is worker i of a sharded run: each worker keeps its own
+    engine, teacher and trainer, and only worker 0 evaluates (the others go on meanwhile).
+    ``residents``: the engine and teacher to use and leave open (``Residents``); by default the call's
+    own, closed at its end.
+    """
+    from opdcache.metrics import write_metrics
+
+    start = BudgetController(run, plan(cfg).budget).state.next_round
+    out = []
+    trainer = ResidentTrainer()
+    with nullcontext(residents) if residents else Residents() as res:
+        engines, teacher = res.engine_for(run, cfg, start), res.teacher
         lead = shard.index == 0
         for r in range(start, rounds):
             if r % cfg.eval.every == 0 and lead:

@@ -44,7 +44,7 @@ from opdcache.config import DataConfig
 from opdcache.errors import OpdcacheError
 from opdcache.grading import Checker
 from opdcache.lock import RunLock
-from opdcache.loop import replay, run_rounds, start_run
+from opdcache.loop import Residents, replay, run_rounds, start_run
 from opdcache.query import run_sql
 from opdcache.rundir import RunDir, atomic_write_bytes
 
@@ -458,40 +458,47 @@ def run_real_demo(
     teacher = teacher_eval(models, probe, size, task, outd / "runs")
     rows, roots = [], []
     jobs = demo_jobs(pairs, seeds, objective, compare, arms)
-    for pair, arm, obj, seed in tqdm(jobs, desc="real demo runs", unit="run", disable=not progress):
-        run = RunDir(outd / "runs" / run_name(pair, arm, obj, seed))
-        first = outd / "runs" / run_name(pair, "opd", objective, seed)
-        gamma = 0.7
-        if arm == "prune-cal":
-            gamma = calibrated_gamma(first)
-        run.root.mkdir(parents=True, exist_ok=True)
-        with RunLock(run, "demo"):
-            cfg = start_run(
-                None, run, real_overrides(models, pair, probe, train, size, seed, arm, gamma, obj, task)
+    t_engine = 0.0  # engine starts and weight loads before each run (Residents.warm)
+    with Residents() as residents:  # one engine per student, across arms and seeds
+        for pair, arm, obj, seed in tqdm(jobs, desc="real demo runs", unit="run", disable=not progress):
+            run = RunDir(outd / "runs" / run_name(pair, arm, obj, seed))
+            first = outd / "runs" / run_name(pair, "opd", objective, seed)
+            gamma = 0.7
+            if arm == "prune-cal":
+                gamma = calibrated_gamma(first)
+            run.root.mkdir(parents=True, exist_ok=True)
+            with RunLock(run, "demo"):
+                cfg = start_run(
+                    None, run, real_overrides(models, pair, probe, train, size, seed, arm, gamma, obj, task)
+                )
+                shared = RunDir(first).eval_result(0)
+                if shared != run.eval_result(0) and shared.exists() and not run.done("eval", 0):
+                    # round 0 is the same checkpoint, probe set and seed in every arm: evaluate it once
+                    run.evals.mkdir(parents=True, exist_ok=True)
+                    atomic_write_bytes(run.eval_result(0), shared.read_bytes())
+                t_engine += residents.warm(run, cfg, size.rounds)
+                run_rounds(run, size.rounds, cfg, progress, residents=residents)
+                if arm == "prune":
+                    for g in GAMMAS:
+                        replay(
+                            run,
+                            f"gamma{g:g}",
+                            cfg.score.spec.replace(gamma=g),
+                            progress=progress,
+                            train=False,
+                        )
+            roots.append(run.root)
+            gamma_used = cfg.score.spec.gamma if arm.startswith("prune") else None
+            rows.append(
+                {
+                    "pair": pair,
+                    "arm": arm,
+                    "objective": obj,
+                    "seed": seed,
+                    "gamma": gamma_used,
+                    **distill_summary(run.root),
+                }
             )
-            shared = RunDir(first).eval_result(0)
-            if shared != run.eval_result(0) and shared.exists() and not run.done("eval", 0):
-                # round 0 is the same checkpoint, probe set and seed in every arm: evaluate it once
-                run.evals.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(run.eval_result(0), shared.read_bytes())
-            run_rounds(run, size.rounds, cfg, progress)
-            if arm == "prune":
-                for g in GAMMAS:
-                    replay(
-                        run, f"gamma{g:g}", cfg.score.spec.replace(gamma=g), progress=progress, train=False
-                    )
-        roots.append(run.root)
-        gamma_used = cfg.score.spec.gamma if arm.startswith("prune") else None
-        rows.append(
-            {
-                "pair": pair,
-                "arm": arm,
-                "objective": obj,
-                "seed": seed,
-                "gamma": gamma_used,
-                **distill_summary(run.root),
-            }
-        )
     for r in rows:
         key = (r["pair"], r["seed"], "opd", r["objective"])
         opd = next((x for x in rows if (x["pair"], x["seed"], x["arm"], x["objective"]) == key), None)
@@ -517,7 +524,8 @@ def run_real_demo(
         f"{size.rounds} rounds of {size.prompts_per_round} prompts x "
         f"{size.n_samples} samples, {size.steps} optimizer steps a round; objective {objective}"
         f"{' (OPD with every objective beside it)' if compare else ''}.\n\n{table}\n\n"
-        f"Models converted/reused in {t_models:.0f} s; one-time DeepSpeed op build {t_warm:.0f} s; whole "
+        f"Models converted/reused in {t_models:.0f} s; one-time DeepSpeed op build {t_warm:.0f} s; vLLM "
+        f"engine starts and weight loads between runs (outside every run's times) {t_engine:.0f} s; whole "
         f"demo {total:.0f} s. Report: {report}\n\n## What the students write (greedy, {PROBE_READOUT} probe "
         f"prompts)\n\n{readout}\n"
     )
@@ -527,6 +535,7 @@ def run_real_demo(
         "verdicts": claims,
         "seconds": total,
         "models_seconds": t_models,
+        "engine_seconds": t_engine,
         "teacher_accuracy": teacher["accuracy"],
     }
     atomic_write_bytes(outd / "summary.json", json.dumps(payload, indent=1, default=float).encode())

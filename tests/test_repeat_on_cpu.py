@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from opdcache.cache.shards import read_cache_shard
-from opdcache.loop import run_rounds, start_run
+from opdcache.loop import Residents, run_rounds, start_run
 from opdcache.models.tiny import build_tiny_model
 from opdcache.rollout import engine
 from opdcache.rollout.stage import rollout_round
@@ -100,7 +100,9 @@ def _cache_rows(run: RunDir, r: int, stage: str = "cache") -> dict[tuple[str, in
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arm", ["prune", "prune-inflight"])
-def test_two_runs_of_one_config_write_the_same_cache_and_evaluation(tiny_overrides, models, tmp_path, arm):
+def test_runs_of_one_config_write_the_same_cache_and_evaluation_on_fresh_or_shared_engines(
+    tiny_overrides, models, tmp_path, arm
+):
     sets = [
         *tiny_overrides,
         f"arm.name={arm}",
@@ -115,13 +117,24 @@ def test_two_runs_of_one_config_write_the_same_cache_and_evaluation(tiny_overrid
         run = RunDir(tmp_path / name)
         run_rounds(run, 2, start_run(None, run, sets), progress=False)
         runs.append(run)
+    with Residents() as shared:  # the demos' way: c's engine is b2's, reloaded with the round-0 student
+        for name in ("b2", "c"):
+            run = RunDir(tmp_path / name)
+            cfg = start_run(None, run, sets)
+            shared.warm(run, cfg, 2)
+            run_rounds(run, 2, cfg, progress=False, residents=shared)
+        assert shared.engines is not None and shared.engines.starts == 1
+    runs.append(run)
+    a = runs[0]
     for r in (0, 1):
-        a, b = (_cache_rows(run, r) for run in runs)
-        assert a.keys() == b.keys() and len(a) == 12
-        assert [k for k in a if a[k] != b[k]] == []
+        rows = [_cache_rows(run, r) for run in runs]
+        assert rows[0].keys() == rows[1].keys() == rows[2].keys() and len(rows[0]) == 12
+        for other in rows[1:]:
+            assert [k for k in rows[0] if rows[0][k] != other[k]] == []
     for r in (0, 1, 2):
-        a, b = (json.loads(run.eval_result(r).read_text())["per_prompt"] for run in runs)
-        assert a == b
+        want = json.loads(a.eval_result(r).read_text())["per_prompt"]
+        for run in runs[1:]:
+            assert json.loads(run.eval_result(r).read_text())["per_prompt"] == want
 
 
 @pytest.mark.slow
