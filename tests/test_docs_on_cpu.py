@@ -77,6 +77,24 @@ def test_readme_pipeline_runs_as_printed_on_the_tiny_models(tmp_path, models, ti
     assert any((tmp_path / "reports").rglob("*.md"))
 
 
+@pytest.mark.slow
+def test_usage_stages_then_pack_run_as_printed_on_the_tiny_models(tmp_path, models, tiny_overrides):
+    """docs/usage.md's stage-by-stage block (/ckpt/student and /ckpt/teacher become the tiny models,
+    `init` gets the tiny sizes), then its pack / unpack block on the run it made (/data -> ./data)."""
+    (tmp_path / "prompts.jsonl").write_bytes((models / "prompts.jsonl").read_bytes())
+    usage = ROOT / "docs" / "usage.md"
+    stages = shell_block(usage, "## Rollout and teacher stages")
+    assert [c.split()[1] for c in stages] == ["init", "rollout", "teacher", "score"]
+    sizes = " ".join(f"--set {s}" for s in tiny_overrides if not s.startswith(("models.", "data.")))
+    stages[0] = f"{stages[0]} {sizes}".replace("=/ckpt/student ", f"={models / 'student'} ")
+    stages[0] = stages[0].replace("=/ckpt/teacher ", f"={models / 'teacher'} ")
+    moving = [c.replace(" /data/", " data/") for c in shell_block(usage, "## Moving a run: pack and unpack")]
+    assert [c.split()[1] for c in moving] == ["pack", "pack", "unpack"]
+    run_as_printed([*stages, *moving, "opdcache verify data/runs/r1"], tmp_path)
+    assert (tmp_path / "r1.tar.zst").is_file() and (tmp_path / "r1-cache.tar.zst").is_file()
+    assert (tmp_path / "data" / "runs" / "r1" / "scores").is_dir()
+
+
 def test_every_documented_command_parses(tmp_path, monkeypatch, capsys):
     """Every `opdcache ...` line in a ```bash block of README.md and docs/ (torchrun's `-m opdcache.cli`
     included) is accepted by the CLI's parser: no unknown option, no swapped or missing argument. Only
