@@ -44,6 +44,9 @@ def plan(cfg: RunConfig) -> ArmPlan:
                 f"count in flight), got {spec.metric!r}"
             )
         return ArmPlan([(name, spec)], name, name, cfg.budget, inflight=True)
+    if arm.name == "iw-opd":  # TRL's IW-OPD weights at OPD's fixed budget (issue 40's peer arm)
+        fixed = dataclasses.replace(cfg.budget, initial=cfg.budget.max, min=cfg.budget.max)
+        return ArmPlan([("iw", VariantSpec(metric="iw", iw_gamma=spec.iw_gamma))], "iw", "iw", fixed)
     if arm.name in ("opd", "truncate"):
         m = cfg.budget.max if arm.name == "opd" else arm.truncate_tokens
         fixed = dataclasses.replace(cfg.budget, initial=m, min=m, max=m)

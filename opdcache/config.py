@@ -182,14 +182,16 @@ class TrainConfig:
 class ArmConfig:
     """Which comparison arm `opdcache run` executes (paper §4.1 baselines)."""
 
-    name: Literal["prune", "prune-inflight", "opd", "truncate", "random", "prune-grpo", "grpo"] = setting(
-        "prune",
-        "prune: score.* weights the loss and drives the budget; prune-inflight: prune, and a sample stops "
-        "generating once its R reaches 0 (rollout.chunk_tokens, rollout.unreliable_tail); opd: L = 1 at "
-        "budget.max; truncate: L = 1 at arm.truncate_tokens; random: random positions matched to score.*'s "
-        "retention; prune-grpo: prune, with the GRPO outcome loss where R = 0 (train.grpo_mode, "
-        "train.grpo_coef; outcome graded by eval.checker); grpo: the outcome loss on every position, no "
-        "teacher signal, at budget.max",
+    name: Literal["prune", "prune-inflight", "opd", "truncate", "random", "prune-grpo", "grpo", "iw-opd"] = (
+        setting(
+            "prune",
+            "prune: score.* weights the loss and drives the budget; prune-inflight: prune, and a sample stops "
+            "generating once its R reaches 0 (rollout.chunk_tokens, rollout.unreliable_tail); opd: L = 1 at "
+            "budget.max; truncate: L = 1 at arm.truncate_tokens; random: random positions matched to score.*'s "
+            "retention; prune-grpo: prune, with the GRPO outcome loss where R = 0 (train.grpo_mode, "
+            "train.grpo_coef; outcome graded by eval.checker); grpo: the outcome loss on every position, no "
+            "teacher signal, at budget.max; iw-opd: TRL's IW-OPD position weights (score.iw_gamma) at budget.max",
+        )
     )
     truncate_tokens: int = setting(4096, "the truncate arm's fixed budget", ge=1)
     random_match: Literal["fraction", "mass"] = setting(

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from opdcache.chain import horizon
 from opdcache.config import DataConfig
 from opdcache.errors import OpdcacheError
 from opdcache.grading import Checker, extract_boxed, grader
@@ -169,10 +170,12 @@ def evaluate_with(
     k = teacher.k if teacher else 0
     seeds = [engine.request_seed(n, "eval", seed, pr.prompt_id) for pr in prompts]  # same per checkpoint
     outs = engine.generate(llm, encoded, n, temperature, max_tokens, k=k, top_p=top_p, seeds=seeds)
-    per_prompt, lengths, truncated, boxed = {}, [], 0, 0
+    per_prompt, lengths, truncated, boxed, prefixes = {}, [], 0, 0, []
     for pr, out in zip(prompts, outs, strict=True):
         correct = grader(pr.answer, checker)
         per_prompt[pr.prompt_id] = float(np.mean([correct(c.text) for c in out.outputs]))
+        if checker == "chain":
+            prefixes += [horizon(c.text, pr.answer)[1] for c in out.outputs]
         lengths += [len(c.token_ids) for c in out.outputs]
         truncated += sum(c.finish_reason == "length" for c in out.outputs)
         boxed += sum(extract_boxed(c.text) is not None for c in out.outputs)
@@ -195,6 +198,7 @@ def evaluate_with(
         top_p=top_p,
         boxed_rate=boxed / len(lengths),
         stop_rate=1 - truncated / len(lengths),
+        horizon=float(np.mean(prefixes)) if prefixes else None,
         **distill,
     )
 

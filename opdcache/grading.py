@@ -10,6 +10,9 @@ box an answer (the real pair on the embedded arithmetic task, docs/real-pair.md)
 ``(-?[$0-9.,]{2,})|(-?[0-9]+)`` in the response, then the task's ``exact_match`` normalisation (commas,
 ``$``, anything up to ``#### `` and one trailing ``.`` removed, case ignored) on it and on the gold
 answer, compared as strings ("5.0" is not "5", as there).
+
+``chain`` is a graded score, not a bit: the share of a stepping chain's steps that are right (chain.py,
+the long-horizon task); evaluation also reports the correct prefix (``horizon``).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from typing import Literal
 
 from opdcache.errors import OpdcacheError
 
-Checker = Literal["math", "exact", "last-number"]
-CHECKERS: tuple[Checker, ...] = ("math", "exact", "last-number")
+Checker = Literal["math", "exact", "last-number", "chain"]
+CHECKERS: tuple[Checker, ...] = ("math", "exact", "last-number", "chain")
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 _IGNORE = (re.compile(","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.compile(r"\.$"))
@@ -55,13 +58,22 @@ def normalize_number(text: str) -> str:
     return text.strip().lower()
 
 
-def grader(answer: str, checker: Checker) -> Callable[[str], bool]:
-    """A response -> correct? function for one gold answer (parsed once, used for all its samples).
+def grader(answer: str, checker: Checker) -> Callable[[str], float]:
+    """A response -> score in [0, 1] for one gold answer (parsed once, used for all its samples): 0 or
+    1 (correct?) for every checker but ``chain``, whose score is the share of steps right.
 
     ``exact``: the boxed string equals the answer (the toy task). ``math``: math-verify equivalence of
     the boxed content and the gold answer. ``last-number``: the normalised last number equals the
     normalised answer.
     """
+    if checker == "chain":
+        from opdcache.chain import horizon
+
+        try:
+            horizon("", answer)  # a gold answer that is not step values fails here, once
+        except ValueError as e:
+            raise OpdcacheError(f"checker chain: {e}") from e
+        return lambda response: horizon(response, answer)[0]
     if checker == "last-number":
         gold_number = normalize_number(answer)
 
@@ -87,4 +99,4 @@ def grader(answer: str, checker: Checker) -> Callable[[str], bool]:
 
 
 def is_correct(response: str, answer: str, checker: Checker) -> bool:
-    return grader(answer, checker)(response)
+    return grader(answer, checker)(response) == 1

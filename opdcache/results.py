@@ -114,6 +114,7 @@ class EvalResult:
     startup_seconds: float = 0.0  # vLLM engine start
     boxed_rate: float | None = None  # fraction of samples with a complete \boxed{} (None: older results)
     stop_rate: float | None = None  # fraction that ended on their own (EOS / stop), 1 - truncated
+    horizon: float | None = None  # checker chain: mean share of steps before the first wrong one
     # distillation metrics against a teacher (opdcache eval --teacher, eval.teacher); None without one
     teacher: str = ""
     k: int = 0  # top-k of the metrics below

@@ -166,6 +166,9 @@ def test_arms_plan(tiny_overrides):
     rnd = plan(load_config(None, tiny_overrides + ["arm.name=random", "arm.random_match=mass"]))
     assert [n for n, _ in rnd.variants] == ["prune", "random"] and rnd.train_variant == "random"
     assert rnd.budget_variant == "prune" and rnd.variants[1][1].match == "mass"
+    iw = plan(load_config(None, tiny_overrides + ["arm.name=iw-opd", "score.iw_gamma=0.3"]))
+    assert [(n, s.metric, s.iw_gamma) for n, s in iw.variants] == [("iw", "iw", 0.3)]
+    assert iw.train_variant == iw.budget_variant == "iw" and iw.budget.initial == iw.budget.max == 256
 
 
 def test_training_under_the_launcher_with_two_processes(looped, tmp_path, train_cli):
@@ -185,7 +188,7 @@ def test_training_under_the_launcher_with_two_processes(looped, tmp_path, train_
     assert (copy.deepspeed_state(2) / "latest").exists()
 
 
-@pytest.mark.parametrize("arm", ["opd", "truncate", "random"])
+@pytest.mark.parametrize("arm", ["opd", "truncate", "random", "iw-opd"])
 def test_fixed_and_random_arms_reach_the_engine_with_their_budget(tiny_overrides, tmp_path, monkeypatch, arm):
     """Every stage must use the arm's effective budget config (a fixed budget for opd/truncate)."""
     from opdcache.cli import main
@@ -206,7 +209,7 @@ def test_fixed_and_random_arms_reach_the_engine_with_their_budget(tiny_overrides
     monkeypatch.setattr(engine, "make_llm", fake_llm)
     with pytest.raises(Reached):  # through the CLI: the budget M_0 is looked up by the caller
         main(["rollout", str(run.root), "--round", "0", "--quiet"])
-    expected = {"opd": 256, "truncate": 40, "random": 48}[arm]  # M_0
+    expected = {"opd": 256, "truncate": 40, "random": 48, "iw-opd": 256}[arm]  # M_0
     assert BudgetController(run).max_tokens_for(0) == expected
     # the context is sized for the arm's largest budget: longest tiny prompt + the arm's budget.max
     cfg = load_config(cfg_path, tiny_overrides)
@@ -215,7 +218,7 @@ def test_fixed_and_random_arms_reach_the_engine_with_their_budget(tiny_overrides
     longest = max(
         len(tok(cfg.data.template.format(question=q), add_special_tokens=False).input_ids) for q in questions
     )
-    assert seen["max_model_len"] == longest + {"opd": 256, "truncate": 40, "random": 256}[arm]
+    assert seen["max_model_len"] == longest + {"opd": 256, "truncate": 40, "random": 256, "iw-opd": 256}[arm]
 
 
 def test_a_run_starts_one_engine_for_all_rollouts_and_evaluations(

@@ -12,10 +12,9 @@ import pytest
 from opdcache.cache.shards import read_cache_shard
 from opdcache.cli import REAL_ARMS
 from opdcache.config import read_run_config
+from opdcache.probe import CALIBRATION_QUANTILE, CALIBRATION_TOKENS
 from opdcache.real_demo import (
     ALL_ARMS,
-    CALIBRATION_QUANTILE,
-    CALIBRATION_TOKENS,
     RealSize,
     demo_jobs,
     split_prompts,

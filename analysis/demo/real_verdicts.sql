@@ -1,4 +1,4 @@
--- The real-pair demo's claims (issues 23, 30 and 33), computed from OUT/runs/<pair>-<arm>.<objective>-s<seed>/
+-- The real-pair demo's claims (issues 23, 30, 33 and 40), computed from OUT/runs/<pair>-<arm>.<objective>-s<seed>/
 -- of `opdcache demo --real`: eval results with the distillation metrics, stage times.
 --   duckdb -c "SET VARIABLE runs = 'demo-real/runs'; .read analysis/demo/real_verdicts.sql"
 -- Metrics, each per prompt on the student's own samples of the held-out probe set: the full-vocabulary
@@ -113,6 +113,14 @@ WITH runs AS (
     FROM diff a LEFT JOIN wall w ON w.pair = a.pair AND w.label = a.x
     WHERE a.metric = 'accuracy' AND a.x NOT LIKE 'opd.%' AND a.x NOT LIKE '%@start' AND a.x <> 'teacher'
           AND a.y = 'opd.' || split_part(a.x, '.', 2)
+    UNION ALL  -- issue 40: Prune-OPD against the cheaper answers to "late positions learn little"
+    SELECT 9, a.x || ' ' || a.y, split_part(a.x, '.', 1) || ' (' || split_part(a.x, '.', 2) || ') beats ' || split_part(a.y, '.', 1) || ' in final accuracy (' || a.x || ' - ' || a.y || '; holds: > 0 by >= 2 s.e.)',
+           a.pair, a.metric, a.seeds, a.d, a.se, a.d / nullif(a.y_mean, 0), NULL, a.d > 0 AND a.d >= 2 * a.se
+    FROM diff a
+    WHERE a.metric = 'accuracy' AND split_part(a.x, '.', 1) IN ('prune', 'prune-cal')
+          AND split_part(a.y, '.', 1) IN ('truncate', 'random', 'iw-opd')
+          AND split_part(a.x, '.', 2) = split_part(a.y, '.', 2)
+          AND a.x NOT LIKE '%@start' AND a.y NOT LIKE '%@start'
 )
 SELECT claim, pair, seeds, value, se, relative, wall_ratio,
        CASE WHEN seeds >= 3 OR k = 6 THEN holds END AS holds, seeds < 3 AND k <> 6 AS needs_seeds

@@ -20,6 +20,7 @@ import importlib.util
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from opdcache.errors import OpdcacheError
 from opdcache.rundir import replace_dir
@@ -77,7 +78,7 @@ def _block_count(gguf: Path) -> int:
         raise OpdcacheError(f"{gguf}: no decoder layer count in its header ({e})") from None
 
 
-def _kept_layers(total: int, layers: int | None, drop_layers: tuple[int, int] | None) -> list[int]:
+def kept_layers(total: int, layers: int | None, drop_layers: tuple[int, int] | None) -> list[int]:
     """The source layers a conversion keeps: the first ``layers``, or all but ``drop_layers``."""
     kept = list(range(total))
     if layers is not None:
@@ -126,9 +127,21 @@ def convert_gguf(
         raise OpdcacheError(
             f"{out} exists and is not a conversion of {gguf.name} ({what}); choose another path"
         )
-    kept = _kept_layers(_block_count(gguf), layers, drop_layers)  # before the minute-long load
+    kept = kept_layers(_block_count(gguf), layers, drop_layers)  # before the minute-long load
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    record = {**stamp, "kept_layers": kept} if drop_layers is not None else stamp
+    return write_kept_layers(src, tok, kept, out, record, str(gguf))
+
+
+def write_kept_layers(src: Any, tok: Any, kept: list[int], out: Path, record: dict, where: str) -> Path:
+    """Save ``src`` with only the decoder layers ``kept`` (renumbered in order) and ``tok`` to ``out``
+    (staged, then swapped in), with ``record`` as opdcache_convert.json."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
     config = src.config
     if hasattr(config, "quantization_config"):  # the weights are plain fp32 now; vLLM would look for GGUF
         del config.quantization_config
@@ -140,14 +153,13 @@ def convert_gguf(
     state = {k: v for k, v in state.items() if k in model.state_dict()}
     missing = set(model.state_dict()) - set(state)
     if missing - {"lm_head.weight"}:  # a tied head is rebuilt from the embeddings
-        raise OpdcacheError(f"{gguf}: weights missing after conversion: {sorted(missing)[:5]}")
+        raise OpdcacheError(f"{where}: weights missing after conversion: {sorted(missing)[:5]}")
     model.load_state_dict(state, strict=False)
     model.tie_weights()
     staged = out.with_name(f".{out.name}.converting")
     shutil.rmtree(staged, ignore_errors=True)
     model.save_pretrained(staged, safe_serialization=True)
     tok.save_pretrained(staged)
-    record = {**stamp, "kept_layers": kept} if drop_layers is not None else stamp
     (staged / "opdcache_convert.json").write_text(json.dumps(record))
     replace_dir(staged, out)
     return out

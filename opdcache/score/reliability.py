@@ -154,6 +154,29 @@ def topk_reverse_kl(student_topk_logprobs: np.ndarray, teacher_on_student_topk: 
     return -opd_reward(student_topk_logprobs, teacher_on_student_topk).sum(axis=-1)
 
 
+def iw_opd_weights(
+    student_logprob: np.ndarray,
+    teacher_logprob: np.ndarray,
+    offsets: np.ndarray,
+    gamma: float,
+    eps: float = EPS,
+) -> np.ndarray:
+    """IW-OPD's position weights (TRL's IWOPDTrainer; Xie et al., 2026, arXiv 2606.22600), float32 [N].
+
+    With a_tau = log q(y_tau) - log p(y_tau) (teacher minus rollout policy at the sampled token), S_<tau
+    the sum of |a| over the response's earlier positions (exclusive) and S its total over the response:
+    w_tau = 1 + gamma (1 - S_<tau / max(S, eps)), in [1, 1 + gamma]; the first position gets 1 + gamma.
+    """
+    a = np.abs(np.asarray(teacher_logprob, np.float64) - np.asarray(student_logprob, np.float64))
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    cs = np.concatenate(([0.0], np.cumsum(a)))
+    start = np.repeat(cs[offsets[:-1]], lengths)
+    before = cs[:-1] - start  # exclusive prefix sum within the response
+    total = np.repeat(cs[offsets[1:]] - cs[offsets[:-1]], lengths)
+    return (1.0 + gamma * (1.0 - before / np.maximum(total, eps))).astype(np.float32)
+
+
 def grpo_advantages(
     outcome: np.ndarray, groups: np.ndarray, std_norm: bool = True, eps: float = 1e-6
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -120,6 +120,8 @@ def _columns_needed(spec: VariantSpec) -> list[str]:
     if spec.metric == "top_p":
         return base + ["teacher_topk_ids", "teacher_topk_logprobs"]
     need = base + ["student_topk_ids", "teacher_topk_ids"]
+    if spec.metric == "iw":
+        need += ["student_logprob", "teacher_logprob"]
     if spec.metric == "random" and spec.match == "mass":
         need += ["student_topk_logprobs", "teacher_logprob_on_student_topk"]
     return need
@@ -155,10 +157,17 @@ def score_shard(table: pa.Table, k: int, spec: VariantSpec, keep: np.ndarray | N
     if spec.metric in ("overlap", "top_p"):
         rel = rl.reliability(rl.cumulative_bad(bad, offsets), spec.w_drop)
         weight = rl.loss_weight(rel, spec.w_base)
-    elif spec.metric == "none":
+    elif spec.metric in ("none", "iw"):
         bad = np.zeros(len(tokens), dtype=bool)
         rel = np.ones(len(tokens), dtype=np.float32)
         weight = rel.copy()
+        if spec.metric == "iw":
+            weight = rl.iw_opd_weights(
+                flat(table.column("student_logprob"))[0],
+                flat(table.column("teacher_logprob"))[0],
+                offsets,
+                spec.iw_gamma,
+            )
     else:
         if keep is None or len(keep) != len(tokens):
             raise ValueError("metric random needs a keep mask with one entry per position")

@@ -5,6 +5,8 @@ Metrics:
   top_p    App. A.10: B = [y not in the teacher's visible top-p nucleus].
   none     plain OPD control: no bad events, R = L = 1 on every valid position (overlap kept
            as a diagnostic).
+  iw       IW-OPD (TRL; arXiv 2606.22600): no bad events (R = 1), L = 1 + iw_gamma (1 - S_<tau / S) with
+           S the response's accumulated |log q - log p| at the sampled tokens (reliability.iw_opd_weights).
   random   control arm: positions kept (R = 1) or pruned (R = 0, L = w_base) uniformly at random,
            independent of compatibility, so that per round the kept token fraction (match=fraction)
            or kept |OPD reward| mass (match=mass) equals that of the ``reference`` variant.
@@ -18,25 +20,28 @@ from typing import Any, Literal
 
 from opdcache.fields import fail, setting, validate
 
-Metric = Literal["overlap", "top_p", "none", "random"]
+Metric = Literal["overlap", "top_p", "none", "random", "iw"]
 
 
 @dataclass(frozen=True)
 class VariantSpec:
     """Parameters of one scoring variant (paper defaults)."""
 
-    metric: Metric = setting("overlap", "bad-event metric: overlap (eq. 7), top_p (App. A.10), none, random")
+    metric: Metric = setting(
+        "overlap", "bad-event metric: overlap (eq. 7), top_p (App. A.10), none, random, iw (IW-OPD's weights)"
+    )
     gamma: float = setting(0.7, "eq. 7 compatibility threshold: bad when overlap O < gamma", ge=0, le=1)
     top_p: float = setting(0.95, "App. A.10 nucleus mass p", gt=0, le=1)
     w_drop: float = setting(0.01, "eq. 9 penalty per bad event", ge=0)
     w_base: float = setting(0.5, "eq. 10 base weight on every valid position", ge=0)
+    iw_gamma: float = setting(0.5, "metric iw: weight amplification (TRL's iw_opd_gamma)", ge=0)
     eps: float = setting(1e-8, "eq. 12 tolerance: E counts positions with R > eps", ge=0, lt=1)
     reference: str | None = setting(None, "random: the variant whose retention is matched")
     match: Literal["fraction", "mass"] = setting(
         "fraction", "random: match kept token fraction or |reward| mass"
     )
     seed: int = setting(0, "random: permutation seed (combined with the round)")
-    outcome: Literal["", "math", "exact", "last-number"] = setting(
+    outcome: Literal["", "math", "exact", "last-number", "chain"] = setting(
         "",
         "outcome reward per response (columns outcome, grpo_advantage): checker of the decoded response"
         " against the prompt's gold answer; empty = none (arms prune-grpo and grpo set it to eval.checker)",
@@ -58,6 +63,7 @@ class VariantSpec:
             "overlap": ("gamma", "w_drop", "w_base", "eps"),
             "top_p": ("top_p", "w_drop", "w_base", "eps"),
             "none": ("eps",),
+            "iw": ("iw_gamma", "eps"),
             "random": ("w_base", "eps", "reference", "match", "seed"),
         }[self.metric]
         if self.outcome:  # absent otherwise, so variants scored before outcomes existed still match
