@@ -115,7 +115,7 @@ ARITHMETIC = Task(
 # the stepping chains (chain.py): ~220-token answers whose steps depend on the last; the teacher is
 # SmolLM2 fine-tuned on worked chains first (CHAIN_HEAL), the students that teacher with layers removed
 CHAIN = Task(
-    "chain", "{question}", "chain", 0.0, RealSize(3, 8, 4, 4, 256, 128, 48, 1, 256), 1e-4, ("mild",),
+    "chain", "{question}", "chain", 0.0, RealSize(3, 8, 4, 4, 256, 128, 48, 1, 256), 1e-4, ("two",),
     CHAIN_ARMS, probe=True,
 )  # fmt: skip
 CHAIN_SEEDS = (1, 2, 3)  # the probe set's, the training prompts' and the teacher's fine-tuning data's

@@ -79,3 +79,22 @@ def test_seeded_wordings_split_and_exclusion(tmp_path):
     assert [is_held_out(p.prompt_id) for p in loaded] == [
         c.wording >= len(WORDINGS) - HELD_OUT for c in probe
     ]
+
+
+def test_demo_prompts_keep_the_probe_set_out_of_training_and_the_teacher_fine_tune(tmp_path):
+    import dataclasses
+
+    from opdcache.real_demo import CHAIN, chain_prompts, run_real_demo
+
+    size = dataclasses.replace(CHAIN.size, probe_prompts=24)
+    probe, train, heal_rows = chain_prompts(tmp_path, size)
+    probe_q = {p.question for p in load_prompts(probe, quiet=True)}
+    train_q = {p.question for p in load_prompts(train, quiet=True)}
+    assert len(probe_q) == 24 and not probe_q & train_q and not probe_q & {r["question"] for r in heal_rows}
+    assert all(not is_held_out(p.prompt_id) for p in load_prompts(train, quiet=True))
+    assert any(is_held_out(p.prompt_id) for p in load_prompts(probe, quiet=True))
+    assert all(r["solution"].count("\n") == STEPS - 1 for r in heal_rows)
+    with pytest.raises(OpdcacheError, match="leave out --task chain"):
+        run_real_demo(probe, tmp_path / "x", task_name="chain")
+    with pytest.raises(OpdcacheError, match="--task 'sums'"):
+        run_real_demo(None, tmp_path / "x", task_name="sums")

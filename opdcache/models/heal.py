@@ -8,6 +8,7 @@ then that fine-tuned teacher with layers removed (gguf.drop_layers' counterpart 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -55,8 +56,9 @@ def heal(
     )
 
     out = Path(out)
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
     want = {"base": str(base), "examples": len(rows), "epochs": epochs, "lr": lr, "batch": batch,
-            "seed": seed, "first": rows[0]["question"] if rows else ""}  # fmt: skip
+            "seed": seed, "rows_sha256": digest}  # fmt: skip
     if (out / HEAL_META).exists() and json.loads((out / HEAL_META).read_text()) == want:
         return out
     if out.exists():
