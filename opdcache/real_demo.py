@@ -115,10 +115,11 @@ ARITHMETIC = Task(
 # the stepping chains (chain.py): ~220-token answers whose steps depend on the last; the teacher is
 # SmolLM2 fine-tuned on worked chains first (CHAIN_HEAL), the students that teacher with layers removed
 CHAIN = Task(
-    "chain", "{question}", "chain", 0.0, RealSize(3, 8, 4, 4, 256, 128, 48, 1, 256), 1e-4, ("two",),
+    "chain", "{question}", "chain", 0.0, RealSize(2, 4, 4, 2, 256, 128, 24, 1, 256), 1e-4, ("two",),
     CHAIN_ARMS, probe=True,
 )  # fmt: skip
 CHAIN_SEEDS = (1, 2, 3)  # the probe set's, the training prompts' and the teacher's fine-tuning data's
+CHAIN_RESERVED = 48  # questions of the probe set's draw kept out of training and fine-tuning, whatever its size
 CHAIN_HEAL = {"examples": 384, "lr": 5e-4}  # 48 steps of 8 (~17 min on 2 cores, once per models dir)
 PROBE_PROMPTS = 32  # `opdcache probe`'s prompts per pair (training prompts, one sample each)
 TASKS = {"arithmetic": None, "chain": CHAIN}  # None: ARITHMETIC, or PROMPT_FILE with --data
@@ -157,8 +158,9 @@ def chain_prompts(data: Path, size: RealSize) -> tuple[Path, Path, list[dict[str
     questions) and the teacher's fine-tuning rows (trained wordings, none of the probe's questions)."""
     from opdcache.chain import sample_chains, worked_answer, write_chains
 
-    probe = sample_chains(size.probe_prompts, CHAIN_SEEDS[0], "all")
-    held = {c.question for c in probe}
+    reserved = sample_chains(max(CHAIN_RESERVED, size.probe_prompts), CHAIN_SEEDS[0], "all")
+    probe = reserved[: size.probe_prompts]  # draws are prefixes of each other: one seed, one sequence
+    held = {c.question for c in reserved}
     heal = sample_chains(CHAIN_HEAL["examples"], CHAIN_SEEDS[2], "train", exclude=held)
     train = sample_chains(ARITHMETIC_TRAIN, CHAIN_SEEDS[1], "train", exclude=held)
     data.mkdir(parents=True, exist_ok=True)
@@ -322,6 +324,7 @@ def teacher_eval(
     OUT/runs/teacher/eval/round=0.json (not a run: no config; analysis/demo/real_verdicts.sql reads it
     as the accuracy the students are measured against)."""
     from opdcache.evaluation import evaluate
+    from opdcache.rollout.prompts import load_prompts
 
     path = runs / "teacher" / "eval" / "round=0.json"
     want = {
@@ -331,6 +334,7 @@ def teacher_eval(
         "temperature": task.eval_temperature,
         "max_tokens": size.eval_tokens,
         "checker": task.checker,
+        "prompts": len(load_prompts(probe, quiet=True)),  # the file at one path can change (probe size)
     }
     if path.exists():
         old = json.loads(path.read_text())
@@ -461,7 +465,7 @@ def pair_probe(
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(RunDir(out), "demo"):
         return run_probe(
-            out, str(models["teacher"]), str(models[pair]), train, min(PROBE_PROMPTS, 4 * size.prompts_per_round),
+            out, str(models["teacher"]), str(models[pair]), train, PROBE_PROMPTS,
             size.max_tokens, chat=True, template=task.template,
             overrides=["rollout.kv_cache_gib=1", "rollout.enforce_eager=true"], progress=progress,
         )  # fmt: skip
