@@ -109,6 +109,22 @@ CASES = [
     (["eval", "ackpt", "--data", "prompts.jsonl", "--teacher", "models/teachr"], "--teacher"),
     (["init", "r9", "--set", "eval.teacher=nope"], "eval.teacher"),
     (["demo", "--rounds", "0"], "expected an integer > 0"),
+    (["demo", "--task", "chain"], "--task: only with --real"),
+    (["demo", "--real", "--task", "chain", "--data", "prompts.jsonl"], "leave out --task chain"),
+    (["probe", "p9", "--teacher", "t", "--student", "s", "--data", "nope.jsonl"], "no such file"),
+    (
+        ["probe", "p9", "--teacher", "t", "--student", "s", "--data", "prompts.jsonl", "--n", "0"],
+        "expected an integer > 0",
+    ),
+    (
+        ["probe", "p9", "--teacher", "models/teachr", "--student", "ackpt", "--data", "prompts.jsonl"],
+        "models.teacher",
+    ),
+    (
+        ["score", "r1", "--variant", "x", "--metric", "overlap", "--iw-gamma", "0.3"],
+        "--iw-gamma: only metric iw",
+    ),
+    (["eval", "ckpt", "--data", "prompts.jsonl", "--checker", "chainz"], "invalid choice"),
 ]
 
 
