@@ -54,9 +54,14 @@ def _rounds(text: str) -> list[int]:
     try:
         for item in text.split(","):
             lo, _, hi = item.partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
+            a, b = int(lo), int(hi or lo)
+            if a < 0 or b < a:
+                raise ValueError(item)
+            out.extend(range(a, b + 1))
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"rounds {text!r}: expected e.g. 3, 0-2 or 0,4-5") from e
+        raise argparse.ArgumentTypeError(
+            f"rounds {text!r}: expected e.g. 3, 0-2 or 0,4-5 (rounds >= 0, each range low to high)"
+        ) from e
     return out
 
 

@@ -110,6 +110,8 @@ CASES = [
     (["init", "r9", "--set", "eval.teacher=nope"], "eval.teacher"),
     (["demo", "--rounds", "0"], "expected an integer > 0"),
     (["demo", "--task", "chain"], "--task: only with --real"),
+    (["score", "r1", "--variant", "g2", "--rounds", "1-0"], "each range low to high"),
+    (["replay", "r1", "--variant", "g3", "--rounds", "2-1", "--no-train"], "each range low to high"),
     (["demo", "--real", "--task", "chain", "--data", "prompts.jsonl"], "leave out --task chain"),
     (["probe", "p9", "--teacher", "t", "--student", "s", "--data", "nope.jsonl"], "no such file"),
     (
