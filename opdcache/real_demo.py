@@ -46,7 +46,7 @@ from opdcache.errors import OpdcacheError
 from opdcache.grading import Checker
 from opdcache.lock import RunLock
 from opdcache.loop import Residents, replay, run_rounds, start_run
-from opdcache.probe import calibrated_gamma
+from opdcache.probe import ProbeResult, calibrated_gamma
 from opdcache.query import run_sql
 from opdcache.rundir import RunDir, atomic_write_bytes
 
@@ -119,7 +119,9 @@ CHAIN = Task(
     CHAIN_ARMS, probe=True,
 )  # fmt: skip
 CHAIN_SEEDS = (1, 2, 3)  # the probe set's, the training prompts' and the teacher's fine-tuning data's
-CHAIN_RESERVED = 48  # questions of the probe set's draw kept out of training and fine-tuning, whatever its size
+CHAIN_RESERVED = (
+    48  # questions of the probe set's draw kept out of training and fine-tuning, whatever its size
+)
 CHAIN_HEAL = {"examples": 384, "lr": 5e-4}  # 48 steps of 8 (~17 min on 2 cores, once per models dir)
 PROBE_PROMPTS = 32  # `opdcache probe`'s prompts per pair (training prompts, one sample each)
 TASKS = {"arithmetic": None, "chain": CHAIN}  # None: ARITHMETIC, or PROMPT_FILE with --data
@@ -153,15 +155,17 @@ def chain_models(models: Path, pairs: tuple[str, ...], heal_rows: list[dict[str,
     return out
 
 
-def chain_prompts(data: Path, size: RealSize) -> tuple[Path, Path, list[dict[str, str]]]:
+def chain_prompts(
+    data: Path, size: RealSize, heal_examples: int = CHAIN_HEAL["examples"]
+) -> tuple[Path, Path, list[dict[str, str]]]:
     """OUT/data/probe.jsonl (every wording), train.jsonl (trained wordings, none of the probe's
-    questions) and the teacher's fine-tuning rows (trained wordings, none of the probe's questions)."""
+    questions) and ``heal_examples`` rows of the teacher's fine-tuning data (the same)."""
     from opdcache.chain import sample_chains, worked_answer, write_chains
 
     reserved = sample_chains(max(CHAIN_RESERVED, size.probe_prompts), CHAIN_SEEDS[0], "all")
     probe = reserved[: size.probe_prompts]  # draws are prefixes of each other: one seed, one sequence
     held = {c.question for c in reserved}
-    heal = sample_chains(CHAIN_HEAL["examples"], CHAIN_SEEDS[2], "train", exclude=held)
+    heal = sample_chains(heal_examples, CHAIN_SEEDS[2], "train", exclude=held)
     train = sample_chains(ARITHMETIC_TRAIN, CHAIN_SEEDS[1], "train", exclude=held)
     data.mkdir(parents=True, exist_ok=True)
     for name, chains in (("probe", probe), ("train", train)):
@@ -457,7 +461,7 @@ def demo_jobs(
 
 def pair_probe(
     models: dict[str, Path], pair: str, train: Path, size: RealSize, task: Task, out: Path, progress: bool
-):
+) -> ProbeResult:
     """``opdcache probe`` of the pair on the first training prompts, at the arms' budget (probe.py):
     the gamma the calibrated arms use and the verdict the summary prints."""
     from opdcache.probe import run_probe
@@ -517,7 +521,8 @@ def run_real_demo(
     size = RealSize.of(smoke, rounds, task)
     models_at = Path(models_dir) if models_dir else outd / "models"
     if task is CHAIN:
-        probe, train, heal_rows = chain_prompts(outd / "data", size)
+        # smoke: a 2-step fine-tune (a teacher that writes chains at all), not the 17-minute one
+        probe, train, heal_rows = chain_prompts(outd / "data", size, 16 if smoke else CHAIN_HEAL["examples"])
         models = chain_models(models_at, pairs, heal_rows)
     else:
         if data is None:
