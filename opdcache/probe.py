@@ -14,8 +14,9 @@ below). From the run's ``tokens`` view it writes OUT/probe/probe.md, probe.json 
   prefix is still the prompt's (what ``demo --real``'s calibrated arm uses);
 - a verdict, from two measured properties of the pair at the gamma used:
 
-  drop share  < ``DROP_MIN``: E covers nearly the whole answer, Prune-OPD trains and costs what OPD
-              does: *little to prune, use OPD*;
+  drop share  < ``DROP_MIN``: E covers nearly the whole answer, so Algorithm 1's budget grows from M_0
+              to the answers' length, and from there Prune-OPD trains and costs what OPD does:
+              *little to prune, use OPD* (the rounds before that are cheaper: truncation at M_t);
   late/early  the bad-event rate of the last third of each answer over that of its first third.
               >= ``LATE_RATIO``: *drift is late, pruning can pay* (E differs by answer, so the
               budget follows it where fixed truncation cannot); below: *drift is uniform, use OPD or
@@ -39,7 +40,8 @@ DROP_MIN = 0.1
 LATE_RATIO = 1.5
 PAPER_GAMMA = 0.7
 VERDICTS = {
-    "little": "little to prune: E covers nearly every answer, Prune-OPD costs what OPD does (use OPD)",
+    "little": "little to prune: E covers nearly every answer, so Prune-OPD's budget grows to the answers' "
+    "length and then costs what OPD does (use OPD)",
     "late": "drift is late, pruning can pay",
     "uniform": "drift is uniform, use OPD or truncation",
 }
