@@ -27,11 +27,12 @@ below). From the run's ``tokens`` view it writes OUT/probe/probe.md, probe.json 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from opdcache.errors import OpdcacheError
-from opdcache.query import run_sql
+from opdcache.query import refresh_duckdb_file, run_sql
 from opdcache.rundir import RunDir, atomic_write_bytes
 
 CALIBRATION_TOKENS = 32
@@ -191,8 +192,6 @@ def run_probe(
 ) -> ProbeResult:
     """The probe (module docstring); OUT is created as a run, or an earlier probe of the same settings
     is completed (its stages are skipped when done)."""
-    import time
-
     from opdcache.loop import start_run
     from opdcache.rollout.stage import rollout_round
     from opdcache.score.stage import score_run
@@ -213,8 +212,6 @@ def run_probe(
     suggested = calibrated_gamma(run, "paper")
     used = suggested if gamma is None else gamma
     score_run(run, "probe", spec.replace(gamma=used), [0], progress=progress)
-    from opdcache.query import refresh_duckdb_file
-
     refresh_duckdb_file(run)
     length, stop, responses = run_sql(
         run,
