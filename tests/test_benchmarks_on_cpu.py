@@ -27,12 +27,21 @@ EXPECTED = {
     "pack_throughput.py": ["pack MB/s", "unpack MB/s", "unpack check MB/s", "archive / run size"],
     "inflight_rollout.py": ["ratio in flight / plain", "teacher/kept", "decoded/kept"],
     "repeat_flips.py": ["reversed vs batch: responses identical", "alone vs batch", "fresh engine vs batch"],
+    "vs_trl.py": [
+        "TRL: wall s",
+        "opdcache OPD: wall s",
+        "ratio opdcache OPD / TRL wall",
+        "ratio opdcache OPD / TRL generation",
+        "teacher bytes kept",
+        "re-run s",
+    ],
 }
 SLOW = {
     "rollout_throughput.py",
     "toy_overlap.py",
     "inflight_rollout.py",
     "repeat_flips.py",
+    "vs_trl.py",  # the real demo's smoke size twice over, and TRL
 }  # a vLLM start; building the smoke toy models
 
 

@@ -96,3 +96,78 @@ def test_duckdb_file_for_other_clients(scored):
     views = {r[0] for r in con.execute("select view_name from duckdb_views() where not internal").fetchall()}
     assert {"rollouts", "scores", "tokens", "variants", "budget"} <= views
     assert con.execute("select count(*) from rollouts").fetchone()[0] == 48
+
+
+VIEWS = ("rollouts", "scores", "tokens", "variants", "budget", "stage_times", "stage_walls", "evals", "metrics")
+
+
+def test_read_only_views_are_the_file_views(scored):
+    """connect(read_only=True) reads Arrow objects, connect() the files: the same rows in every view."""
+    ro, rw = connect(scored.root, read_only=True), connect(scored.root)
+    for view in VIEWS:
+        cols = [c[0] for c in rw.execute(f"DESCRIBE {view}").fetchall()]
+        assert [c[0] for c in ro.execute(f"DESCRIBE {view}").fetchall()] == cols, view
+        q = f"SELECT {', '.join(cols)} FROM {view} ORDER BY ALL"
+        assert ro.execute(q).fetchall() == rw.execute(q).fetchall(), view
+    assert ro.execute("SELECT count(*) FROM tokens").fetchone()[0] > 0
+
+
+def _bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# every kind of statement DuckDB has that reads or writes a file or changes where output goes; {run}
+# is the run folder, {out} a path outside it
+WRITING = [
+    "COPY (SELECT 1 AS x) TO '{out}/x.csv'",
+    "COPY (SELECT 1 AS x) TO '{run}/budget.json' (FORMAT json)",
+    "COPY (SELECT * FROM rollouts) TO '{run}/cache/round=0/part-00000.parquet' (FORMAT parquet)",
+    "COPY rollouts TO '{out}/r.parquet'",
+    "CREATE TABLE t (x INT); COPY t FROM '{run}/budget.json'",
+    "EXPORT DATABASE '{out}/exp'",
+    "EXPORT DATABASE '{run}/cache'",
+    "ATTACH '{out}/x.db' AS x",
+    "ATTACH '{run}/opdcache.duckdb' AS x",
+    "SET log_query_path = '{run}/budget.json'",
+    "SET profiling_output = '{run}/budget.json'",
+    "PRAGMA enable_profiling = 'json'",
+    "SET enable_external_access = true",
+    "SET lock_configuration = false",
+    "RESET lock_configuration",
+    "SET temp_directory = '{run}/cache'",
+    "CALL enable_logging(storage = 'file', storage_path = '{run}/logs')",
+    "EXPLAIN ANALYZE COPY (SELECT 1) TO '{run}/x.csv'",
+    "EXPLAIN ANALYZE CREATE TABLE x AS SELECT * FROM read_json('{run}/budget.json')",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SELECT * FROM read_csv('{run}/stage_times.jsonl')",
+    "SELECT * FROM '{run}/cache/round=0/part-00000.parquet'",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM glob('{run}/*')",
+    "CREATE SECRET s (TYPE s3, KEY_ID 'a', SECRET 'b')",
+    "CHECKPOINT",
+]
+
+
+@pytest.mark.parametrize("sql", WRITING)
+def test_query_cannot_write(scored, tmp_path, sql):
+    """Each statement is refused with the --write hint, the run's bytes unchanged, nothing written."""
+    from opdcache.errors import OpdcacheError
+
+    refresh_duckdb_file(scored.root)
+    before = _bytes(scored.root)
+    out = tmp_path / "out"
+    out.mkdir()
+    text = sql.format(run=scored.root, out=out)
+    try:
+        rel = run_sql(scored.root, text)
+        result = rel.fetchall() if rel is not None else None
+    except OpdcacheError as e:
+        assert "read-only" in str(e) and "--write" in str(e)
+    except duckdb.Error as e:  # refused by DuckDB in another words (e.g. an extension it cannot load)
+        assert "Permission" in str(e) or "external access" in str(e).lower() or "lock" in str(e).lower(), e
+    else:
+        # CHECKPOINT of an in-memory database and the like: allowed, and they touch no file
+        assert sql == "CHECKPOINT", (sql, result)
+    assert _bytes(scored.root) == before
+    assert list(out.iterdir()) == []
