@@ -98,7 +98,17 @@ def test_duckdb_file_for_other_clients(scored):
     assert con.execute("select count(*) from rollouts").fetchone()[0] == 48
 
 
-VIEWS = ("rollouts", "scores", "tokens", "variants", "budget", "stage_times", "stage_walls", "evals", "metrics")
+VIEWS = (
+    "rollouts",
+    "scores",
+    "tokens",
+    "variants",
+    "budget",
+    "stage_times",
+    "stage_walls",
+    "evals",
+    "metrics",
+)
 
 
 def test_read_only_views_are_the_file_views(scored):
