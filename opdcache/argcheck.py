@@ -30,6 +30,16 @@ def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0, ">= 0")
 
 
+def variant_name(text: str) -> str:
+    """A variant (or replay) name: a folder name under RUN/scores/ (rundir.check_variant_name)."""
+    from opdcache.rundir import check_variant_name
+
+    try:
+        return check_variant_name(text)
+    except OpdcacheError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def file_in_the_way(path: Path) -> Path | None:
     """The first existing ancestor of ``path`` (or ``path`` itself) that is not a directory, if any."""
     for p in [*reversed(path.parents), path]:

@@ -24,6 +24,7 @@ from opdcache.argcheck import (
     out_file,
     positive_int,
     run_root,
+    variant_name,
 )
 from opdcache.errors import OpdcacheError
 from opdcache.grading import CHECKERS
@@ -225,18 +226,18 @@ def commands() -> dict[str, Command]:
         "teacher": Command(h.teacher, "write", "teacher top-k and gathered log-probs into RUN/cache/",
                            [RUN, ROUND, SHARD, QUIET]),
         "score": Command(h.score, "write", "score cached rounds with one reliability variant (eqs. 6-12)", [
-            RUN, arg("--variant", help="variant name (default: the run config's score.variant)"),
+            RUN, arg("--variant", type=variant_name, help="variant name (default: the run config's score.variant)"),
             arg("--metric", choices=["overlap", "top_p", "none", "random", "iw"]), *VARIANT_ARGS,
             arg("--iw-gamma", type=float, help="iw: IW-OPD's weight amplification (default 0.5)"),
             arg("--reference", help="random: variant whose retention is matched"),
             arg("--match", choices=["fraction", "mass"], help="random: match token fraction or reward mass"),
             arg("--seed", type=int, help="random: seed"), SHARD, QUIET]),
         "train": Command(h.train, "write", "one round of OPD training under DeepSpeed -> RUN/checkpoints/round=R+1", [
-            RUN, ROUND, arg("--variant", help="variant whose weights L scale the rewards (default: the arm's)"),
+            RUN, ROUND, arg("--variant", type=variant_name, help="variant whose weights L scale the rewards (default: the arm's)"),
             QUIET]),
         "budget": Command(h.budget, "write", "show the budget controller, or decide a round (Alg. 1)", [
             RUN, arg("--round", type=int, help="decide this round from its effective lengths"),
-            arg("--variant", help="variant whose effective lengths drive the budget (default: the arm's)")]),
+            arg("--variant", type=variant_name, help="variant whose effective lengths drive the budget (default: the arm's)")]),
         "round": Command(h.round_, "write", "one round of Algorithm 1 on an initialised run", [RUN, ROUND, QUIET]),
         "run": Command(h.run_all, "create", "all rounds of Algorithm 1: rollout, teacher, score, train, budget", [
             arg("config", metavar="[CONFIG]", help="YAML config (default: the run's own, when RUN was made by init)"),
@@ -245,7 +246,7 @@ def commands() -> dict[str, Command]:
                 help="total rounds (a rerun continues where it stopped; 0: create or check the run only)"),
             SET, QUIET]),
         "replay": Command(h.replay, "write", "re-score the cache and retrain from round 0, calling no teacher", [
-            RUN, arg("--variant", required=True, help="name of the replay (RUN/replays/NAME)"),
+            RUN, arg("--variant", type=variant_name, required=True, help="name of the replay (RUN/replays/NAME)"),
             arg("--metric", choices=["overlap", "top_p", "none"]), *VARIANT_ARGS,
             arg("--no-train", action="store_true", help="score and decide budgets only (e.g. a gamma sweep)"),
             arg("--arm", choices=["prune", "prune-grpo"], default="prune",

@@ -122,14 +122,33 @@ def train(a: Args, run: RunDir):
 
 
 def score(a: Args, run: RunDir):
+    from opdcache.arms import plan
     from opdcache.config import ScoreConfig, read_run_config
     from opdcache.score.stage import score_run
     from opdcache.stagetimes import record
 
     cfg = read_run_config(run)
     base = cfg.score if cfg is not None else ScoreConfig()
-    name = a.variant or base.variant
-    res = score_run(run, name, _spec(base.spec, a), _round_list(a), not a.quiet, base.workers, a.shard)
+    name = base.variant if a.variant is None else a.variant
+    spec = _spec(base.spec, a)
+    if (
+        cfg is not None
+        and (own := dict(plan(cfg).variants).get(name)) is not None
+        and own.to_meta() != spec.to_meta()
+    ):
+        # the variant every round scores (its E made the budget decisions, its L trained): it stays
+        # what config.yaml says
+        mine, given = own.to_meta(), spec.to_meta()
+        diff = ", ".join(
+            f"{k} {mine.get(k)} -> {given.get(k)}"
+            for k in sorted(set(mine) | set(given))
+            if mine.get(k) != given.get(k)
+        )
+        raise OpdcacheError(
+            f"score --variant {name}: the run's own variant (config.yaml; its rounds drive the budget and "
+            f"training) is not re-scored with other settings ({diff}); give them another --variant name"
+        )
+    res = score_run(run, name, spec, _round_list(a), not a.quiet, base.workers, a.shard)
     for r in res.rounds:
         record(run, r.round, f"score:{name}", r.seconds, 0.0, False, shard=a.shard)
     return res

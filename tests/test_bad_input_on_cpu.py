@@ -111,6 +111,13 @@ CASES = [
     (["demo", "--rounds", "0"], "expected an integer > 0"),
     (["demo", "--task", "chain"], "--task: only with --real"),
     (["score", "r1", "--variant", "g2", "--rounds", "1-0"], "each range low to high"),
+    # the run's own variant keeps config.yaml's settings; a variant needs a name (issue 44)
+    (["score", "r1", "--gamma", "0.5"], "the run's own variant"),
+    (["score", "r1", "--variant", "prune", "--w-drop", "0.5"], "w_drop 0.01 -> 0.5"),
+    (["score", "r1", "--variant", ""], "variant name ''"),
+    (["replay", "r1", "--variant", ""], "variant name ''"),
+    (["budget", "r1", "--variant", "../x"], "variant name '../x'"),
+    (["train", "r1", "--round", "0", "--variant", ".hidden"], "variant name '.hidden'"),
     (["replay", "r1", "--variant", "g3", "--rounds", "2-1", "--no-train"], "each range low to high"),
     (["demo", "--real", "--task", "chain", "--data", "prompts.jsonl"], "leave out --task chain"),
     (["probe", "p9", "--teacher", "t", "--student", "s", "--data", "nope.jsonl"], "no such file"),
