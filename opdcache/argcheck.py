@@ -7,6 +7,8 @@ turns into one line on stderr and exit status 2; ``run_root`` checks the RUN arg
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 from opdcache.errors import OpdcacheError
@@ -48,11 +50,28 @@ def file_in_the_way(path: Path) -> Path | None:
     return None
 
 
+def unwritable(path: Path) -> str | None:
+    """Why nothing can be created at ``path`` (a directory, or where one would be made), if so: a file
+    is made and removed in its first existing folder, the only test that also holds for root, a
+    read-only mount or a pseudo-filesystem."""
+    base = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    try:
+        fd, name = tempfile.mkstemp(dir=base, prefix=".opdcache-write-check-")
+    except OSError as e:
+        return f"{base} is not writable ({e.strerror})"
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
 def out_dir(text: str) -> Path:
-    """A directory to write into (made if absent): neither it nor a parent may be a file."""
+    """A directory to write into (made if absent): neither it nor a parent may be a file, and its first
+    existing folder must be writable."""
     path = Path(text)
     if (f := file_in_the_way(path)) is not None:
         raise argparse.ArgumentTypeError(f"{text}: {f} is a file; expected a directory to write into")
+    if (why := unwritable(path)) is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {why}")
     return path
 
 
@@ -63,6 +82,8 @@ def out_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text}: is a directory; expected a file to write")
     if (f := file_in_the_way(path.parent)) is not None:
         raise argparse.ArgumentTypeError(f"{text}: {f} is a file, not a directory")
+    if (why := unwritable(path.parent)) is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {why}")
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import yaml
 
 from opdcache.budget import BudgetConfig
 from opdcache.errors import ConfigError
-from opdcache.fields import help_rows, setting, validate
+from opdcache.fields import fail, help_rows, setting, validate
 from opdcache.grading import Checker
 from opdcache.rundir import RunDir, atomic_write_bytes, check_variant_name
 from opdcache.score.variant import VariantSpec
@@ -100,6 +101,9 @@ class RolloutConfig:
         validate(self, "rollout")
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named placements
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
@@ -111,6 +115,15 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         validate(self, "teacher")
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device):
+            fail("teacher", "device", "auto, cpu, cuda, cuda:N, xpu[:N] or mps", self.device)
+        if self.device_map not in ("", *DEVICE_MAPS):
+            fail(
+                "teacher",
+                "device_map",
+                f"empty or one of {', '.join(DEVICE_MAPS)} (accelerate)",
+                self.device_map,
+            )
 
 
 @dataclass(frozen=True)

@@ -297,11 +297,23 @@ def start_run(config_path: str | Path | None, run: RunDir, overrides: list[str] 
             f"{', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}; resume with the same config (or "
             f"`opdcache run {run.root} --rounds N` alone), or start a new run directory"
         )
+    if existing is None:
+        check_pair(cfg)
     run.root.mkdir(parents=True, exist_ok=True)
     if existing is None:
         write_run_config(run, cfg)
     BudgetController(run, plan(cfg).budget).save()
     return cfg
+
+
+def check_pair(cfg: RunConfig) -> None:
+    """The teachers (``models.teacher``, ``eval.teacher``) share the student's tokenizer: checked when a
+    run is made, before any compute (the teacher stage checks again, for a config changed since)."""
+    from opdcache.teacher.stage import checked_vocab
+
+    for teacher in dict.fromkeys(t for t in (cfg.models.teacher, cfg.eval.teacher) if t):
+        if cfg.models.student:
+            checked_vocab(teacher, cfg.models.student)
 
 
 def start_sharded_run(

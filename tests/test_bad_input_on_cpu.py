@@ -67,6 +67,12 @@ CASES = [
         "budget.min: expected min <= max",
     ),
     (["init", "r9", "--config", "adir"], "is a directory"),
+    # output paths nothing can be written to, refused before any work (issue 44)
+    (["eval", "ackpt", "--data", "prompts.jsonl", "--out", "/proc/x.json"], "/proc is not writable"),
+    (["report", "r1", "--out", "/proc/rep"], "/proc is not writable"),
+    (["pack", "r1", "/sys/r1.tar.zst"], "is not writable"),
+    (["init", "r9", "--set", "teacher.device=gpu9"], "teacher.device: expected auto, cpu, cuda"),
+    (["init", "r9", "--set", "teacher.device_map=foo"], "teacher.device_map: expected empty or one of auto"),
     # read-only commands on folders that are not runs
     (["verify", "emptydir"], "not a run directory"),
     (["verify", "."], "not a run directory"),

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opdcache.cache.shards import read_cache_shard
 from opdcache.config import load_config, write_run_config
 from opdcache.errors import OpdcacheError
+from opdcache.loop import start_run
 from opdcache.models.checkpoint import student_checkpoint
 from opdcache.models.tiny import build_tiny_model, build_tokenizer
 from opdcache.rollout import engine
@@ -133,6 +134,18 @@ def test_teacher_tokenizer_mismatch_fails_before_writing(rolled, tmp_path, rollo
     with pytest.raises(OpdcacheError, match="tokenizer mismatch .* only in teacher \\['<w0>'"):
         teacher_round(run, 1, bad, progress=False)
     assert not run.cache_round(1).exists()
+
+
+def test_teacher_tokenizer_mismatch_is_refused_when_the_run_is_made(config, tmp_path):
+    """init / run check the teachers against the student's tokenizer before any compute (issue 44)."""
+    run = RunDir(tmp_path / "made")
+    write_run_config(run, config())
+    build_tiny_model(tmp_path / "other", seed=3, extra_tokens=5)
+    for key in ("models.teacher", "eval.teacher"):
+        fresh = RunDir(tmp_path / f"new-{key}")
+        with pytest.raises(OpdcacheError, match="tokenizer mismatch .* only in teacher \\['<w0>'"):
+            start_run(run.config, fresh, [f"{key}={tmp_path / 'other'}"])
+        assert not fresh.root.exists()
 
 
 def test_tokenizer_checks(tmp_path):
