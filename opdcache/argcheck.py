@@ -32,6 +32,17 @@ def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0, ">= 0")
 
 
+def unit_float(text: str) -> float:
+    """A number in [0, 1] (a share, an overlap)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g}: expected a number in [0, 1]")
+    return value
+
+
 def variant_name(text: str) -> str:
     """A variant (or replay) name: a folder name under RUN/scores/ (rundir.check_variant_name)."""
     from opdcache.rundir import check_variant_name

@@ -24,6 +24,7 @@ from opdcache.argcheck import (
     out_file,
     positive_int,
     run_root,
+    unit_float,
     variant_name,
 )
 from opdcache.errors import OpdcacheError
@@ -67,8 +68,11 @@ def _rounds(text: str) -> list[int]:
 
 
 def _names(text: str) -> list[str]:
-    """'cache,config' -> ['cache', 'config']."""
-    return [n.strip() for n in text.split(",") if n.strip()]
+    """'cache,config' -> ['cache', 'config']; at least one name."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one or more names, e.g. cache,config")
+    return names
 
 
 RUN = arg("run", help="run directory")
@@ -349,8 +353,8 @@ def commands() -> dict[str, Command]:
             arg("--prompts", type=positive_int, default=8, help="prompts per part (2 samples each)"),
             arg("--mean-len", type=positive_int, default=400),
             arg("--max-tokens", type=positive_int, default=1024),
-            arg("--overlap", type=float, default=0.9),
-            arg("--drift", type=float, default=0.3, help="overlap lost per 1000 tokens of depth"),
+            arg("--overlap", type=unit_float, default=0.9, help="top-k overlap at depth 0, in [0, 1]"),
+            arg("--drift", type=unit_float, default=0.3, help="overlap lost per 1000 tokens of depth, in [0, 1]"),
             arg("--seed", type=int, default=0)]),
     }
     # fmt: on

@@ -397,6 +397,11 @@ def convert(a: Args, _: None) -> str:
 def report(a: Args, _: None) -> str:
     from opdcache.report import make_report
 
+    if not_runs := [r for r in a.runs if not RunDir(r).is_run()]:
+        raise OpdcacheError(
+            f"report: {', '.join(map(str, not_runs))}: not a run (no config.yaml or cache/); expected run directories"
+        )
+
     return f"wrote {make_report(a.runs, a.out, a.band_scale, a.bucket, a.sql_dir)}"
 
 

@@ -128,6 +128,11 @@ def unpack_run(archive: str | os.PathLike, dest: str | os.PathLike, progress: bo
             mismatch = e
         t1 = time.perf_counter()
         parts = _check_parts(archive, staging, progress)  # names the member if it is a Parquet part
+        if not RunDir(staging).is_run():
+            raise OpdcacheError(
+                f"{archive}: holds no opdcache run (no config.yaml or cache/ at its top); expected a "
+                ".tar.zst written by opdcache pack; nothing was unpacked"
+            )
         if mismatch:
             raise OpdcacheError(
                 f"{archive}: damaged ({mismatch}) in a member other than its {parts} Parquet parts, "

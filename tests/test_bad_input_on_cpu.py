@@ -38,6 +38,13 @@ def place(tmp_path_factory) -> Path:
     )
     (root / "x.tar.gz").write_bytes(gzip.compress(b"not a run"))
     (root / "fake.gguf").write_bytes(b"not a gguf file")
+    import tarfile
+
+    import zstandard
+
+    with open(root / "foreign.tar.zst", "wb") as raw, zstandard.ZstdCompressor().stream_writer(raw) as z:
+        with tarfile.open(fileobj=z, mode="w|") as tar:  # a valid .tar.zst that is not a run
+            tar.add(root / "afile.txt", arcname="afile.txt")
     ckpt = root / "ackpt"  # the files a checkpoint check looks for (their contents are never read)
     ckpt.mkdir()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -67,6 +74,13 @@ CASES = [
         "budget.min: expected min <= max",
     ),
     (["init", "r9", "--config", "adir"], "is a directory"),
+    # open since issue 32 (issue 44)
+    (["teacher", "r1", "--round", "5"], "round 5 has no rollout parts"),
+    (["report", "adir", "--out", "rep"], "adir: not a run"),
+    (["unpack", "foreign.tar.zst", "u9", "--quiet"], "holds no opdcache run"),
+    (["pack", "r1", "p9.tar.zst", "--only", ","], "expected one or more names"),
+    (["synth", "s9", "--overlap", "2"], "expected a number in [0, 1]"),
+    (["synth", "s9", "--drift", "-0.1"], "expected a number in [0, 1]"),
     # output paths nothing can be written to, refused before any work (issue 44)
     (["eval", "ackpt", "--data", "prompts.jsonl", "--out", "/proc/x.json"], "/proc is not writable"),
     (["report", "r1", "--out", "/proc/rep"], "/proc is not writable"),

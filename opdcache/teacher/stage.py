@@ -118,6 +118,12 @@ def teacher_round(
         if shard.owns(run.part_index(p.name)) and not run.done("teacher", r, part=p.name)
     ]
     if not todo:
+        if not run.shards(run.rollout_round(r)) and not run.shards(run.cache_round(r)):
+            have = sorted(set(run.rounds(run.rollouts)) | set(run.rounds()))
+            raise OpdcacheError(
+                f"teacher --round {r}: round {r} has no rollout parts in {run.rollout_round(r)} (rounds "
+                f"rolled out: {have or 'none'}); run `opdcache rollout {run.root} --round {r}` first"
+            )
         return TeacherResult(r, 0)
     vocab = teacher_vocab(cfg, student_checkpoint(run, cfg, r))
     for p in todo:  # unreadable rollout parts fail here, before the teacher is loaded
