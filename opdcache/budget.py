@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from opdcache.errors import OpdcacheError
+from opdcache.errors import CacheFormatError, OpdcacheError
 from opdcache.fields import fail, setting, validate
 from opdcache.rundir import RunDir, atomic_write_json
 
@@ -132,7 +132,7 @@ class BudgetController:
                 [Decision(**d) for d in raw["history"]],
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise OpdcacheError(f"{self.path}: unreadable budget state ({e})") from e
+            raise CacheFormatError(f"{self.path}: unreadable budget state ({e})") from e
         return state
 
     def max_tokens_for(self, r: int) -> int:

@@ -27,7 +27,7 @@ from opdcache.argcheck import (
     unit_float,
     variant_name,
 )
-from opdcache.errors import OpdcacheError
+from opdcache.errors import CacheFormatError, OpdcacheError
 from opdcache.grading import CHECKERS
 from opdcache.rundir import RunDir
 from opdcache.train import OBJECTIVES
@@ -145,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with RunLock(run, job=job) if cmd.kind in ("create", "write") else nullcontext():
             refused = False
             try:
+                if cmd.kind == "write" and run.budget.exists():
+                    from opdcache.budget import BudgetController
+
+                    BudgetController(run)  # a damaged budget state stops a command before it writes
                 out = cmd.handler(args, run)
                 if args.command in METRICS_AFTER and (not hasattr(args, "shard") or args.shard.count == 1):
                     from opdcache.metrics import write_metrics
@@ -166,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(item if isinstance(item, str) else describe(item))
     except OpdcacheError as e:
         _undo_refused_create(run, fresh, existed)
-        print(f"opdcache: error: {e}", file=sys.stderr)
+        hint = ""
+        if isinstance(e, CacheFormatError) and run is not None:
+            hint = f" (`opdcache verify {run.root}` lists every damaged file; `--repair` moves them aside)"
+        print(f"opdcache: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _undo_refused_create(run, fresh, existed)
@@ -268,7 +275,9 @@ def commands() -> dict[str, Command]:
                 help="also run statements that write (COPY ... TO, CREATE, ATTACH, ...); default read-only"),
             arg("--max-rows", type=positive_int, default=100)]),
         "verify": Command(h.verify, "read", "check every part against its integrity record and the contract",
-                          [RUN, QUIET]),
+                          [RUN, arg("--repair", action="store_true",
+                                    help="move damaged and foreign files to RUN/.damaged/ (never deleted) and "
+                                    "say which command re-makes each"), QUIET]),
         "pack": Command(h.pack, "read", "the run as one .tar.zst, streamed (not: .staging, .lock, opdcache.duckdb)", [
             RUN, arg("out", type=out_file, help="archive to write, e.g. r1.tar.zst"),
             arg("--only", type=_names, metavar="NAME,...",

@@ -290,8 +290,17 @@ def query(a: Args, run: RunDir) -> None:
 
 
 def verify(a: Args, run: RunDir) -> list[str]:
-    from opdcache.verify import verify_run
+    from opdcache.lock import RunLock
+    from opdcache.verify import repair_run, verify_run
 
+    if a.repair:
+        with RunLock(run, "verify --repair"):
+            n, findings = verify_run(run, progress=not a.quiet)
+            for line in repair_run(run, findings):
+                print(line)
+        return [
+            f"verify --repair: {n} parts checked, {len(findings)} findings handled; run `opdcache verify {run.root}` again"
+        ]
     n, findings = verify_run(run, progress=not a.quiet)
     lines = [
         f"{f.severity}: {f.problem}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -375,19 +376,18 @@ def replay(
     todo = cached if rounds is None else rounds
     if missing := sorted(set(todo) - set(cached)):
         raise OpdcacheError(f"replay: rounds {missing} are not cached in {run.cache}")
+    from opdcache.cache.shards import whole_round
+
+    for r in todo:  # every input checked before the replay writes anything
+        whole_round(run, r)
     sub = run.replay(variant)
-    sub.root.mkdir(parents=True, exist_ok=True)
-    if not sub.cache.exists():
-        os.symlink(os.path.relpath(run.cache, sub.root), sub.cache)
     rcfg = dataclasses.replace(
         cfg,
         score=dataclasses.replace(cfg.score, variant=variant, spec=spec),
         arm=dataclasses.replace(cfg.arm, name=arm),
         train=dataclasses.replace(cfg.train, objective=objective or cfg.train.objective),
     )
-    if not sub.config.exists():
-        write_run_config(sub, rcfg)
-    elif (made := read_run_config(sub)) != rcfg:
+    if sub.config.exists() and (made := read_run_config(sub)) != rcfg:
         diff = [
             f"{sec}.{f.name}"
             for sec in ("score", "arm", "train")
@@ -398,8 +398,22 @@ def replay(
             f"{sub.config}: replay {variant!r} was made with other settings ({', '.join(diff) or 'config'}); "
             "give it another --variant name, or the same settings to continue it"
         )
-    # the replay trains on the original rollouts, so its budget merely records what Alg. 1 would decide
-    trainer = ResidentTrainer()
-    for r in todo:
-        run_round(sub, r, rcfg, progress, generate=False, train=train, trainer=trainer)
+    fresh = not sub.root.exists()
+    sub.root.mkdir(parents=True, exist_ok=True)
+    try:
+        if not sub.cache.exists():
+            os.symlink(os.path.relpath(run.cache, sub.root), sub.cache)
+        if not sub.config.exists():
+            write_run_config(sub, rcfg)
+        # the replay trains on the original rollouts, so its budget merely records what Alg. 1 would decide
+        trainer = ResidentTrainer()
+        for r in todo:
+            run_round(sub, r, rcfg, progress, generate=False, train=train, trainer=trainer)
+            fresh = False  # a finished round is kept, whatever comes after
+    except OpdcacheError:
+        if fresh:  # a replay refused in its first round (e.g. a damaged part) leaves nothing behind
+            shutil.rmtree(sub.root, ignore_errors=True)
+            if run.replays.is_dir() and not any(run.replays.iterdir()):
+                run.replays.rmdir()
+        raise
     return sub

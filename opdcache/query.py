@@ -36,7 +36,8 @@ import pyarrow as pa
 
 from opdcache.budget import Decision
 from opdcache.cache.schema import CACHE_COLUMNS, SCORE_COLUMNS, Column
-from opdcache.errors import OpdcacheError
+from opdcache.cache.shards import check_manifest, check_no_lost_part
+from opdcache.errors import CacheFormatError, OpdcacheError
 from opdcache.rundir import RunDir, round_dir
 
 _DUCK_TYPES = {
@@ -143,7 +144,12 @@ def file_sources(run: RunDir) -> dict[str, str | None]:
             "json_extract_string(decode(value), '$.metric') AS metric, decode(value) AS params "
             f"FROM parquet_kv_metadata({_q(score_glob)}) WHERE decode(key) = 'opdcache.variant')"
         )
-    history = json.loads(run.budget.read_text()).get("history", []) if run.budget.exists() else []
+    history = []
+    if run.budget.exists():
+        try:
+            history = json.loads(run.budget.read_text()).get("history", [])
+        except (ValueError, AttributeError) as e:
+            raise CacheFormatError(f"{run.budget}: unreadable budget state ({e})") from e
     if history:
         out["budget"] = (
             "(SELECT "
@@ -173,13 +179,21 @@ def arrow_sources(run: RunDir, con: duckdb.DuckDBPyConnection) -> dict[str, str 
     out: dict[str, str | None] = dict.fromkeys(files)
     hive = ds.partitioning(flavor="hive")
 
+    # every page's CRC checked as it is decoded, as the stages' own readers do
+    fmt = ds.ParquetFileFormat(
+        default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)
+    )
+
     def dataset(base: Path) -> ds.Dataset | None:
         parts = [p for r in run.rounds(base) for p in run.shards(base / round_dir(r))]
+        for p in parts:  # a damaged or foreign file is one error naming it, not a DuckDB traceback
+            check_manifest(p)
         return (
-            ds.dataset(parts, format="parquet", partitioning=hive, partition_base_dir=str(base))
-            if parts
-            else None
+            ds.dataset(parts, format=fmt, partitioning=hive, partition_base_dir=str(base)) if parts else None
         )
+
+    for r in run.rounds():
+        check_no_lost_part(run, r)
 
     if files["cache"] and (data := dataset(run.cache)) is not None:
         con.register("_cache", data)

@@ -79,6 +79,11 @@ class RunDir:
         return self.root / "scores"
 
     @property
+    def damaged(self) -> Path:
+        """Where ``verify --repair`` moves damaged and foreign files (never deleted)."""
+        return self.root / ".damaged"
+
+    @property
     def staging(self) -> Path:
         return self.root / ".staging"
 
@@ -158,7 +163,7 @@ class RunDir:
         derived DuckDB file with its temporaries (any command recreates it), of the run or a replay."""
         if path.parent != self.root and path.parent.parent != self.replays:
             return False
-        names = (self.staging.name, self.lock.name, self.lock_gate.name, self.duckdb.name)  # in every run
+        names = (self.staging.name, self.lock.name, self.lock_gate.name, self.duckdb.name, self.damaged.name)
         return path.name in names or path.name.startswith(f".{self.duckdb.name}.")
 
     def select(self, only: list[str] | None = None) -> list[Path]:

@@ -63,7 +63,15 @@ def verify_run(run: RunDir, progress: bool = True) -> tuple[int, list[Finding]]:
     for base in (run.cache, run.rollouts, run.scores):
         if base.is_dir():
             for m in base.rglob("_*.parquet.json"):
-                if not m.with_name(m.name[1:-5]).exists():
+                part = m.with_name(m.name[1:-5])
+                if part.exists():
+                    continue
+                if base == run.cache and not (run.rollouts / part.parent.name / part.name).exists():
+                    # the teacher stage removes the rollout part only after the cache part is in place
+                    findings.append(
+                        Finding(str(part), f"missing, though its integrity record {m.name} remains")
+                    )
+                else:
                     findings.append(
                         Finding(
                             str(m),
@@ -94,6 +102,61 @@ def verify_run(run: RunDir, progress: bool = True) -> tuple[int, list[Finding]]:
         except OpdcacheError as e:
             findings.append(Finding(str(run.budget), str(e)))
     return len(parts), findings
+
+
+def remade_by(run: RunDir, path: Path) -> str:
+    """Which command re-makes ``path`` once it is moved aside."""
+    rel = path.relative_to(run.root).parts
+    rnd = next((p.split("=", 1)[1] for p in rel if p.startswith("round=")), "R")
+    if rel[0] == "cache":
+        return (
+            f"`opdcache rollout {run.root} --round {rnd}` then `opdcache teacher {run.root} --round {rnd}` "
+            "(per-request seeds: the same samples)"
+        )
+    if rel[0] == "rollouts":
+        return f"`opdcache rollout {run.root} --round {rnd}`"
+    if rel[0] == "scores" and len(rel) > 1:
+        return f"`opdcache score {run.root} --variant {rel[1]} --rounds {rnd}`"
+    if path == run.budget:
+        return f"`opdcache budget {run.root} --round r` for each round again (the decisions follow from the scores)"
+    return "nothing: opdcache did not make it"
+
+
+def repair_run(run: RunDir, findings: list[Finding]) -> list[str]:
+    """Move every file of an error finding (a part with its record, a lost part's record, the budget
+    state, a foreign file) and every leftover record of an interrupted write to
+    RUN/.damaged/<time>/<same path>; never deletes. One line per file: where it went, what re-makes it."""
+    import os
+    import time
+
+    from opdcache.cache.shards import manifest_path
+
+    dest = run.damaged / time.strftime("%Y%m%dT%H%M%S")
+    lines = []
+    for f in findings:
+        path = Path(f.path)
+        if f.severity == "note" and not path.name.endswith(".parquet.json"):
+            continue  # temporaries of interrupted writes and unscored rounds: nothing to move
+        if f.severity == "note" or not path.exists():  # an interrupted write's or a lost part's record
+            path = path if path.name.endswith(".json") else manifest_path(path)
+            moving = [path]
+        else:
+            moving = [path, manifest_path(path)] if path.suffix == ".parquet" else [path]
+        if path.parent.parent == run.cache:  # its scores go too: they are re-made from it
+            for v in run.variants():
+                s = run.variant(v) / path.parent.name / path.name
+                moving += [s, manifest_path(s)]
+        moved = []
+        for p in moving:
+            if p.exists() and run.root in p.parents:
+                target = dest / p.relative_to(run.root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(p, target)
+                moved.append(target)
+        if moved:
+            what = Path(f.path)
+            lines.append(f"moved {what} to {moved[0].parent}; re-made by {remade_by(run, what)}")
+    return lines
 
 
 def _verify_score(run: RunDir, path: Path, r: int) -> None:

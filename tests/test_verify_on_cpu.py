@@ -45,11 +45,22 @@ def test_replaced_part_is_refused_on_read(synth_run):
 
 def test_interrupted_write_leftovers_are_notes(synth_run):
     part = synth_run.shards(synth_run.cache_round(0))[0]
-    orphan = part.with_name("part-00077.parquet")
+    rollouts = synth_run.rollout_round(0)
+    rollouts.mkdir(parents=True)
+    orphan = rollouts / "part-00077.parquet"  # a rollout write killed between its record and its part
     manifest_path(orphan).write_text(manifest_path(part).read_text())
     (part.parent / ".part-00078.parquet.123.tmp").write_bytes(b"PAR1")
     _, findings = verify_run(synth_run, progress=False)
     assert {f.severity for f in findings} == {"note"} and len(findings) == 2
+
+
+def test_a_cache_record_without_its_part_is_a_lost_part(synth_run):
+    """In cache/ a record lands just before its part, and the rollout part goes only after: a record
+    with neither part is a part lost (issue 44), an error, not a note."""
+    part = synth_run.shards(synth_run.cache_round(0))[0]
+    part.unlink()
+    _, findings = verify_run(synth_run, progress=False)
+    assert [(f.severity, f.path) for f in findings] == [("error", str(part))]
 
 
 def test_a_partly_scored_round_is_a_note(synth_run):

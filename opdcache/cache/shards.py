@@ -26,8 +26,8 @@ from opdcache.cache.schema import (
     Column,
     cache_schema,
 )
-from opdcache.errors import CacheFormatError
-from opdcache.rundir import atomic_write_bytes, temp_path_for
+from opdcache.errors import CacheFormatError, OpdcacheError
+from opdcache.rundir import RunDir, atomic_write_bytes, temp_path_for
 
 ROW_GROUP_POSITIONS = 1 << 20  # ~1M positions per row group keeps decode buffers ~100 MB
 
@@ -127,6 +127,52 @@ def check_manifest(path: Path, full: bool = False) -> dict[str, Any]:
     if full and file_sha256(path) != record.get("sha256"):
         raise CacheFormatError(f"{path}: sha256 differs from the one recorded at write time (corrupted)")
     return record
+
+
+def check_no_lost_part(run: RunDir, r: int) -> None:
+    """Cache round ``r`` has no integrity record whose part is gone (a rollout part the teacher is still
+    completing excepted: its record may land just before its part)."""
+    base = run.cache_round(r)
+    for m in sorted(base.glob("_*.parquet.json")):
+        part = m.with_name(m.name[1:-5])
+        if not part.exists() and not (run.rollout_round(r) / part.name).exists():
+            raise CacheFormatError(
+                f"{part}: missing, though its integrity record {m.name} remains; round {r} would be read without it"
+            )
+
+
+def whole_round(run: RunDir, r: int, variant: str | None = None) -> list[Path]:
+    """A reader's inputs: the cache parts of round ``r`` (with ``variant``, that variant's score parts,
+    one per cache part), each checked against its integrity record (bytes, rows). A round that is not
+    whole is an error naming the file, never a smaller round: a rollout part the teacher has not
+    completed, a part missing while its record remains, a ``.parquet`` with no record (not written by
+    opdcache), a part that differs from its record, a cache part not scored."""
+    base = run.cache_round(r)
+    if pending := [p for p in run.shards(run.rollout_round(r)) if not (base / p.name).exists()]:
+        raise OpdcacheError(
+            f"{pending[0]}: round {r}'s rollout part is not yet completed by the teacher; run "
+            f"`opdcache teacher {run.root} --round {r}` first"
+        )
+    check_no_lost_part(run, r)
+    parts = run.shards(base)
+    if not parts:
+        raise OpdcacheError(f"{base}: no cache parts")
+    for p in parts:
+        check_manifest(p)
+    if variant is None:
+        return parts
+    sbase = run.score_round(variant, r)
+    scored = run.shards(sbase)
+    if extra := sorted({p.name for p in scored} - {p.name for p in parts}):
+        raise CacheFormatError(f"{sbase / extra[0]}: a score part with no cache part {base / extra[0]}")
+    if missing := [p.name for p in parts if not (sbase / p.name).exists()]:
+        raise OpdcacheError(
+            f"{sbase / missing[0]}: missing ({len(scored)} of {len(parts)} cache parts scored); score round "
+            f"{r} as {variant!r} first (`opdcache score {run.root} --variant {variant} --rounds {r}`)"
+        )
+    for p in scored:
+        check_manifest(p)
+    return scored
 
 
 def write_parquet(path: Path, table: pa.Table, positions: int) -> None:

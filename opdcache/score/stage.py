@@ -41,6 +41,7 @@ from opdcache.cache.shards import (
     read_score_shard,
     read_variant_params,
     score_file_metadata,
+    whole_round,
     write_parquet,
 )
 from opdcache.errors import CacheFormatError, OpdcacheError
@@ -279,11 +280,9 @@ def score_run(
             f"{spec.to_meta()} would mix settings. Re-score all rounds or use another variant name"
         )
 
-    parts = {r: run.shards(run.cache_round(r)) for r in todo}
+    parts = {r: whole_round(run, r) for r in todo}  # every input checked before anything is written
     ks = {}
-    for r, paths in parts.items():
-        if not paths:
-            raise OpdcacheError(f"{run.cache_round(r)}: no shards")
+    for paths in parts.values():
         for p in paths:
             ks.setdefault(read_cache_meta(p).k, p)
     if len(ks) > 1:
@@ -405,14 +404,9 @@ class _RoundStats:
 def read_effective_lengths(run: RunDir, name: str, r: int) -> np.ndarray:
     """E of every response of round ``r`` in variant ``name`` (input of the budget controller)."""
     d = run.score_round(name, r)
-    files = run.shards(d)
-    if not files:
+    if not run.shards(d):
         raise OpdcacheError(f"{d}: no score shards; run `opdcache score {run.root} --variant {name}` first")
-    if not run.done("score", r, variant=name):  # a sharded score still running, or one killed
-        raise OpdcacheError(
-            f"{d}: {len(files)} of {len(run.shards(run.cache_round(r)))} cache parts scored; finish the "
-            f"score stage (`opdcache score {run.root} --variant {name} --rounds {r}`, sharded or not) first"
-        )
+    files = whole_round(run, r, name)  # a sharded score still running, or one killed, is not whole
     cols = [SCORE_BY_NAME["effective_len"]]
     return np.concatenate(
         [read_score_shard(f, cols, validate=False)[0].column("effective_len").to_numpy() for f in files]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from opdcache.cache.schema import SCORE_BY_NAME
-from opdcache.cache.shards import flat, read_cache_shard, read_score_shard
+from opdcache.cache.shards import flat, read_cache_shard, read_score_shard, whole_round
 from opdcache.errors import OpdcacheError
 from opdcache.rundir import RunDir
 
@@ -46,14 +46,10 @@ class Example:
 def load_examples(run: RunDir, r: int, variant: str, outcome: bool = False) -> list[Example]:
     """The round's responses (empty ones left out) with ``variant``'s weights; with ``outcome`` also its
     reliabilities R and GRPO advantages (the prune-grpo / grpo objectives)."""
-    parts = run.shards(run.cache_round(r))
-    if not parts:
-        raise OpdcacheError(f"{run.cache_round(r)}: no cache parts to train on")
+    parts = whole_round(run, r)
+    scored = whole_round(run, r, variant)
     out = []
-    for part in parts:
-        spath = run.score_round(variant, r) / part.name
-        if not spath.exists():
-            raise OpdcacheError(f"{spath}: missing; score round {r} with variant {variant!r} first")
+    for part, spath in zip(parts, scored, strict=True):
         cache, meta = read_cache_shard(part, CACHE_COLS)
         names = ("prompt_id", "sample", "weight", *(("reliability", "grpo_advantage") if outcome else ()))
         score, params = read_score_shard(spath, [SCORE_BY_NAME[c] for c in names])
