@@ -176,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"opdcache: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from opdcache.children import reap_own
+
+        reap_own()  # an engine still starting would otherwise keep the interpreter from exiting
         _undo_refused_create(run, fresh, existed)
         print("opdcache: interrupted", file=sys.stderr)
         return 130

@@ -47,6 +47,9 @@ def make_llm(
     ``enforce_eager="auto"``: eager on CPU, where compiling a new checkpoint costs more start-up than
     it saves in decoding (README, Measured); CUDA graphs on GPU.
     """
+    from opdcache.children import guard
+
+    guard()  # the engine's processes die with this one, even on kill -9
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     # PersistentEngine sends its own function (_refresh_derived_weights) to the engine's local workers
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")

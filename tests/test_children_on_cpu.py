@@ -1,0 +1,70 @@
+"""The engine's processes die with their command (issue 44): a watcher reaps every process carrying the
+command's mark when the command dies, however it dies (opdcache/children.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing as mp, sys, time
+    from opdcache.children import guard, reap_own
+
+    def sleeper():
+        time.sleep(600)
+
+    if __name__ == "__main__":
+        guard()
+        ps = [mp.get_context("spawn").Process(target=sleeper) for _ in range(2)]
+        for p in ps:
+            p.start()
+        print(" ".join(str(p.pid) for p in ps), flush=True)
+        try:
+            time.sleep(600)
+        except KeyboardInterrupt:
+            reap_own()
+            sys.exit(130)
+    """
+)
+
+
+def gone(pids: list[int], timeout: float = 15.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
+def test_children_die_with_their_command(tmp_path, how):
+    script = tmp_path / "owner.py"
+    script.write_text(SCRIPT)
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        kids = [int(x) for x in p.stdout.readline().split()]
+        assert len(kids) == 2 and all(psutil.pid_exists(k) for k in kids)
+        p.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGINT)
+        assert p.wait(timeout=30) == (-9 if how == "kill -9" else 130)
+        assert gone(kids), f"children {kids} outlived their command ({how})"
+        watcher = [
+            q.pid
+            for q in psutil.process_iter(["cmdline"])
+            if f"opdcache.children {p.pid}-" in " ".join(q.info["cmdline"] or [])
+        ]
+        assert gone(watcher), "the watcher stayed behind"
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for k in kids if "kids" in locals() else []:
+            if psutil.pid_exists(k):
+                os.kill(k, signal.SIGKILL)
