@@ -288,7 +288,7 @@ def commands() -> dict[str, Command]:
             arg("--force", action="store_true", help="replace an existing archive"), QUIET]),
         "unpack": Command(h.unpack, "none", "a packed run into a new directory; every part checked before it appears", [
             arg("archive", help="a .tar.zst written by opdcache pack"),
-            arg("dest", help="new run directory (absent or empty)"), QUIET]),
+            arg("dest", type=out_dir, help="new run directory (absent or empty)"), QUIET]),
         "eval": Command(h.evaluate, "none", "Avg@n accuracy of a checkpoint on a prompt file (vLLM)", [
             arg("checkpoint"),
             arg("--data", type=existing_file, required=True, help="JSONL/Parquet prompts (GSM8K, MATH-500, verl/DAPO shapes load as they are)"),

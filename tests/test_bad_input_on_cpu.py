@@ -219,3 +219,76 @@ def test_chat_template_asked_of_a_tokenizer_without_one(tmp_path):
     with pytest.raises(OpdcacheError, match="has no chat template") as e:
         encode_prompts(tok, prompts, "{question}", True)
     assert "\n" not in str(e.value)
+
+
+def generated_cases() -> list[tuple[list[str], str]]:
+    """A bad value for every option of every subcommand, from the parsers themselves (issue 42): a new
+    option gets its row without anyone writing it; one with no checked type must be listed in FREE."""
+    import argparse
+
+    from opdcache import argcheck, cli
+
+    bad = {
+        int: ["x1"],
+        float: ["x1"],
+        argcheck.positive_int: ["x1", "0"],
+        argcheck.nonnegative_int: ["x1", "-1"],
+        argcheck.unit_float: ["x1", "2"],
+        argcheck.existing_file: ["nope/none.txt"],
+        argcheck.out_dir: ["afile.txt/x"],
+        argcheck.out_file: ["afile.txt/x"],
+        argcheck.variant_name: ["", ".x"],
+        cli._rounds: ["2-1", "a"],
+        cli._names: [","],
+    }
+    cases, untyped = [], []
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        positionals = [a for a in parser._actions if not a.option_strings]
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or action.nargs == 0:
+                continue
+            values = ["no-such-choice"] if action.choices else bad.get(action.type)
+            if values is None:
+                untyped.append((name, action.dest))
+                continue
+            for v in values:
+                if action.option_strings:
+                    argv = [name, action.option_strings[0], v]
+                else:  # the positionals before it get a harmless value
+                    argv = [name, *["r1"] * positionals.index(action), v]
+                cases.append((argv, action.option_strings[0] if action.option_strings else action.dest))
+    assert sorted(set(untyped) - FREE) == [], "options with no checked type: add a type or list them in FREE"
+    return cases
+
+
+# options whose text the handler checks itself (paths that may be hub ids, SQL, key=value pairs, ...);
+# each has rows in CASES above or in tests of its own
+FREE = {
+    *((c, "run") for c in ("init", "rollout", "teacher", "score", "train", "budget", "round", "run", "replay",
+                            "query", "verify", "pack", "synth", "probe")),
+    ("run", "config"), ("init", "set"), ("run", "set"), ("probe", "set"),
+    *((c, "shard") for c in ("rollout", "teacher", "score")),
+    ("score", "reference"), ("replay", "reference"), ("query", "sql"), ("query", "file"), ("query", "param"),
+    ("eval", "checkpoint"), ("eval", "data"), ("eval", "teacher"), ("eval", "template"), ("eval", "field"),
+    ("report", "runs"), ("report", "sql_dir"), ("demo", "out"), ("demo", "data"), ("convert", "source"),
+    ("convert", "drop_layers"), ("unpack", "archive"), ("probe", "teacher"), ("probe", "student"),
+    ("probe", "data"), ("probe", "template"), ("metrics", "run"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv,flag", generated_cases(), ids=lambda x: " ".join(x) if isinstance(x, list) else None
+)
+def test_every_option_refuses_a_bad_value(place, argv, flag, capsys, monkeypatch):
+    monkeypatch.chdir(place)
+    before = tree(place)
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert "error" in lines[0] and (flag in lines[0] or flag.upper() in lines[0]), lines[0]
+    assert tree(place) == before
