@@ -8,8 +8,9 @@ opdcache.children``, its own session) that blocks on a pipe only this process ho
 dies, however it dies, the pipe reaches end-of-file and the watcher kills every process that carries
 the mark, then exits. On Ctrl-C the command itself calls :func:`reap` before it returns.
 
-A mark in the environment, not a list of pids: a child started a moment before the kill, or re-parented
-to init, is still found, and a pid reused by an unrelated process never is.
+The watcher also notes the command's descendants four times a second: vLLM retitles its processes
+(setproctitle), which hides the environment /proc shows. Pids are checked against their start time,
+so a reused pid is never killed.
 """
 
 from __future__ import annotations
@@ -94,13 +95,61 @@ def reap_own() -> int:
     return reap(mark) if mark.startswith(f"{os.getpid()}-") else 0
 
 
-def _watch(mark: str) -> None:
-    """The watcher: wait for the owner's end (EOF on stdin), then reap its marked processes."""
+def _watch(mark: str, every: float = 0.25) -> None:
+    """The watcher: until the owner's end (its pid gone, or EOF on stdin), note the owner's descendants
+    every ``every`` seconds; then reap them and every process still carrying the mark. Both, because
+    vLLM retitles its processes (setproctitle), which hides the environment /proc shows; and the pid is
+    polled, not only the pipe, because a child the owner forks without exec keeps the pipe open."""
+    import select
+
+    import psutil
+
+    owner = int(mark.split("-", 1)[0])
     try:
-        while sys.stdin.buffer.read(1 << 16):
-            pass
-    except OSError:
-        pass
+        born = psutil.Process(owner).create_time()
+    except psutil.Error:
+        born = None
+    seen: dict[int, float] = {}
+    while born is not None:
+        try:
+            o = psutil.Process(owner)
+            if o.create_time() != born or o.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.Error:
+            break  # the owner is gone
+        try:
+            kids = o.children(recursive=True)
+        except psutil.Error:
+            kids = []  # a child went while we looked: next time
+        for q in kids:
+            if q.pid == os.getpid():
+                continue  # this watcher is the owner's child too
+            try:
+                seen.setdefault(q.pid, q.create_time())
+            except psutil.Error:
+                continue
+        ready, _, _ = select.select([sys.stdin], [], [], every)
+        if ready and not os.read(sys.stdin.fileno(), 1 << 16):
+            break  # the pipe closed: the owner ended
+    procs = []
+    for pid, t in seen.items():
+        try:
+            q = psutil.Process(pid)
+            if q.create_time() == t:  # not a reused pid
+                procs += [c for c in [q, *q.children(recursive=True)] if c.pid != os.getpid()]
+        except psutil.Error:
+            continue
+    for q in procs:
+        try:
+            q.terminate()
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=2.0)
+    for q in alive:
+        try:
+            q.kill()
+        except psutil.Error:
+            continue
     reap(mark, grace=2.0)
 
 

@@ -70,46 +70,64 @@ def test_children_die_with_their_command(tmp_path, how):
                 os.kill(k, signal.SIGKILL)
 
 
-def engine_processes(owner: int) -> list[psutil.Process]:
-    """Processes carrying the mark of opdcache process ``owner`` (children.MARK = '<owner pid>-...')."""
-    out = []
-    for q in psutil.process_iter(["pid"]):
-        try:
-            if q.environ().get("OPDCACHE_OWNER", "").startswith(f"{owner}-"):
-                out.append(q)
-        except (psutil.Error, OSError):
-            continue
-    return out
+def descendants(owner: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(owner).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def name(q: psutil.Process) -> str:
+    try:
+        return q.name()
+    except psutil.Error:
+        return ""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["kill -9 while rolling out", "Ctrl-C during engine start-up"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "kill -9 while rolling out",
+        pytest.param(
+            "Ctrl-C during engine start-up",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="issue 44, not fixed: a Ctrl-C to the command's process group while vLLM's engine "
+                "starts hangs the command (vLLM's start-up does not return; a second Ctrl-C is needed)",
+            ),
+        ),
+    ],
+)
 def test_a_killed_rollout_leaves_no_engine(tiny_overrides, tmp_path, how):
     """The real `opdcache rollout`: vLLM's EngineCore and workers go with the command."""
     run = tmp_path / "run"
     exe = [sys.executable, "-m", "opdcache.cli"]
     subprocess.run([*exe, "init", str(run), *sum((["--set", o] for o in tiny_overrides), [])], check=True)
-    p = subprocess.Popen([*exe, "rollout", str(run), "--round", "0", "--quiet"], stderr=subprocess.PIPE)
+    p = subprocess.Popen(  # its own process group, as a shell job: Ctrl-C reaches the whole group
+        [*exe, "rollout", str(run), "--round", "0", "--quiet"], stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         end, engine = time.monotonic() + 240, []
         while time.monotonic() < end and p.poll() is None:
-            engine = [q for q in engine_processes(p.pid) if "EngineCore" in q.name()]
+            engine = [q for q in descendants(p.pid) if "EngineCor" in name(q)]  # comm: 15 chars
             if engine:
                 break
             time.sleep(0.1)
         assert engine, "the engine never started"
-        marked = engine_processes(p.pid)
+        marked = descendants(p.pid)
         if how.startswith("kill"):
             time.sleep(5)  # the workers are up, the rollout running
-            marked = engine_processes(p.pid)
+            marked = descendants(p.pid)
             p.kill()
         else:
-            p.send_signal(signal.SIGINT)  # the engine is still starting
-        rc = p.wait(timeout=120)
+            os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does; the engine is still starting
+        rc = p.wait(timeout=60)
         assert rc == (-9 if how.startswith("kill") else 130), p.stderr.read()[-2000:]
-        assert gone([q.pid for q in marked], timeout=30), f"{how}: {[q.name() for q in marked]} left running"
+        assert gone([q.pid for q in marked], timeout=30), f"{how}: {[name(q) for q in marked]} left running"
     finally:
         if p.poll() is None:
             p.kill()
-        for q in engine_processes(p.pid):
-            q.kill()
+        for q in marked if "marked" in locals() else []:
+            if q.is_running():
+                q.kill()
