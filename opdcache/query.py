@@ -302,6 +302,8 @@ def connect(
     for stmt in view_statements(run, arrow_sources(run, con) if read_only else None):
         con.execute(stmt)
     if read_only:
+        # one thread: sums over the Arrow scans in a fixed order, so a report's figures are byte-identical
+        con.execute("SET threads = 1")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con

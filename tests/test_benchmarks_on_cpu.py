@@ -32,8 +32,8 @@ EXPECTED = {
         "opdcache OPD: wall s",
         "ratio opdcache OPD / TRL wall",
         "ratio opdcache OPD / TRL generation",
-        "teacher bytes kept",
-        "re-run s",
+        "teacher bytes kept: opdcache",
+        "re-run s: opdcache",
     ],
 }
 SLOW = {
