@@ -16,7 +16,6 @@ so a reused pid is never killed.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -64,8 +63,29 @@ def marked(mark: str) -> list[int]:
     return found
 
 
+def end(procs: list, grace: float) -> int:
+    """SIGTERM ``procs`` (psutil processes), SIGKILL what is left after ``grace`` seconds; how many."""
+    import psutil
+
+    sent = []
+    for p in procs:
+        try:
+            p.terminate()
+            sent.append(p)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(sent, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(alive, timeout=grace)
+    return len(sent)
+
+
 def reap(mark: str | None = None, grace: float = 3.0) -> int:
-    """SIGTERM every marked process, SIGKILL what is left after ``grace`` seconds; how many there were."""
+    """``end`` every process carrying ``mark``; how many there were."""
     import psutil
 
     mark = mark or os.environ.get(MARK)
@@ -74,19 +94,10 @@ def reap(mark: str | None = None, grace: float = 3.0) -> int:
     procs = []
     for pid in marked(mark):
         try:
-            p = psutil.Process(pid)
-            p.send_signal(signal.SIGTERM)
-            procs.append(p)
+            procs.append(psutil.Process(pid))
         except psutil.Error:
             continue
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            continue
-    psutil.wait_procs(alive, timeout=grace)
-    return len(procs)
+    return end(procs, grace)
 
 
 def reap_own() -> int:
@@ -139,17 +150,7 @@ def _watch(mark: str, every: float = 0.25) -> None:
                 procs += [c for c in [q, *q.children(recursive=True)] if c.pid != os.getpid()]
         except psutil.Error:
             continue
-    for q in procs:
-        try:
-            q.terminate()
-        except psutil.Error:
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=2.0)
-    for q in alive:
-        try:
-            q.kill()
-        except psutil.Error:
-            continue
+    end(procs, grace=2.0)
     reap(mark, grace=2.0)
 
 
