@@ -2,7 +2,7 @@
 
 vLLM runs its engine core and workers as child processes. A ``kill -9`` of the command used to leave
 them running (2.1 GB here, GPU memory on a GPU), and a Ctrl-C during the engine's start-up hung until a
-second one. Before the first engine starts, :func:`guard` marks this process's environment
+second one (now :func:`interruptible` around the start). Before the first engine starts, :func:`guard` marks this process's environment
 (``OPDCACHE_OWNER``, inherited by every descendant) and starts a small watcher (``python -m
 opdcache.children``, its own session) that blocks on a pipe only this process holds. When the process
 dies, however it dies, the pipe reaches end-of-file and the watcher kills every process that carries
@@ -15,10 +15,14 @@ so a reused pid is never killed.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 MARK = "OPDCACHE_OWNER"
 _watcher: subprocess.Popen | None = None
@@ -45,6 +49,38 @@ def guard() -> None:
         start_new_session=True,  # a Ctrl-C to our process group does not reach it
         env={k: v for k, v in os.environ.items() if k != MARK},  # it must not kill itself
     )
+
+
+@contextlib.contextmanager
+def interruptible(every: float = 1.0) -> Iterator[None]:
+    """A Ctrl-C inside the block reaches the caller as ``KeyboardInterrupt``, even through code that
+    swallows it. vLLM's start-up does (``zmq_socket_ctx`` catches ``KeyboardInterrupt``), and its engine
+    core, which got the same Ctrl-C, is gone, so ``LLM(...)`` then waits forever on a reply (measured:
+    the command hung until a second Ctrl-C). Once interrupted, SIGINT is re-sent every ``every`` seconds
+    until the block is left; one that finished regardless raises at its end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+    interrupted, left = threading.Event(), threading.Event()
+
+    def on_sigint(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    def resend() -> None:
+        while not left.wait(every):
+            if interrupted.is_set():
+                os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    threading.Thread(target=resend, name="opdcache-interruptible", daemon=True).start()
+    try:
+        yield
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+    finally:
+        left.set()
+        signal.signal(signal.SIGINT, previous)
 
 
 def marked(mark: str) -> list[int]:

@@ -70,6 +70,43 @@ def test_children_die_with_their_command(tmp_path, how):
                 os.kill(k, signal.SIGKILL)
 
 
+SWALLOWER = textwrap.dedent(
+    """
+    import sys, threading
+    from opdcache.children import interruptible
+
+    def start_up():  # what vLLM's start-up does: swallow the Ctrl-C, then wait on a reply that never comes
+        try:
+            threading.Event().wait(2)
+        except KeyboardInterrupt:
+            pass
+        threading.Event().wait()
+
+    if __name__ == "__main__":
+        print("ready", flush=True)
+        try:
+            with interruptible(every=0.2):
+                start_up()
+        except KeyboardInterrupt:
+            sys.exit(130)
+    """
+)
+
+
+def test_a_swallowed_ctrl_c_still_ends_the_command(tmp_path):
+    script = tmp_path / "swallow.py"
+    script.write_text(SWALLOWER)
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=20) == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
 def descendants(owner: int) -> list[psutil.Process]:
     try:
         return psutil.Process(owner).children(recursive=True)
@@ -89,14 +126,7 @@ def name(q: psutil.Process) -> str:
     "how",
     [
         "kill -9 while rolling out",
-        pytest.param(
-            "Ctrl-C during engine start-up",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 44, not fixed: a Ctrl-C to the command's process group while vLLM's engine "
-                "starts hangs the command (vLLM's start-up does not return; a second Ctrl-C is needed)",
-            ),
-        ),
+        "Ctrl-C during engine start-up",
     ],
 )
 def test_a_killed_rollout_leaves_no_engine(tiny_overrides, tmp_path, how):

@@ -47,7 +47,7 @@ def make_llm(
     ``enforce_eager="auto"``: eager on CPU, where compiling a new checkpoint costs more start-up than
     it saves in decoding (README, Measured); CUDA graphs on GPU.
     """
-    from opdcache.children import guard
+    from opdcache.children import guard, interruptible
 
     guard()  # the engine's processes die with this one, even on kill -9
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
@@ -69,16 +69,17 @@ def make_llm(
         kwargs["enable_sleep_mode"] = True  # PersistentEngine.release: the teacher and trainer get the GPU
     else:
         kwargs["enable_chunked_prefill"] = False  # per-request generators (module docstring)
-    return LLM(
-        model=model,
-        dtype=default_dtype(dtype),
-        logprobs_mode="raw_logprobs",
-        max_logprobs=k,
-        seed=seed,
-        max_model_len=max_model_len,
-        enforce_eager=not torch.cuda.is_available() if enforce_eager == "auto" else bool(enforce_eager),
-        **kwargs,
-    )
+    with interruptible():  # vLLM's start-up swallows a Ctrl-C, then waits forever on its dead engine
+        return LLM(
+            model=model,
+            dtype=default_dtype(dtype),
+            logprobs_mode="raw_logprobs",
+            max_logprobs=k,
+            seed=seed,
+            max_model_len=max_model_len,
+            enforce_eager=not torch.cuda.is_available() if enforce_eager == "auto" else bool(enforce_eager),
+            **kwargs,
+        )
 
 
 class PersistentEngine:
