@@ -327,6 +327,9 @@ def commands() -> dict[str, Command]:
             arg("--smoke", action="store_true", help="tiny sizes, the high pair with opd and prune only (what the tests run)"),
             arg("--rounds", type=positive_int, help="rounds per arm (default 4, --real 3; smoke 1)"),
             arg("--seeds", type=int, nargs="+", default=[0], help="rollout/train seeds to repeat over"),
+            arg("--keep-last", type=positive_int, metavar="N",
+                help="keep the weights of each run's newest N student checkpoints (train.keep_checkpoints; "
+                "default: its default, 3)"),
             arg("--pairs", nargs="+", choices=["low", "mild", "two"],
                 help="--real: student pairs (low: layers 20-23 removed, the default with --data; mild: layer "
                 "14 removed, the default on the arithmetic; two: layers 14-15 removed, the default on the chains)"),

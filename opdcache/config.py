@@ -165,6 +165,12 @@ class TrainConfig:
     keep_states: int = setting(
         1, "DeepSpeed states kept under RUN/deepspeed/ (the newest; 0 = all); each holds the optimizer", ge=0
     )
+    keep_checkpoints: int = setting(
+        3,
+        "student checkpoints whose weights stay under RUN/checkpoints/ (the newest N, plus any a scheduled "
+        "eval has not read yet; 0 = all); a removed one keeps its metrics and a record (train/retention.py)",
+        ge=0,
+    )
     objective: Objective = setting(
         "sum-and-sample",
         "the OPD loss (train/loss.py, docs/objectives.md; the default keeps a real student from flattening, docs/real-pair.md): "

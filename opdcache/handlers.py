@@ -430,6 +430,7 @@ def demo(a: Args, _: None) -> list[str]:
             compare=a.compare_objectives,
             arms=tuple(a.arms) if a.arms else None,
             task_name=a.task,
+            keep_last=a.keep_last or 0,
         )
     else:
         from opdcache.demo import run_demo
@@ -438,7 +439,14 @@ def demo(a: Args, _: None) -> list[str]:
             raise OpdcacheError("demo --data: only with --real (the toy demo writes its own prompts)")
         if a.arms or a.objective or a.compare_objectives or a.task != "arithmetic":
             raise OpdcacheError("demo --arms / --objective / --compare-objectives / --task: only with --real")
-        res = run_demo(a.out or "demo", a.smoke, a.rounds, tuple(a.seeds), progress=not a.quiet)
+        res = run_demo(
+            a.out or "demo",
+            a.smoke,
+            a.rounds,
+            tuple(a.seeds),
+            progress=not a.quiet,
+            keep_last=a.keep_last or 0,
+        )
     return [
         res["table"],
         f"\ndemo finished in {res['seconds']:.0f} s; summary {res['summary']}, report {res['report']}",

@@ -494,13 +494,15 @@ def run_real_demo(
     compare: bool = False,
     arms: tuple[str, ...] | None = None,
     task_name: str = "arithmetic",
+    keep_last: int = 0,
 ) -> dict[str, Any]:
     """The demo (module docstring); ``data``: a GSM8K-shaped prompt file, or None for the embedded
     arithmetic; ``models_dir``: where the converted checkpoints go (default OUT/models; a conversion
     already there is reused). ``objective``: the OPD loss of every arm (default: train.objective's
-    default); ``compare``: also OPD with every other objective."""
+    default); ``compare``: also OPD with every other objective; ``keep_last``: train.keep_checkpoints of
+    every run (0: the config's default)."""
     from opdcache.config import TrainConfig
-    from opdcache.demo import verdicts_markdown, warm_up
+    from opdcache.demo import keeping, verdicts_markdown, warm_up
     from opdcache.report import make_report
 
     if task_name not in TASKS:
@@ -552,7 +554,10 @@ def run_real_demo(
             run.root.mkdir(parents=True, exist_ok=True)
             with RunLock(run, "demo"):
                 cfg = start_run(
-                    None, run, real_overrides(models, pair, probe, train, size, seed, arm, gamma, obj, task)
+                    None,
+                    run,
+                    real_overrides(models, pair, probe, train, size, seed, arm, gamma, obj, task)
+                    + keeping(keep_last),
                 )
                 shared = RunDir(first).eval_result(0)
                 if shared != run.eval_result(0) and shared.exists() and not run.done("eval", 0):

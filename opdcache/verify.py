@@ -3,7 +3,8 @@
 Per Parquet part (cache, rollouts, scores): the integrity record exists, bytes, rows and sha256
 match, every page decodes with its checksum, the schema version, columns, types and list lengths
 are right, log-probs are finite; score parts have the rows of their cache part; all cache parts
-share k; the budget state parses. Also reports leftovers of interrupted writes and score rounds
+share k; the budget state parses; every student checkpoint holds its weights or the record of their
+removal (``train.keep_checkpoints``). Also reports leftovers of interrupted writes and score rounds
 with fewer parts than the cache (notes).
 """
 
@@ -96,12 +97,35 @@ def verify_run(run: RunDir, progress: bool = True) -> tuple[int, list[Finding]]:
                             "note",
                         )
                     )
+    findings += _verify_checkpoints(run)
     if run.budget.exists():
         try:
             BudgetController(run.root)
         except OpdcacheError as e:
             findings.append(Finding(str(run.budget), str(e)))
     return len(parts), findings
+
+
+def _verify_checkpoints(run: RunDir) -> list[Finding]:
+    """Each trained checkpoint holds its weights, or the record of their removal (train.keep_checkpoints)."""
+    from opdcache.models.checkpoint import REMOVED, removal
+
+    out = []
+    for r in run.rounds(run.checkpoints):
+        d = run.checkpoint(r)
+        rec = removal(d)
+        if rec is not None:
+            if "round" not in rec:
+                out.append(Finding(str(d / REMOVED), "removal record does not parse"))
+            continue
+        missing = [n for n in ("config.json", "opdcache_train.json") if not (d / n).is_file()]
+        if not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")):
+            missing.append("weights")
+        if missing:
+            out.append(
+                Finding(str(d), f"checkpoint without {', '.join(missing)} and no removal record ({REMOVED})")
+            )
+    return out
 
 
 def remade_by(run: RunDir, path: Path) -> str:
@@ -117,6 +141,8 @@ def remade_by(run: RunDir, path: Path) -> str:
         return f"`opdcache rollout {run.root} --round {rnd}`"
     if rel[0] == "scores" and len(rel) > 1:
         return f"`opdcache score {run.root} --variant {rel[1]} --rounds {rnd}`"
+    if rel[0] == "checkpoints" and rnd.isdigit():
+        return f"`opdcache train {run.root} --round {int(rnd) - 1}` (with its round's scores)"
     if path == run.budget:
         return f"`opdcache budget {run.root} --round r` for each round again (the decisions follow from the scores)"
     return "nothing: opdcache did not make it"

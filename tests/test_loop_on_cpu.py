@@ -288,3 +288,38 @@ def test_resident_trainer_matches_reloading_from_disk(looped, monkeypatch):
     assert max(float(np.abs(ours[k] - theirs[k]).max()) for k in theirs) < 1e-6
     meta = json.loads((kept.checkpoint(2) / "opdcache_train.json").read_text())
     assert meta["source"] == str(kept.checkpoint(1)) and meta["metrics"]
+
+
+def test_retention_keeps_the_newest_weights_and_records_the_rest(looped, tmp_path):
+    """train.keep_checkpoints = 1: after round 1's training, round 1's weights go, its metrics and a
+    removal record stay; verify passes; a stage that needs them says so."""
+    import dataclasses
+    import shutil
+
+    from opdcache.errors import OpdcacheError
+    from opdcache.models.checkpoint import student_checkpoint
+    from opdcache.train.stage import train_round
+    from opdcache.verify import verify_run
+
+    run, cfg, *_ = looped
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.root, copy.root, symlinks=True, ignore=shutil.ignore_patterns("replays"))
+    shutil.rmtree(copy.checkpoint(2))
+    shutil.rmtree(copy.deepspeed_state(2))
+    one = copy.checkpoint(1)
+    sizes = {p.name: p.stat().st_size for p in one.iterdir() if p.name != "opdcache_train.json"}
+    metrics = (one / "opdcache_train.json").read_bytes()
+    keep1 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, keep_checkpoints=1))
+    train_round(copy, 1, keep1, "prune", progress=False)
+    assert (copy.checkpoint(2) / "model.safetensors").exists()
+    assert sorted(p.name for p in one.iterdir()) == ["opdcache_removed.json", "opdcache_train.json"]
+    assert (one / "opdcache_train.json").read_bytes() == metrics
+    rec = json.loads((one / "opdcache_removed.json").read_text())
+    assert rec["round"] == 1 and rec["by"] == "train.keep_checkpoints=1"
+    assert sorted(rec["files"]) == sorted(sizes) and rec["bytes"] == sum(sizes.values())
+    assert copy.done("train", 0) and copy.rounds(copy.checkpoints) == [1, 2]
+    assert [f for f in verify_run(copy, progress=False)[1] if f.severity == "error"] == []
+    with pytest.raises(OpdcacheError, match="weights were removed by train.keep_checkpoints=1"):
+        student_checkpoint(copy, keep1, 1)
+    (copy.checkpoint(2) / "model.safetensors").unlink()  # lost without a record: verify names it
+    assert any("checkpoint without weights" in f.problem for f in verify_run(copy, progress=False)[1])

@@ -49,6 +49,7 @@ from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir
 from opdcache.train.data import Example, collate, load_examples
 from opdcache.train.extensions import before_deepspeed
 from opdcache.train.loss import REST_OBJECTIVES, Terms, policy_loss
+from opdcache.train.retention import prune_checkpoints
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -434,6 +435,7 @@ def _train_round(
         if t.keep_states:  # only after the checkpoint that marks the round done is in place
             for old_state in run.rounds(run.deepspeed)[: -t.keep_states]:
                 shutil.rmtree(run.deepspeed_state(old_state), ignore_errors=True)
+        prune_checkpoints(run, cfg, r + 1)
     deepspeed.comm.barrier()
     if resident is not None:
         resident.keep(dataclasses.replace(trainer, r=r + 1, source=student_checkpoint(run, cfg, r + 1)))
