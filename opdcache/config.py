@@ -143,6 +143,29 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """A LoRA student (peft): one adapter on the initial student, trained through every round."""
+
+    rank: int = setting(0, "LoRA rank r; 0 = full fine-tuning (the default)", ge=0)
+    alpha: float = setting(32.0, "LoRA alpha (the update is scaled by alpha / rank)", gt=0)
+    dropout: float = setting(0.0, "LoRA dropout", ge=0, lt=1)
+    target_modules: str = setting(
+        "all-linear",
+        "modules that get adapters: all-linear (peft's), or comma-separated names (q_proj,v_proj)",
+    )
+
+    def __post_init__(self) -> None:
+        validate(self, "train.lora")
+        if not [m for m in self.target_modules.split(",") if m.strip()]:
+            fail(
+                "train.lora",
+                "target_modules",
+                "all-linear or comma-separated module names",
+                self.target_modules,
+            )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     lr: float = setting(1e-6, "AdamW learning rate", gt=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
@@ -171,6 +194,7 @@ class TrainConfig:
         "eval has not read yet; 0 = all); a removed one keeps its metrics and a record (train/retention.py)",
         ge=0,
     )
+    lora: LoraConfig = setting(default_factory=LoraConfig)
     objective: Objective = setting(
         "sum-and-sample",
         "the OPD loss (train/loss.py, docs/objectives.md; the default keeps a real student from flattening, docs/real-pair.md): "
@@ -195,6 +219,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self, "train")
+        if self.lora.rank and self.zero_stage == 3:
+            fail("train", "zero_stage", "0-2 with a LoRA student (train.lora.rank > 0)", self.zero_stage)
 
 
 @dataclass(frozen=True)

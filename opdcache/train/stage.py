@@ -48,6 +48,7 @@ from opdcache.results import TrainResult
 from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir
 from opdcache.train.data import Example, collate, load_examples
 from opdcache.train.extensions import before_deepspeed
+from opdcache.train.lora import save_lora, state_bytes
 from opdcache.train.loss import REST_OBJECTIVES, Terms, policy_loss
 from opdcache.train.retention import prune_checkpoints
 
@@ -266,10 +267,17 @@ def load_trainer(run: RunDir, r: int, cfg: RunConfig) -> Trainer:
     source = student_checkpoint(run, cfg, r)
     tokenizer = AutoTokenizer.from_pretrained(source)
     before_deepspeed()
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch.bfloat16 if cfg.train.bf16 else torch.float32
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    lora = cfg.train.lora
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    if lora.rank:  # the initial student under the run's one adapter (train/lora.py)
+        from opdcache.train.lora import with_adapter
+
+        base = AutoModelForCausalLM.from_pretrained(student_checkpoint(run, cfg, 0), dtype=dtype)
+        model = with_adapter(base, lora, source, trained=run.checkpoint(r).is_dir(), seed=cfg.train.seed)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
     ds_prev = run.deepspeed_state(r)
     if ds_prev.is_dir():
@@ -413,6 +421,8 @@ def _train_round(
     if rank == 0:
         if t.zero_stage == 3:
             model.config.save_pretrained(staged / "hf")
+        elif t.lora.rank:
+            save_lora(engine.module, staged / "hf")
         else:
             engine.module.save_pretrained(staged / "hf", safe_serialization=True)
         tokenizer.save_pretrained(staged / "hf")
@@ -425,6 +435,8 @@ def _train_round(
                     "source": source,
                     "world_size": world,
                     **recompute,
+                    "lora_rank": t.lora.rank,
+                    "memory": state_bytes(engine.module, engine.optimizer),
                     "metrics": metrics,
                 }
             ).encode(),
