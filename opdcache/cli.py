@@ -330,6 +330,8 @@ def commands() -> dict[str, Command]:
             arg("--keep-last", type=positive_int, metavar="N",
                 help="keep the weights of each run's newest N student checkpoints (train.keep_checkpoints; "
                 "default: its default, 3)"),
+            arg("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                help="override a config key of every demo run (after the demo's own; e.g. train.lora.rank=16)"),
             arg("--pairs", nargs="+", choices=["low", "mild", "two"],
                 help="--real: student pairs (low: layers 20-23 removed, the default with --data; mild: layer "
                 "14 removed, the default on the arithmetic; two: layers 14-15 removed, the default on the chains)"),

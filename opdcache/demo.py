@@ -85,11 +85,6 @@ class DemoSize:
         return dataclasses.replace(size, rounds=rounds) if rounds else size
 
 
-def keeping(keep_last: int) -> list[str]:
-    """The demo's --keep-last as a run override (none: the config's default)."""
-    return [f"train.keep_checkpoints={keep_last}"] if keep_last else []
-
-
 def toy_overrides(
     models: dict[str, Path], student: str, data: Path, size: DemoSize, seed: int, arm: str
 ) -> list[str]:
@@ -297,9 +292,9 @@ def run_demo(
     rounds: int | None = None,
     seeds: tuple[int, ...] = (0,),
     progress: bool = True,
-    keep_last: int = 0,
+    overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """``keep_last``: train.keep_checkpoints of every run (0: the config's default)."""
+    """``overrides``: config overrides of every run, after the demo's own (``demo --set``)."""
     from opdcache.report import make_report
 
     t0 = time.perf_counter()
@@ -319,7 +314,7 @@ def run_demo(
             run.root.mkdir(parents=True, exist_ok=True)
             with RunLock(run, "demo"):
                 cfg = start_run(
-                    None, run, toy_overrides(models, PAIRS[pair], data, size, seed, arm) + keeping(keep_last)
+                    None, run, toy_overrides(models, PAIRS[pair], data, size, seed, arm) + list(overrides)
                 )
                 shared = RunDir(outd / "runs" / f"{pair}-{ARMS[0]}-s{seed}").eval_result(0)
                 if shared != run.eval_result(0) and shared.exists() and not run.done("eval", 0):

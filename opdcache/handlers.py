@@ -414,6 +414,15 @@ def report(a: Args, _: None) -> str:
     return f"wrote {make_report(a.runs, a.out, a.band_scale, a.bucket, a.sql_dir)}"
 
 
+def demo_overrides(a: Args) -> tuple[str, ...]:
+    """The config overrides every demo run gets: --keep-last, then --set (checked here, before any work)."""
+    from opdcache.config import load_config
+
+    out = ((f"train.keep_checkpoints={a.keep_last}",) if a.keep_last else ()) + tuple(a.set)
+    load_config(None, list(out))  # a bad key or value is one line now, not after the models are built
+    return out
+
+
 def demo(a: Args, _: None) -> list[str]:
     if a.real:
         from opdcache.real_demo import run_real_demo
@@ -430,7 +439,7 @@ def demo(a: Args, _: None) -> list[str]:
             compare=a.compare_objectives,
             arms=tuple(a.arms) if a.arms else None,
             task_name=a.task,
-            keep_last=a.keep_last or 0,
+            overrides=demo_overrides(a),
         )
     else:
         from opdcache.demo import run_demo
@@ -445,7 +454,7 @@ def demo(a: Args, _: None) -> list[str]:
             a.rounds,
             tuple(a.seeds),
             progress=not a.quiet,
-            keep_last=a.keep_last or 0,
+            overrides=demo_overrides(a),
         )
     return [
         res["table"],

@@ -494,15 +494,15 @@ def run_real_demo(
     compare: bool = False,
     arms: tuple[str, ...] | None = None,
     task_name: str = "arithmetic",
-    keep_last: int = 0,
+    overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The demo (module docstring); ``data``: a GSM8K-shaped prompt file, or None for the embedded
     arithmetic; ``models_dir``: where the converted checkpoints go (default OUT/models; a conversion
     already there is reused). ``objective``: the OPD loss of every arm (default: train.objective's
-    default); ``compare``: also OPD with every other objective; ``keep_last``: train.keep_checkpoints of
-    every run (0: the config's default)."""
+    default); ``compare``: also OPD with every other objective; ``overrides``: config overrides of every
+    run, after the demo's own (``demo --set``)."""
     from opdcache.config import TrainConfig
-    from opdcache.demo import keeping, verdicts_markdown, warm_up
+    from opdcache.demo import verdicts_markdown, warm_up
     from opdcache.report import make_report
 
     if task_name not in TASKS:
@@ -557,7 +557,7 @@ def run_real_demo(
                     None,
                     run,
                     real_overrides(models, pair, probe, train, size, seed, arm, gamma, obj, task)
-                    + keeping(keep_last),
+                    + list(overrides),
                 )
                 shared = RunDir(first).eval_result(0)
                 if shared != run.eval_result(0) and shared.exists() and not run.done("eval", 0):
