@@ -107,15 +107,18 @@ def existing_file(text: str) -> Path:
     return path
 
 
-def run_root(root: Path, create: bool) -> None:
-    """RUN of a command: for ``create`` (init, run, synth) a new, empty or existing run directory with
-    no file in the way; for every other command an existing run (``RunDir.is_run``), so that no command
-    writes its files (views, locks, metrics) into a folder that is not a run."""
+def run_root(root: Path, create: bool, write: bool = False) -> None:
+    """RUN of a command, before any file is made: for ``create`` (init, run, synth) a new, empty or
+    existing run directory with no file in the way; for every other command an existing run
+    (``RunDir.is_run``), so that no command writes its files (views, locks, metrics) into a folder that
+    is not a run. A command that ``write``s needs a writable RUN (or, to create it, parent)."""
     from opdcache.rundir import RunDir
 
     if (f := file_in_the_way(root)) is not None:
         what = "is a file" if f == root else f"lies under the file {f}"
         raise OpdcacheError(f"RUN {root}: {what}; expected a run directory")
+    if write and (why := unwritable(root)) is not None:
+        raise OpdcacheError(f"RUN {root}: {why}; this command writes into the run")
     if create:
         return
     if not RunDir(root).require().is_run():

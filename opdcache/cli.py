@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run = None if cmd.kind == "none" else RunDir(args.run)
         if run is not None:
-            run_root(run.root, create=cmd.kind == "create")  # before any file is made
+            run_root(run.root, create=cmd.kind == "create", write=cmd.kind in ("create", "write"))
         if run is not None and cmd.kind == "create":
             existed = run.root.exists()
             fresh = not (existed and any(run.root.iterdir()))  # nothing of a run there yet
@@ -149,8 +149,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     from opdcache.budget import BudgetController
 
                     BudgetController(run)  # a damaged budget state stops a command before it writes
+                metrics = args.command in METRICS_AFTER and (
+                    not hasattr(args, "shard") or args.shard.count == 1
+                )
+                metrics = metrics and not (
+                    args.command == "budget" and args.round is None
+                )  # showing writes nothing
+                if metrics:
+                    from opdcache.cache.shards import check_run_parts
+
+                    check_run_parts(run)  # the metrics read every round: a damaged part stops it first
                 out = cmd.handler(args, run)
-                if args.command in METRICS_AFTER and (not hasattr(args, "shard") or args.shard.count == 1):
+                if metrics:
                     from opdcache.metrics import write_metrics
 
                     write_metrics(run)  # a sharded worker leaves it to the unsharded stages after it
@@ -160,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 if (
                     run is not None
+                    and cmd.kind in ("create", "write")  # a reading command leaves the run as it was
+                    and not (args.command == "budget" and args.round is None)  # showing the budget too
                     and not refused
                     and run.root.is_dir()
                     and not (fresh and not run.config.exists())
@@ -171,8 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OpdcacheError as e:
         _undo_refused_create(run, fresh, existed)
         hint = ""
-        if isinstance(e, CacheFormatError) and run is not None:
-            hint = f" (`opdcache verify {run.root}` lists every damaged file; `--repair` moves them aside)"
+        if isinstance(e, CacheFormatError):
+            where = run.root if run is not None else "RUN"
+            hint = f" (`opdcache verify {where}` lists every damaged file; `--repair` moves them aside)"
         print(f"opdcache: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -250,7 +263,7 @@ def commands() -> dict[str, Command]:
             RUN, ROUND, arg("--variant", type=variant_name, help="variant whose weights L scale the rewards (default: the arm's)"),
             QUIET]),
         "budget": Command(h.budget, "write", "show the budget controller, or decide a round (Alg. 1)", [
-            RUN, arg("--round", type=int, help="decide this round from its effective lengths"),
+            RUN, arg("--round", type=nonnegative_int, help="decide this round from its effective lengths"),
             arg("--variant", type=variant_name, help="variant whose effective lengths drive the budget (default: the arm's)")]),
         "round": Command(h.round_, "write", "one round of Algorithm 1 on an initialised run", [RUN, ROUND, QUIET]),
         "run": Command(h.run_all, "create", "all rounds of Algorithm 1: rollout, teacher, score, train, budget", [

@@ -162,6 +162,14 @@ def budget(a: Args, run: RunDir):
 
     cfg = read_run_config(run)
     ctl = BudgetController(run, plan(cfg).budget if cfg is not None else None)
+    if a.round is None and a.variant:
+        raise OpdcacheError("budget --variant: only with --round (it names the variant that decides it)")
+    if a.round is not None and a.round not in run.rounds():
+        cached = run.rounds()
+        raise OpdcacheError(
+            f"budget --round {a.round}: round {a.round} is not cached in {run.cache} "
+            f"({f'cached: {cached[0]}-{cached[-1]}' if cached else 'no round cached'})"
+        )
     if a.round is not None:
         variant = a.variant or (plan(cfg).budget_variant if cfg is not None else ScoreConfig().variant)
         ctl.update(a.round, read_effective_lengths(run, variant, a.round))
@@ -256,10 +264,12 @@ def metrics(a: Args, run: RunDir) -> str:
 def query(a: Args, run: RunDir) -> None:
     import duckdb
 
-    from opdcache.query import run_sql
+    from opdcache.query import read_error, run_sql
 
     if (a.sql is None) == (a.file is None):
         raise OpdcacheError("query: give either SQL text or --file FILE")
+    if a.sql is not None and not a.sql.strip():
+        raise OpdcacheError("query: the SQL text is empty; give a statement or --file FILE")
     try:
         sql = a.sql if a.sql is not None else Path(a.file).read_text()
     except OSError as e:
@@ -286,7 +296,7 @@ def query(a: Args, run: RunDir) -> None:
         else:
             rel.show(max_rows=a.max_rows, max_width=200)
     except duckdb.Error as e:
-        raise OpdcacheError(f"query failed: {e}") from e
+        raise read_error(run, e) from e
 
 
 def verify(a: Args, run: RunDir) -> list[str]:

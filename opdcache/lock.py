@@ -44,19 +44,25 @@ class RunLock:
     def __enter__(self) -> RunLock:
         if self.job is None and int(os.environ.get("RANK", "0")) != 0 or not self.path.parent.is_dir():
             return self  # nothing to protect yet; commands that create a run make its directory first
+        fd = None
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
-            if not self.shared:
-                raise
-            return self  # a run this user cannot write to (a read-only copy): read it unlocked
-        try:
             if self.shared or self.job:
                 self._join(fd)
             else:
                 self._take(fd)
+        except OSError as e:  # the lock (or its gate) cannot be made: a run this user cannot write to
+            if fd is not None:
+                os.close(fd)
+            if not self.shared:
+                raise OpdcacheError(
+                    f"{self.path.parent}: not writable ({e.strerror} on {Path(e.filename or self.path).name}); "
+                    "this command writes into the run"
+                ) from None
+            return self  # a read-only copy: read it unlocked
         except BaseException:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             raise
         self.fd = fd
         if self.stale:

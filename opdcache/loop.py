@@ -376,10 +376,11 @@ def replay(
     todo = cached if rounds is None else rounds
     if missing := sorted(set(todo) - set(cached)):
         raise OpdcacheError(f"replay: rounds {missing} are not cached in {run.cache}")
-    from opdcache.cache.shards import whole_round
+    from opdcache.cache.shards import check_manifest, whole_round
 
-    for r in todo:  # every input checked before the replay writes anything
-        whole_round(run, r)
+    for r in todo:  # every input checked, byte for byte, before the replay writes anything
+        for part in whole_round(run, r):
+            check_manifest(part, full=True)
     sub = run.replay(variant)
     rcfg = dataclasses.replace(
         cfg,

@@ -26,7 +26,8 @@ from typing import BinaryIO
 import zstandard
 from tqdm.auto import tqdm
 
-from opdcache.cache.shards import check_manifest
+from opdcache.budget import BudgetController
+from opdcache.cache.shards import check_manifest, check_run_parts
 from opdcache.errors import OpdcacheError
 from opdcache.lock import RunLock
 from opdcache.results import PackResult, UnpackResult
@@ -65,6 +66,7 @@ def pack_run(
     with RunLock(run, shared=True):
         top = run.select(only)
         entries = [e for path in top for e in _walk(run, path)]
+        _check_run(run, [p for p, st in entries if stat.S_ISREG(st.st_mode)], progress)
         total = sum(st.st_size for _, st in entries if stat.S_ISREG(st.st_mode))
         tmp = temp_path_for(out)
         t0 = time.perf_counter()
@@ -138,6 +140,12 @@ def unpack_run(archive: str | os.PathLike, dest: str | os.PathLike, progress: bo
                 f"{archive}: damaged ({mismatch}) in a member other than its {parts} Parquet parts, "
                 "which match their records; nothing was unpacked"
             )
+        if (staging / "budget.json").exists():
+            try:
+                BudgetController(staging)
+            except OpdcacheError as e:
+                why = str(e).removeprefix(f"{staging / 'budget.json'}: ")
+                raise OpdcacheError(f"{archive}: member budget.json: {why}; nothing was unpacked") from None
         os.replace(staging, dest)  # over an empty DEST too
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -264,6 +272,33 @@ def _target(archive: Path, staging: Path, member: tarfile.TarInfo) -> Path:
 
 def _unsafe(archive: Path, name: str, why: str) -> None:
     raise OpdcacheError(f"{archive}: unsafe member {name!r} ({why}); nothing was unpacked")
+
+
+def _check_run(run: RunDir, files: list[Path], progress: bool) -> None:
+    """Before a byte is written: the run's parts are whole (no lost or foreign part), the ``files`` to
+    pack that are Parquet parts match their records byte for byte (sha256), and the budget state
+    parses, so an archive never carries damage that ``unpack`` would refuse."""
+    check_run_parts(run)
+    if run.budget.exists():
+        BudgetController(run)
+    chosen = set(files)
+    parts = [p for _, _, p in run.parts() if p in chosen]
+    for sub in run.replay_runs():
+        parts += [
+            p
+            for kind, _, p in sub.parts()
+            if p in chosen and not (kind == "cache" and sub.cache.is_symlink())
+        ]
+    with tqdm(
+        total=sum(p.stat().st_size for p in parts),
+        unit="B",
+        unit_scale=True,
+        desc="check",
+        disable=not progress,
+    ) as bar:
+        for p in parts:
+            check_manifest(p, full=True)
+            bar.update(p.stat().st_size)
 
 
 def _check_parts(archive: Path, staging: Path, progress: bool) -> int:

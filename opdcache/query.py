@@ -36,7 +36,12 @@ import pyarrow as pa
 
 from opdcache.budget import Decision
 from opdcache.cache.schema import CACHE_COLUMNS, SCORE_COLUMNS, Column
-from opdcache.cache.shards import check_manifest, check_no_lost_part
+from opdcache.cache.shards import (
+    check_manifest,
+    check_no_lost_part,
+    check_no_lost_score_part,
+    find_failing_page,
+)
 from opdcache.errors import CacheFormatError, OpdcacheError
 from opdcache.rundir import RunDir, round_dir
 
@@ -194,6 +199,9 @@ def arrow_sources(run: RunDir, con: duckdb.DuckDBPyConnection) -> dict[str, str 
 
     for r in run.rounds():
         check_no_lost_part(run, r)
+    for v in run.variants():
+        for r in run.rounds(run.variant(v)):
+            check_no_lost_score_part(run, v, r)
 
     if files["cache"] and (data := dataset(run.cache)) is not None:
         con.register("_cache", data)
@@ -346,6 +354,17 @@ def run_sql(
             f"query: refused, queries are read-only ({str(e).splitlines()[0]}); "
             "pass --write to run statements that touch files or settings"
         ) from e
+
+
+def read_error(root: RunDir | str | Path, e: Exception) -> OpdcacheError:
+    """A DuckDB error raised while a query read the run, in the user's terms: a page that fails its
+    checksum is named (DuckDB names only the registered stream), other errors pass as they are."""
+    first = str(e).splitlines()[0]
+    if "registered as" in first or "checksum" in first.lower():
+        run = RunDir.of(root)
+        if bad := find_failing_page([p for _, _, p in run.parts()]):
+            return CacheFormatError(f"{bad}: a page fails its checksum ({first.split(': ')[-1]})")
+    return OpdcacheError(f"query failed: {first}")
 
 
 def _param_value(value: str) -> int | float | str:

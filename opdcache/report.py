@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
+
 from opdcache.errors import OpdcacheError
-from opdcache.query import run_sql
+from opdcache.query import read_error, run_sql
 from opdcache.rundir import RunDir, atomic_write_bytes
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
@@ -70,7 +72,10 @@ def sql_table(
     rel = run_sql(root, path.read_text(), params)
     if rel is None:
         raise OpdcacheError(f"{path}: no SQL statement")
-    rows = rel.fetchall()
+    try:
+        rows = rel.fetchall()
+    except duckdb.Error as e:
+        raise read_error(root, e) from e
     cols = list(rel.columns)
     if label is not None:
         cols, rows = ["run", *cols], [(label, *r) for r in rows]
@@ -167,16 +172,29 @@ def make_report(
     bucket: int = 256,
     sql_dir: str | Path | None = None,
 ) -> Path:
-    """Write ``out/report.md``, ``out/*.png`` and ``out/*.csv`` for ``runs``; returns the Markdown path."""
+    """Write ``out/report.md``, ``out/*.png`` and ``out/*.csv`` for ``runs``; returns the Markdown path.
+    A report refused (a damaged run, a missing query) leaves no ``out`` folder it made."""
+    sqld = Path(sql_dir) if sql_dir else ANALYSIS
+    if not sqld.is_dir():
+        raise OpdcacheError(f"--sql-dir {sqld}: no such folder; expected the analysis/ queries")
+    outd = Path(out)
+    made = not outd.exists()
+    try:
+        return _make_report(runs, outd, band_scale, bucket, sqld)
+    except BaseException:
+        if made and outd.is_dir() and not any(outd.iterdir()):
+            outd.rmdir()
+        raise
+
+
+def _make_report(runs: list[str | Path], outd: Path, band_scale: int, bucket: int, sqld: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sqld = Path(sql_dir) if sql_dir else ANALYSIS
     roots = [RunDir(r).require().root for r in runs]
     labels = [run_label(r) for r in roots]
-    outd = Path(out)
     outd.mkdir(parents=True, exist_ok=True)
 
     acc = concat(

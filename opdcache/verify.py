@@ -21,6 +21,7 @@ from opdcache.cache.shards import (
     check_finite,
     check_manifest,
     flat,
+    manifest_path,
     read_cache_shard,
     read_score_shard,
     read_variant_params,
@@ -67,8 +68,11 @@ def verify_run(run: RunDir, progress: bool = True) -> tuple[int, list[Finding]]:
                 part = m.with_name(m.name[1:-5])
                 if part.exists():
                     continue
-                if base == run.cache and not (run.rollouts / part.parent.name / part.name).exists():
-                    # the teacher stage removes the rollout part only after the cache part is in place
+                if base == run.scores or (
+                    base == run.cache and not (run.rollouts / part.parent.name / part.name).exists()
+                ):
+                    # the teacher stage removes the rollout part only after the cache part is in place;
+                    # a score round is read whole or not at all, so its record alone is a lost part too
                     findings.append(
                         Finding(str(part), f"missing, though its integrity record {m.name} remains")
                     )
@@ -87,7 +91,8 @@ def verify_run(run: RunDir, progress: bool = True) -> tuple[int, list[Finding]]:
     if run.scores.is_dir():  # a sharded score stopped early leaves a round with some parts only
         for vdir in sorted(d for d in run.scores.iterdir() if d.is_dir() and not d.name.startswith(".")):
             for r in run.rounds(vdir):
-                have, want = len(run.shards(vdir / round_dir(r))), len(run.shards(run.cache_round(r)))
+                have = len(run.shards(vdir / round_dir(r)))
+                want = sum(manifest_path(p).exists() for p in run.shards(run.cache_round(r)))  # not foreign
                 if have < want:
                     findings.append(
                         Finding(
@@ -118,13 +123,8 @@ def _verify_checkpoints(run: RunDir) -> list[Finding]:
             if "round" not in rec:
                 out.append(Finding(str(d / REMOVED), "removal record does not parse"))
             continue
-        missing = [n for n in ("config.json", "opdcache_train.json") if not (d / n).is_file()]
         if not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")):
-            missing.append("weights")
-        if missing:
-            out.append(
-                Finding(str(d), f"checkpoint without {', '.join(missing)} and no removal record ({REMOVED})")
-            )
+            out.append(Finding(str(d), f"checkpoint without weights and no removal record ({REMOVED})"))
     return out
 
 
@@ -155,20 +155,20 @@ def repair_run(run: RunDir, findings: list[Finding]) -> list[str]:
     import os
     import time
 
-    from opdcache.cache.shards import manifest_path
-
     dest = run.damaged / time.strftime("%Y%m%dT%H%M%S")
     lines = []
     for f in findings:
         path = Path(f.path)
         if f.severity == "note" and not path.name.endswith(".parquet.json"):
             continue  # temporaries of interrupted writes and unscored rounds: nothing to move
-        if f.severity == "note" or not path.exists():  # an interrupted write's or a lost part's record
+        foreign = path.suffix == ".parquet" and path.exists() and not manifest_path(path).exists()
+        lost = not path.exists()
+        if f.severity == "note" or lost:  # an interrupted write's or a lost part's record
             path = path if path.name.endswith(".json") else manifest_path(path)
             moving = [path]
         else:
             moving = [path, manifest_path(path)] if path.suffix == ".parquet" else [path]
-        if path.parent.parent == run.cache:  # its scores go too: they are re-made from it
+        if path.parent.parent == run.cache and not foreign:  # its scores go too: they are re-made from it
             for v in run.variants():
                 s = run.variant(v) / path.parent.name / path.name
                 moving += [s, manifest_path(s)]
@@ -181,7 +181,17 @@ def repair_run(run: RunDir, findings: list[Finding]) -> list[str]:
                 moved.append(target)
         if moved:
             what = Path(f.path)
-            lines.append(f"moved {what} to {moved[0].parent}; re-made by {remade_by(run, what)}")
+            if foreign:
+                lines.append(
+                    f"moved {what} to {moved[0].parent}; not written by opdcache: nothing re-makes it"
+                )
+            elif lost:
+                lines.append(
+                    f"moved the record {moved[0].name} of the lost part {what} to {moved[0].parent}; "
+                    f"re-made by {remade_by(run, what)}"
+                )
+            else:
+                lines.append(f"moved {what} to {moved[0].parent}; re-made by {remade_by(run, what)}")
     return lines
 
 

@@ -267,7 +267,7 @@ def generated_cases() -> list[tuple[list[str], str]]:
 FREE = {
     *((c, "run") for c in ("init", "rollout", "teacher", "score", "train", "budget", "round", "run", "replay",
                             "query", "verify", "pack", "synth", "probe")),
-    ("run", "config"), ("init", "set"), ("run", "set"), ("probe", "set"),
+    ("run", "config"), ("init", "set"), ("run", "set"), ("probe", "set"), ("demo", "set"),
     *((c, "shard") for c in ("rollout", "teacher", "score")),
     ("score", "reference"), ("replay", "reference"), ("query", "sql"), ("query", "file"), ("query", "param"),
     ("eval", "checkpoint"), ("eval", "data"), ("eval", "teacher"), ("eval", "template"), ("eval", "field"),

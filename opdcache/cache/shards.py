@@ -141,6 +141,44 @@ def check_no_lost_part(run: RunDir, r: int) -> None:
             )
 
 
+def check_no_lost_score_part(run: RunDir, variant: str, r: int) -> None:
+    """Score round ``r`` of ``variant`` has no integrity record whose part is gone (lost, or a write
+    killed between the two renames: either way the round is not whole)."""
+    base = run.score_round(variant, r)
+    for m in sorted(base.glob("_*.parquet.json")):
+        part = m.with_name(m.name[1:-5])
+        if not part.exists():
+            raise CacheFormatError(
+                f"{part}: missing, though its integrity record {m.name} remains; round {r} of {variant!r} "
+                f"would be read without it (re-score: `opdcache score {run.root} --variant {variant} --rounds {r}`)"
+            )
+
+
+def check_run_parts(run: RunDir) -> None:
+    """Every cache and score part of the run matches its record, and no part is lost: what a command
+    that reads the whole run (the metrics files, a pack) checks before it writes anything."""
+    for r in run.rounds():
+        if run.shards(run.rollout_round(r)) or run.shards(run.cache_round(r)):
+            check_no_lost_part(run, r)
+            for p in run.shards(run.cache_round(r)):
+                check_manifest(p)
+    for v in run.variants():
+        for r in run.rounds(run.variant(v)):
+            check_no_lost_score_part(run, v, r)
+            for p in run.shards(run.score_round(v, r)):
+                check_manifest(p)
+
+
+def find_failing_page(parts: list[Path]) -> Path | None:
+    """The first of ``parts`` with a page that fails its checksum (None if every page decodes)."""
+    for p in parts:
+        try:
+            pq.ParquetFile(p, page_checksum_verification=True).read()
+        except (OSError, ValueError, pa.ArrowException):
+            return p
+    return None
+
+
 def whole_round(run: RunDir, r: int, variant: str | None = None) -> list[Path]:
     """A reader's inputs: the cache parts of round ``r`` (with ``variant``, that variant's score parts,
     one per cache part), each checked against its integrity record (bytes, rows). A round that is not
@@ -170,6 +208,7 @@ def whole_round(run: RunDir, r: int, variant: str | None = None) -> list[Path]:
             f"{sbase / missing[0]}: missing ({len(scored)} of {len(parts)} cache parts scored); score round "
             f"{r} as {variant!r} first (`opdcache score {run.root} --variant {variant} --rounds {r}`)"
         )
+    check_no_lost_score_part(run, variant, r)
     for p in scored:
         check_manifest(p)
     return scored
