@@ -323,3 +323,45 @@ def test_retention_keeps_the_newest_weights_and_records_the_rest(looped, tmp_pat
         student_checkpoint(copy, keep1, 1)
     (copy.checkpoint(2) / "model.safetensors").unlink()  # lost without a record: verify names it
     assert any("checkpoint without weights" in f.problem for f in verify_run(copy, progress=False)[1])
+
+
+def test_a_lora_student_trains_its_adapter_through_the_rounds(looped, tmp_path, models):
+    """train.lora.rank = 4: round 0 starts an adapter, round 1 (loaded from disk) continues it; each
+    checkpoint's merged weights are the initial student plus (alpha / r) B A of its adapter."""
+    import dataclasses
+    import shutil
+
+    from opdcache.config import LoraConfig
+    from opdcache.train.stage import train_round
+
+    run, cfg, *_ = looped
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.root, copy.root, symlinks=True, ignore=shutil.ignore_patterns("replays"))
+    shutil.rmtree(copy.checkpoints)
+    shutil.rmtree(copy.deepspeed)
+    lcfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(
+            cfg.train, lora=LoraConfig(rank=4, alpha=8.0, target_modules="q_proj,v_proj")
+        ),
+    )
+    base = load_file(models / "student" / "model.safetensors")
+    adapters = []
+    for r in (0, 1):
+        res = train_round(copy, r, lcfg, "prune", progress=False)  # no resident: round 1 loads from disk
+        assert not res.skipped and np.isfinite(res.loss_last)
+        ckpt = copy.checkpoint(r + 1)
+        adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")
+        merged = load_file(ckpt / "model.safetensors")
+        for k, w in base.items():
+            a_key = f"base_model.model.{k.removesuffix('.weight')}.lora_A.weight"
+            if a_key in adapter:
+                want = w + 2.0 * adapter[a_key.replace("lora_A", "lora_B")] @ adapter[a_key]
+                assert np.allclose(merged[k], want, atol=1e-6), k
+            else:
+                assert np.array_equal(merged[k], w), f"{k}: not a target, yet changed"
+        info = json.loads((ckpt / "opdcache_train.json").read_text())
+        assert info["lora_rank"] == 4
+        assert info["memory"]["trainable_params"] == sum(v.size for v in adapter.values())
+        adapters.append(adapter)
+    assert any(not np.array_equal(adapters[0][k], adapters[1][k]) for k in adapters[0] if "lora_B" in k)
