@@ -38,7 +38,9 @@ TASK_PAIR = {"arithmetic": "mild", "chain": "two"}
 ARMS = ("opd", "prune")
 
 
-def opdcache_side(out: Path, seeds: tuple[int, ...], task: str, tiny: bool) -> dict[str, Any]:
+def opdcache_side(
+    out: Path, seeds: tuple[int, ...], task: str, tiny: bool, arms: tuple[str, ...] = ARMS
+) -> dict[str, Any]:
     from opdcache.query import run_sql
     from opdcache.real_demo import run_real_demo
 
@@ -47,7 +49,7 @@ def opdcache_side(out: Path, seeds: tuple[int, ...], task: str, tiny: bool) -> d
         smoke=tiny,
         seeds=seeds,
         pairs=(TASK_PAIR[task],),
-        arms=ARMS,
+        arms=arms,
         task_name=task,
         progress=not tiny,
     )
@@ -264,7 +266,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--task", choices=list(TASK_PAIR), default="arithmetic")
     ap.add_argument(
-        "--tiny", action="store_true", help="the demo's smoke sizes, one seed (what the test runs)"
+        "--tiny", action="store_true", help="the demo's smoke sizes, one seed, OPD only (what the test runs)"
     )
     ap.add_argument(
         "--trl-vllm", action="store_true", help="TRL generates with vLLM colocate, not transformers"
@@ -272,9 +274,10 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out).resolve()
     seeds = (a.seeds[0],) if a.tiny else tuple(a.seeds)
-    mine = opdcache_side(out / "opdcache", seeds, a.task, a.tiny)
+    arms = ("opd",) if a.tiny else ARMS  # tiny: the comparison's figures, without Prune-OPD's runs
+    mine = opdcache_side(out / "opdcache", seeds, a.task, a.tiny, arms)
     rows: dict[str, list[dict]] = {"TRL": []}
-    for arm in ARMS:
+    for arm in arms:
         rows[f"opdcache {'OPD' if arm == 'opd' else 'Prune-OPD'}"] = [
             {**r, "wall": r["train_seconds"]} for r in mine["rows"] if r["arm"] == arm
         ]
@@ -284,9 +287,10 @@ def main() -> None:
     bytes_kept = {k: statistics.fmean(r.get("teacher_bytes", 0) for r in rs) for k, rs in rows.items()}
     rerun = {k: statistics.fmean(r["wall"] for r in rs) for k, rs in rows.items()}
     rerun["opdcache OPD"] = replay_seconds(opd_runs[seeds[0]])
-    rerun["opdcache Prune-OPD"] = replay_seconds(
-        next(Path(r["root"]) for r in mine["rows"] if r["arm"] == "prune" and r["seed"] == seeds[0])
-    )
+    if "prune" in arms:
+        rerun["opdcache Prune-OPD"] = replay_seconds(
+            next(Path(r["root"]) for r in mine["rows"] if r["arm"] == "prune" and r["seed"] == seeds[0])
+        )
     md = table(rows, bytes_kept, rerun)
     trl, opd = rows["TRL"], rows["opdcache OPD"]
     by_seed = {r["seed"]: r for r in trl}

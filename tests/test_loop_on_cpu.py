@@ -365,3 +365,10 @@ def test_a_lora_student_trains_its_adapter_through_the_rounds(looped, tmp_path, 
         assert info["memory"]["trainable_params"] == sum(v.size for v in adapter.values())
         adapters.append(adapter)
     assert any(not np.array_equal(adapters[0][k], adapters[1][k]) for k in adapters[0] if "lora_B" in k)
+    # a replay of a LoRA run trains a LoRA student of its own
+    from opdcache.config import write_run_config
+
+    write_run_config(copy, lcfg)
+    sub = replay(copy, "lr", lcfg.score.spec, rounds=[0], progress=False)
+    assert (sub.checkpoint(1) / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((sub.checkpoint(1) / "opdcache_train.json").read_text())["lora_rank"] == 4
