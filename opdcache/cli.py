@@ -142,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             args.shard = Shard.of(args.shard)
             job = args.shard.job(args.command, _job_subject(args))
+        shows_only = args.command == "budget" and args.round is None  # a "write" command that only shows
         with RunLock(run, job=job) if cmd.kind in ("create", "write") else nullcontext():
             refused = False
             try:
@@ -149,12 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     from opdcache.budget import BudgetController
 
                     BudgetController(run)  # a damaged budget state stops a command before it writes
-                metrics = args.command in METRICS_AFTER and (
-                    not hasattr(args, "shard") or args.shard.count == 1
+                metrics = (
+                    args.command in METRICS_AFTER
+                    and not shows_only
+                    and (not hasattr(args, "shard") or args.shard.count == 1)
                 )
-                metrics = metrics and not (
-                    args.command == "budget" and args.round is None
-                )  # showing writes nothing
                 if metrics:
                     from opdcache.cache.shards import check_run_parts
 
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if (
                     run is not None
                     and cmd.kind in ("create", "write")  # a reading command leaves the run as it was
-                    and not (args.command == "budget" and args.round is None)  # showing the budget too
+                    and not shows_only
                     and not refused
                     and run.root.is_dir()
                     and not (fresh and not run.config.exists())
