@@ -36,12 +36,7 @@ import pyarrow as pa
 
 from opdcache.budget import Decision
 from opdcache.cache.schema import CACHE_COLUMNS, SCORE_COLUMNS, Column
-from opdcache.cache.shards import (
-    check_manifest,
-    check_no_lost_part,
-    check_no_lost_score_part,
-    find_failing_page,
-)
+from opdcache.cache.shards import check_run_parts, find_failing_page
 from opdcache.errors import CacheFormatError, OpdcacheError
 from opdcache.rundir import RunDir, round_dir
 
@@ -191,17 +186,11 @@ def arrow_sources(run: RunDir, con: duckdb.DuckDBPyConnection) -> dict[str, str 
 
     def dataset(base: Path) -> ds.Dataset | None:
         parts = [p for r in run.rounds(base) for p in run.shards(base / round_dir(r))]
-        for p in parts:  # a damaged or foreign file is one error naming it, not a DuckDB traceback
-            check_manifest(p)
         return (
             ds.dataset(parts, format=fmt, partitioning=hive, partition_base_dir=str(base)) if parts else None
         )
 
-    for r in run.rounds():
-        check_no_lost_part(run, r)
-    for v in run.variants():
-        for r in run.rounds(run.variant(v)):
-            check_no_lost_score_part(run, v, r)
+    check_run_parts(run)  # a damaged, foreign or lost part is one error naming it, not a DuckDB traceback
 
     if files["cache"] and (data := dataset(run.cache)) is not None:
         con.register("_cache", data)

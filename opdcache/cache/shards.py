@@ -129,39 +129,44 @@ def check_manifest(path: Path, full: bool = False) -> dict[str, Any]:
     return record
 
 
+def _lost(base: Path) -> list[tuple[Path, str]]:
+    """(part, record name) of every integrity record under ``base`` whose part is gone."""
+    out = []
+    for m in sorted(base.glob("_*.parquet.json")):
+        part = m.with_name(m.name[1:-5])
+        if not part.exists():
+            out.append((part, m.name))
+    return out
+
+
 def check_no_lost_part(run: RunDir, r: int) -> None:
     """Cache round ``r`` has no integrity record whose part is gone (a rollout part the teacher is still
     completing excepted: its record may land just before its part)."""
-    base = run.cache_round(r)
-    for m in sorted(base.glob("_*.parquet.json")):
-        part = m.with_name(m.name[1:-5])
-        if not part.exists() and not (run.rollout_round(r) / part.name).exists():
+    for part, record in _lost(run.cache_round(r)):
+        if not (run.rollout_round(r) / part.name).exists():
             raise CacheFormatError(
-                f"{part}: missing, though its integrity record {m.name} remains; round {r} would be read without it"
+                f"{part}: missing, though its integrity record {record} remains; round {r} would be read without it"
             )
 
 
 def check_no_lost_score_part(run: RunDir, variant: str, r: int) -> None:
     """Score round ``r`` of ``variant`` has no integrity record whose part is gone (lost, or a write
     killed between the two renames: either way the round is not whole)."""
-    base = run.score_round(variant, r)
-    for m in sorted(base.glob("_*.parquet.json")):
-        part = m.with_name(m.name[1:-5])
-        if not part.exists():
-            raise CacheFormatError(
-                f"{part}: missing, though its integrity record {m.name} remains; round {r} of {variant!r} "
-                f"would be read without it (re-score: `opdcache score {run.root} --variant {variant} --rounds {r}`)"
-            )
+    if lost := _lost(run.score_round(variant, r)):
+        part, record = lost[0]
+        raise CacheFormatError(
+            f"{part}: missing, though its integrity record {record} remains; round {r} of {variant!r} "
+            f"would be read without it (re-score: `opdcache score {run.root} --variant {variant} --rounds {r}`)"
+        )
 
 
 def check_run_parts(run: RunDir) -> None:
     """Every cache and score part of the run matches its record, and no part is lost: what a command
-    that reads the whole run (the metrics files, a pack) checks before it writes anything."""
+    that reads the whole run (the metrics files, the query views, a pack) checks before it reads."""
     for r in run.rounds():
-        if run.shards(run.rollout_round(r)) or run.shards(run.cache_round(r)):
-            check_no_lost_part(run, r)
-            for p in run.shards(run.cache_round(r)):
-                check_manifest(p)
+        check_no_lost_part(run, r)
+        for p in run.shards(run.cache_round(r)):
+            check_manifest(p)
     for v in run.variants():
         for r in run.rounds(run.variant(v)):
             check_no_lost_score_part(run, v, r)

@@ -80,9 +80,7 @@ def _in_hub_cache(name: str) -> bool:
 def student_checkpoint(run: RunDir, cfg: RunConfig, r: int) -> str:
     """The checkpoint round ``r`` samples from: RUN/checkpoints/round=<r> if trained, else models.student."""
     ckpt = run.checkpoint(r)
-    if gone := removal_message(ckpt, f"round-{r} student"):
-        raise OpdcacheError(gone)
-    if ckpt.is_dir():
+    if ckpt.is_dir():  # a removed one (train.keep_checkpoints) keeps its directory: named by the check
         return require_checkpoint(str(ckpt), f"round-{r} student")
     if not cfg.models.student:
         raise OpdcacheError("models.student is not set in the run config")
