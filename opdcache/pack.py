@@ -19,7 +19,7 @@ import shutil
 import stat
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -274,21 +274,19 @@ def _unsafe(archive: Path, name: str, why: str) -> None:
     raise OpdcacheError(f"{archive}: unsafe member {name!r} ({why}); nothing was unpacked")
 
 
-def _check_run(run: RunDir, files: list[Path], progress: bool) -> None:
-    """Before a byte is written: the run's parts are whole (no lost or foreign part), the ``files`` to
-    pack that are Parquet parts match their records byte for byte (sha256), and the budget state
-    parses, so an archive never carries damage that ``unpack`` would refuse."""
-    check_run_parts(run)
-    if run.budget.exists():
-        BudgetController(run)
-    chosen = set(files)
-    parts = [p for _, _, p in run.parts() if p in chosen]
-    for sub in run.replay_runs():
-        parts += [
-            p
-            for kind, _, p in sub.parts()
-            if p in chosen and not (kind == "cache" and sub.cache.is_symlink())
-        ]
+def _all_parts(run: RunDir) -> list[Path]:
+    """The Parquet parts of ``run`` and of its replays (a replay's cache linked to the run's: once)."""
+    return [
+        path
+        for sub in (run, *run.replay_runs())
+        for kind, _, path in sub.parts()
+        if sub == run or kind != "cache" or not sub.cache.is_symlink()
+    ]
+
+
+def _check_bytes(parts: list[Path], progress: bool, member: Callable[[Path, str], str] | None = None) -> None:
+    """Each of ``parts`` against its integrity record, sha256 included, with a progress bar; with
+    ``member``, a failure is reported as ``member(part, why)`` (an archive's member)."""
     with tqdm(
         total=sum(p.stat().st_size for p in parts),
         unit="B",
@@ -297,29 +295,34 @@ def _check_run(run: RunDir, files: list[Path], progress: bool) -> None:
         disable=not progress,
     ) as bar:
         for p in parts:
-            check_manifest(p, full=True)
+            try:
+                check_manifest(p, full=True)
+            except OpdcacheError as e:
+                if member is None:
+                    raise
+                raise OpdcacheError(member(p, str(e).removeprefix(f"{p}: "))) from None
             bar.update(p.stat().st_size)
+
+
+def _check_run(run: RunDir, files: list[Path], progress: bool) -> None:
+    """Before a byte is written: the run's parts are whole (no lost or foreign part), the ``files`` to
+    pack that are Parquet parts match their records byte for byte (sha256), and the budget state
+    parses, so an archive never carries damage that ``unpack`` would refuse."""
+    check_run_parts(run)
+    if run.budget.exists():
+        BudgetController(run)
+    chosen = set(files)
+    _check_bytes([p for p in _all_parts(run) if p in chosen], progress)
 
 
 def _check_parts(archive: Path, staging: Path, progress: bool) -> int:
     """Every Parquet part of the unpacked run (and its replays) against its integrity record."""
-    run = RunDir(staging)
-    parts = [
-        path
-        for sub in (run, *run.replay_runs())
-        for kind, _, path in sub.parts()
-        if sub == run or kind != "cache" or not sub.cache.is_symlink()
-    ]
-    total = sum(p.stat().st_size for p in parts)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="check", disable=not progress) as bar:
-        for path in parts:
-            try:
-                check_manifest(path, full=True)
-            except OpdcacheError as e:
-                name = path.relative_to(staging).as_posix()
-                why = str(e).removeprefix(f"{path}: ")
-                raise OpdcacheError(f"{archive}: member {name}: {why}; nothing was unpacked") from None
-            bar.update(path.stat().st_size)
+    parts = _all_parts(RunDir(staging))
+    _check_bytes(
+        parts,
+        progress,
+        lambda p, why: f"{archive}: member {p.relative_to(staging).as_posix()}: {why}; nothing was unpacked",
+    )
     return len(parts)
 
 
