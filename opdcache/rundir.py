@@ -9,7 +9,8 @@ RUN/
   cache/round=<r>/part-<p>.parquet            rollout + teacher columns (docs/cache-format.md)
   scores/<variant>/round=<r>/part-<p>.parquet score columns of one reliability setting, same rows
   (each part beside its integrity record _part-<p>.parquet.json)
-  checkpoints/round=<r>/                      HF student that round r samples from (r >= 1)
+  checkpoints/round=<r>/                      HF student that round r samples from (r >= 1); LoRA: + adapter/;
+                                              weights removed by retention: opdcache_removed.json instead
   deepspeed/round=<r>/                        DeepSpeed engine state saved with checkpoints/round=<r>
   eval/round=<r>.json                         Avg@n of the round-r student
   stage_times.jsonl                           wall time of every stage run (view stage_times)
