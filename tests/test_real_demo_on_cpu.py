@@ -5,6 +5,7 @@ distillation metrics, the teacher's accuracy and the calibrated gamma restated f
 cache; the run list with every objective; the GSM8K-shaped path's prompt split."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -43,7 +44,8 @@ def real_demo(smollm2, tmp_path_factory):
         None, d / "out", smoke=True, progress=False, models_dir=smollm2["base"], pairs=("low",),
         objective="bucket", arms=SMOKE_ARMS,
     )  # fmt: skip
-    return d / "out", res
+    yield d / "out", res
+    shutil.rmtree(d, ignore_errors=True)  # ~9 GB of checkpoints and optimizer states
 
 
 def test_every_arm_ran_and_was_evaluated_with_the_teacher(real_demo):

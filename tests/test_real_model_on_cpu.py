@@ -3,6 +3,7 @@ teacher, its first 4 layers as student, GSM8K-shaped prompts: init -> rollout ->
 train -> verify through the CLI, and the cache checked against a transformers fp32 forward."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -56,7 +57,8 @@ def real_run(smollm2, tmp_path_factory):
         ["train", "--round", "0"],
     ):
         assert main([cmd[0], str(run.root), *cmd[1:], "--quiet"]) == 0, cmd
-    return run, smollm2
+    yield run, smollm2
+    shutil.rmtree(d, ignore_errors=True)  # a checkpoint and its optimizer state (~1.3 GB)
 
 
 def _logprobs(path, ids):
