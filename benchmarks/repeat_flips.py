@@ -41,8 +41,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from opdcache.arithmetic import prompt_ids, sample_arithmetic
+    from opdcache.prompts import Prompt, encode_prompts
     from opdcache.rollout import engine
-    from opdcache.rollout.prompts import Prompt, encode_prompts
 
     tmp = tempfile.TemporaryDirectory()
     model = a.model

@@ -30,7 +30,7 @@ from opdcache.cache.synthetic import write_benchmark_cache
 from opdcache.score import reliability as rl
 from opdcache.score.stage import _columns_needed, score_run
 from opdcache.score.torch_reference import prune_opd_weights
-from opdcache.score.variant import VariantSpec
+from opdcache.variant import VariantSpec
 
 
 def best_of(fn, repeat: int = 3) -> float:

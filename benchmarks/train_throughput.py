@@ -40,8 +40,8 @@ def main() -> None:
     import deepspeed
     from transformers import AutoModelForCausalLM
 
+    from opdcache.config import OBJECTIVES
     from opdcache.models.tiny import build_tiny_model
-    from opdcache.train import OBJECTIVES
     from opdcache.train.data import Example, collate
     from opdcache.train.extensions import before_deepspeed
     from opdcache.train.loss import REST_OBJECTIVES, opd_policy_loss, policy_loss

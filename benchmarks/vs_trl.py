@@ -91,7 +91,7 @@ def trl_side(root: Path, out: Path, seed: int, use_vllm: bool) -> dict[str, Any]
 
     from opdcache.config import read_run_config
     from opdcache.evaluation import evaluate
-    from opdcache.rollout.prompts import encode_prompts, load_prompts, render
+    from opdcache.prompts import encode_prompts, load_prompts, render
     from opdcache.rundir import RunDir
 
     cfg = read_run_config(RunDir(root))

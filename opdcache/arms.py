@@ -9,7 +9,7 @@ from typing import Literal
 from opdcache.budget import BudgetConfig
 from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
-from opdcache.score.variant import VariantSpec
+from opdcache.variant import VariantSpec
 
 
 @dataclass(frozen=True)

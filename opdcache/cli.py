@@ -27,10 +27,10 @@ from opdcache.argcheck import (
     unit_float,
     variant_name,
 )
+from opdcache.config import OBJECTIVES
 from opdcache.errors import CacheFormatError, OpdcacheError
 from opdcache.grading import CHECKERS
 from opdcache.rundir import RunDir
-from opdcache.train import OBJECTIVES
 
 REAL_ARMS = (
     "opd",

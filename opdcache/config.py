@@ -14,17 +14,41 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
 from opdcache.budget import BudgetConfig
-from opdcache.errors import ConfigError
+from opdcache.errors import ConfigError, OpdcacheError
 from opdcache.fields import fail, help_rows, setting, validate
 from opdcache.grading import Checker
 from opdcache.rundir import RunDir, atomic_write_bytes, check_variant_name
-from opdcache.score.variant import VariantSpec
-from opdcache.train import Objective
+from opdcache.variant import VariantSpec
+
+Objective = Literal["student-topk", "bucket", "sum-and-sample", "sampled-token"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)  # train.objective; train/loss.OBJECTIVE_FNS implements each
+
+
+def render(question: str, template: str) -> str:
+    """Apply the prompt template (``str.format`` with ``{question}``)."""
+    return template.format(question=question)
+
+
+def check_template(template: str, where: str) -> str:
+    """A template that renders a question: ``{question}`` in it, no other placeholder, literal braces
+    doubled (``\\boxed{{}}``). Checked by rendering a dummy question."""
+    try:
+        text = render("\x00", template)
+    except (KeyError, IndexError, ValueError) as e:
+        raise OpdcacheError(
+            f"{where} {template!r}: cannot render it ({type(e).__name__}: {e}); the only placeholder is "
+            "{question}, literal braces are doubled, e.g. '\\boxed{{}}'"
+        ) from None
+    if "\x00" not in text:
+        raise OpdcacheError(
+            f"{where} {template!r}: expected {{question}} in it (else every prompt is the same)"
+        )
+    return template
 
 
 @dataclass(frozen=True)
@@ -50,8 +74,6 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        from opdcache.rollout.prompts import check_template
-
         validate(self, "data")
         check_template(self.template, "data.template")
 
@@ -433,31 +455,6 @@ def _leaf_type(keys: list[str]) -> Any:
     return cls
 
 
-def resolve_inputs(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with its local input paths absolute (a run works from any folder) and its models checked
-    (:func:`~opdcache.models.checkpoint.require_checkpoint`)."""
-    from opdcache.models.checkpoint import require_checkpoint
-
-    def local(value: str) -> str:
-        return (
-            str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
-        )
-
-    for key in ("student", "teacher"):
-        if name := getattr(cfg.models, key):
-            require_checkpoint(name, f"models.{key}")
-    if cfg.eval.teacher:
-        require_checkpoint(cfg.eval.teacher, "eval.teacher")
-    return dataclasses.replace(
-        cfg,
-        models=dataclasses.replace(
-            cfg.models, student=local(cfg.models.student), teacher=local(cfg.models.teacher)
-        ),
-        data=dataclasses.replace(cfg.data, prompts=local(cfg.data.prompts)),
-        eval=dataclasses.replace(cfg.eval, data=local(cfg.eval.data), teacher=local(cfg.eval.teacher)),
-    )
-
-
 def config_diff(a: RunConfig, b: RunConfig) -> list[str]:
     """The keys (section.key) whose values differ between two configs."""
 
@@ -533,7 +530,7 @@ def config_markdown() -> str:
         "# Run configuration keys",
         "",
         "Generated from the field definitions in `opdcache/config.py`, `opdcache/budget.py` and",
-        "`opdcache/score/variant.py` (`python -m opdcache.config > docs/config.md`). Set them in the YAML",
+        "`opdcache/variant.py` (`python -m opdcache.config > docs/config.md`). Set them in the YAML",
         "file given to `opdcache init` / `opdcache run`, or with `--set section.key=value`.",
         "",
         "| key | default | meaning |",

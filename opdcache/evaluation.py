@@ -35,9 +35,9 @@ from opdcache.config import DataConfig
 from opdcache.errors import OpdcacheError
 from opdcache.grading import Checker, extract_boxed, grader
 from opdcache.models.checkpoint import require_checkpoint
+from opdcache.prompts import encode_prompts, load_prompts
 from opdcache.results import EvalResult
 from opdcache.rollout import engine
-from opdcache.rollout.prompts import encode_prompts, load_prompts
 from opdcache.rundir import atomic_write_bytes
 
 DAPO_TEMPLATE = DataConfig.template

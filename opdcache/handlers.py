@@ -374,9 +374,9 @@ def synth(a: Args, run: RunDir) -> str:
 
 
 def evaluate(a: Args, _: None) -> list[Any]:
+    from opdcache.config import check_template
     from opdcache.evaluation import evaluate as evaluate_checkpoint
     from opdcache.models.checkpoint import require_checkpoint
-    from opdcache.rollout.prompts import check_template
 
     check_template(a.template, "--template")
     require_checkpoint(a.checkpoint, "eval")

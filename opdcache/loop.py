@@ -30,15 +30,16 @@ from opdcache.arms import plan
 from opdcache.budget import BudgetController
 from opdcache.config import RunConfig, load_config, read_run_config, write_run_config
 from opdcache.errors import OpdcacheError
+from opdcache.models.checkpoint import require_checkpoint
 from opdcache.results import EvalRoundResult, RoundResult
 from opdcache.rollout.engine import PersistentEngine
 from opdcache.rollout.stage import engine_settings, run_context_length
 from opdcache.rundir import RunDir
-from opdcache.score.variant import VariantSpec
 from opdcache.shard import WHOLE, Shard, barrier
 from opdcache.stagetimes import timed
 from opdcache.teacher.stage import ResidentTeacher
 from opdcache.train.stage import ResidentTrainer
+from opdcache.variant import VariantSpec
 
 
 def eval_round(
@@ -275,13 +276,37 @@ def score_variant_round(
     return score_run(run, name, spec, rounds=[r], progress=progress, workers=workers, shard=shard)
 
 
+def resolve_inputs(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its local input paths absolute (a run works from any folder) and its models checked
+    (:func:`~opdcache.models.checkpoint.require_checkpoint`)."""
+
+    def local(value: str) -> str:
+        return (
+            str(Path(value).expanduser().resolve()) if value and Path(value).expanduser().exists() else value
+        )
+
+    for key in ("student", "teacher"):
+        if name := getattr(cfg.models, key):
+            require_checkpoint(name, f"models.{key}")
+    if cfg.eval.teacher:
+        require_checkpoint(cfg.eval.teacher, "eval.teacher")
+    return dataclasses.replace(
+        cfg,
+        models=dataclasses.replace(
+            cfg.models, student=local(cfg.models.student), teacher=local(cfg.models.teacher)
+        ),
+        data=dataclasses.replace(cfg.data, prompts=local(cfg.data.prompts)),
+        eval=dataclasses.replace(cfg.eval, data=local(cfg.eval.data), teacher=local(cfg.eval.teacher)),
+    )
+
+
 def start_run(config_path: str | Path | None, run: RunDir, overrides: list[str] | None = None) -> RunConfig:
     """Create RUN from CONFIG, or check that an existing RUN was made from the same config.
 
     The prompt files are read and checked first: a bad file fails here, before anything is written.
     """
-    from opdcache.config import config_diff, resolve_inputs
-    from opdcache.rollout.prompts import load_prompts
+    from opdcache.config import config_diff
+    from opdcache.prompts import load_prompts
 
     existing = read_run_config(run) if run.config.exists() else None
     if existing is not None and config_path is None and not overrides:
@@ -333,7 +358,7 @@ def start_sharded_run(
 def check_run_config(config_path: str | Path | None, run: RunDir, overrides: list[str] | None) -> RunConfig:
     """The config a worker other than 0 was launched with, which must be the one worker 0 wrote to RUN
     (a launcher may start workers on other hosts with their own copy of CONFIG)."""
-    from opdcache.config import config_diff, resolve_inputs
+    from opdcache.config import config_diff
 
     existing = read_run_config(run)
     if existing is None:

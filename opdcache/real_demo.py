@@ -206,7 +206,7 @@ def arithmetic_prompts(data: Path, size: RealSize) -> tuple[Path, Path]:
 def split_prompts(source: str | Path, data: Path, size: RealSize) -> tuple[Path, Path]:
     """OUT/data/probe.jsonl (the first ``probe_prompts`` prompts of ``source``) and train.jsonl (the
     rest), with prompt ids ``<file stem>-<row>``; a source with too few prompts is an error."""
-    from opdcache.rollout.prompts import load_prompts
+    from opdcache.prompts import load_prompts
 
     prompts = load_prompts(source, quiet=True)
     need = size.probe_prompts + size.prompts_per_round * size.rounds
@@ -329,7 +329,7 @@ def teacher_eval(
     OUT/runs/teacher/eval/round=0.json (not a run: no config; analysis/demo/real_verdicts.sql reads it
     as the accuracy the students are measured against)."""
     from opdcache.evaluation import evaluate
-    from opdcache.rollout.prompts import load_prompts
+    from opdcache.prompts import load_prompts
 
     path = runs / "teacher" / "eval" / "round=0.json"
     want = {
@@ -373,7 +373,7 @@ def probe_answers(
 
     from opdcache.config import read_run_config
     from opdcache.models.checkpoint import student_checkpoint
-    from opdcache.rollout.prompts import encode_prompts, load_prompts
+    from opdcache.prompts import encode_prompts, load_prompts
 
     rows = load_prompts(probe, quiet=True)[:prompts]
     cfg = read_run_config(RunDir(roots[0]))
@@ -448,7 +448,7 @@ def demo_jobs(
     """(pair, arm, objective, seed) of every run, in order: per seed and pair, OPD with ``objective``
     first (the other arms share its round-0 evaluation and calibrate from its cache), with ``compare``
     OPD with every other objective, then the other ``arms`` with ``objective``."""
-    from opdcache.train import OBJECTIVES
+    from opdcache.config import OBJECTIVES
 
     jobs = []
     for seed in seeds:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import singledispatch
 
 from opdcache.budget import BudgetState, Decision
-from opdcache.score.variant import VariantSpec
+from opdcache.variant import VariantSpec
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from opdcache.arithmetic import (
     sample_arithmetic,
     write_arithmetic,
 )
-from opdcache.rollout.prompts import read_prompt_set
+from opdcache.prompts import read_prompt_set
 
 
 def naive_answer(question: str) -> int:

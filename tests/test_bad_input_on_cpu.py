@@ -210,7 +210,7 @@ def test_chat_template_asked_of_a_tokenizer_without_one(tmp_path):
 
     from opdcache.errors import OpdcacheError
     from opdcache.models.tiny import build_tiny_model
-    from opdcache.rollout.prompts import Prompt, encode_prompts
+    from opdcache.prompts import Prompt, encode_prompts
 
     tok = AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "m", seed=0))
     assert not tok.chat_template  # the tiny model has none

@@ -16,7 +16,7 @@ from opdcache.chain import (
 )
 from opdcache.errors import OpdcacheError
 from opdcache.grading import grader, is_correct
-from opdcache.rollout.prompts import load_prompts
+from opdcache.prompts import load_prompts
 
 
 def test_gold_values_and_worked_answer_by_hand():

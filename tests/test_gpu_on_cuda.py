@@ -11,7 +11,7 @@ from opdcache.cache.synthetic import write_synthetic_run
 from opdcache.config import load_config, write_run_config
 from opdcache.rundir import RunDir
 from opdcache.score.stage import score_run
-from opdcache.score.variant import VariantSpec
+from opdcache.variant import VariantSpec
 
 pytestmark = pytest.mark.gpu
 

@@ -151,7 +151,7 @@ def test_outcome_rewards_grade_the_decoded_text(checker):
     import pyarrow as pa
 
     from opdcache.score.stage import outcome_rewards
-    from opdcache.score.variant import VariantSpec
+    from opdcache.variant import VariantSpec
 
     # prompt a (gold 83): right, wrong, no box, a nested box (the grader reads the last, "3");
     # prompt b (gold 12): both right (a zero-variance group)

@@ -153,8 +153,8 @@ def test_inflight_rows_equal_a_stop_applied_afterwards(models, near_teacher, stu
     rows are a plain generation's cut after the fact at the naive stop point, teacher columns included,
     and no position past the stop went through the teacher."""
     from opdcache.rollout import engine, inflight
-    from opdcache.score.variant import VariantSpec
     from opdcache.teacher.forward import GrowingResponse
+    from opdcache.variant import VariantSpec
 
     model = AutoModelForCausalLM.from_pretrained(near_teacher).eval()
     vocab, k, budget, tail = model.config.vocab_size, 8, 24, 2

@@ -22,8 +22,8 @@ from opdcache.query import connect
 from opdcache.rollout import engine
 from opdcache.rundir import RunDir
 from opdcache.score.stage import read_effective_lengths
-from opdcache.score.variant import VariantSpec
 from opdcache.train.stage import RENDEZVOUS
+from opdcache.variant import VariantSpec
 from tests.restated import alg1_step
 
 pytest.importorskip("vllm")

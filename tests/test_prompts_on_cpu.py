@@ -7,8 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from opdcache.config import render
 from opdcache.errors import OpdcacheError
-from opdcache.rollout.prompts import load_prompts, read_prompt_set, render, round_prompts
+from opdcache.prompts import load_prompts, read_prompt_set, round_prompts
 
 
 def _jsonl(tmp_path, rows):
@@ -201,7 +202,7 @@ def test_init_checks_the_prompt_file_before_writing(tmp_path, capsys):
 def test_chat_template_prompts_are_token_ids(tmp_path):
     """transformers 5 returns a mapping from apply_chat_template(tokenize=True); the ids must come out."""
     from opdcache.models.tiny import build_tokenizer
-    from opdcache.rollout.prompts import Prompt, encode_prompts
+    from opdcache.prompts import Prompt, encode_prompts
 
     tok = build_tokenizer(tmp_path / "tok")
     tok.chat_template = "{% for m in messages %}<w1> {{ m['content'] }} <w2>{% endfor %}<w3>"

@@ -10,7 +10,7 @@ from opdcache.budget import BudgetController
 from opdcache.cache.shards import flat, read_cache_shard
 from opdcache.query import connect, refresh_duckdb_file, run_sql
 from opdcache.score.stage import read_effective_lengths, score_run
-from opdcache.score.variant import VariantSpec
+from opdcache.variant import VariantSpec
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
 

@@ -12,7 +12,7 @@ import pytest
 
 from opdcache.cache.shards import read_cache_shard
 from opdcache.cli import REAL_ARMS
-from opdcache.config import read_run_config
+from opdcache.config import OBJECTIVES, read_run_config
 from opdcache.probe import CALIBRATION_QUANTILE, CALIBRATION_TOKENS
 from opdcache.real_demo import (
     ALL_ARMS,
@@ -21,7 +21,6 @@ from opdcache.real_demo import (
     split_prompts,
 )
 from opdcache.rundir import RunDir
-from opdcache.train import OBJECTIVES
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow

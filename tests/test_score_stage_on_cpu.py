@@ -16,7 +16,7 @@ from opdcache.score import reliability as rl
 from opdcache.score import stage
 from opdcache.score.stage import read_effective_lengths, score_run
 from opdcache.score.torch_reference import prune_opd_weights
-from opdcache.score.variant import VariantSpec
+from opdcache.variant import VariantSpec
 
 
 def _score_tables(run, name, r):

@@ -20,8 +20,8 @@ from opdcache.loop import start_run
 from opdcache.query import connect
 from opdcache.rundir import RunDir
 from opdcache.score.stage import read_effective_lengths, score_run
-from opdcache.score.variant import VariantSpec
 from opdcache.shard import Shard
+from opdcache.variant import VariantSpec
 
 JOB = "rollout round=0 workers=2"
 

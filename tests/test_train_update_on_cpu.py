@@ -16,8 +16,8 @@ from opdcache.cache.synthetic import write_synthetic_run
 from opdcache.config import load_config, write_run_config
 from opdcache.rundir import RunDir
 from opdcache.score.stage import score_run
-from opdcache.score.variant import VariantSpec
 from opdcache.train.stage import plan_batches, train_round
+from opdcache.variant import VariantSpec
 
 pytest.importorskip("deepspeed")
 

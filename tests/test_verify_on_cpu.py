@@ -9,7 +9,7 @@ from opdcache.cache.shards import manifest_path, read_cache_shard
 from opdcache.cli import main
 from opdcache.errors import CacheFormatError
 from opdcache.score.stage import score_run
-from opdcache.score.variant import VariantSpec
+from opdcache.variant import VariantSpec
 from opdcache.verify import verify_run
 
 

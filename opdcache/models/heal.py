@@ -23,7 +23,7 @@ HEAL_META = "opdcache_heal.json"  # beside the weights: what the checkpoint was 
 def sft_examples(tokenizer: Any, rows: list[dict[str, str]], template: str) -> list[dict[str, list[int]]]:
     """input_ids / labels of (question, solution) rows: the chat-templated prompt (labels -100), then the
     solution and the end-of-turn token (labelled)."""
-    from opdcache.rollout.prompts import Prompt, encode_prompts
+    from opdcache.prompts import Prompt, encode_prompts
 
     prompts = [Prompt(r["prompt_id"], r["question"], r.get("answer", "")) for r in rows]
     out = []

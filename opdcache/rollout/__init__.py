@@ -1,1 +1,1 @@
-"""Student rollouts: prompts (prompts.py), the vLLM engine (engine.py), the rollout stage (stage.py)."""
+"""Student rollouts: the vLLM engine (engine.py), the rollout stage (stage.py)."""

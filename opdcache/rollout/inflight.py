@@ -27,8 +27,8 @@ import numpy as np
 from opdcache.rollout import engine
 from opdcache.score import reliability as rl
 from opdcache.score.stage import bad_events
-from opdcache.score.variant import VariantSpec
 from opdcache.teacher.forward import GrowingResponse
+from opdcache.variant import VariantSpec
 
 STUDENT = ("response_ids", "student_logprob", "student_topk_ids", "student_topk_logprobs")
 TEACHER = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_logprob", "teacher_logprob_on_student_topk")

@@ -26,9 +26,9 @@ from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
 from opdcache.models.checkpoint import student_checkpoint
 from opdcache.models.fingerprint import model_fingerprint, tokenizer_fingerprint
+from opdcache.prompts import Prompt, encode_prompts, load_prompts, round_prompts
 from opdcache.results import RolloutResult
 from opdcache.rollout import engine, inflight
-from opdcache.rollout.prompts import Prompt, encode_prompts, load_prompts, round_prompts
 from opdcache.rundir import RunDir
 from opdcache.shard import WHOLE, Shard
 from opdcache.teacher.forward import GrowingResponse

@@ -1,1 +1,1 @@
-"""Scoring: Prune-OPD math (reliability.py), variants (variant.py), the score stage (stage.py)."""
+"""Scoring: Prune-OPD math (reliability.py), the score stage (stage.py)."""

@@ -55,8 +55,8 @@ from opdcache.rundir import (
     round_dir,
 )
 from opdcache.score import reliability as rl
-from opdcache.score.variant import VariantSpec
 from opdcache.shard import WHOLE, Shard
+from opdcache.variant import VariantSpec
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opdcache.train import OBJECTIVES
+from opdcache.config import OBJECTIVES
 
 LOG_RATIO_CLAMP = 20.0
 

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from opdcache.config import render
 from opdcache.errors import OpdcacheError
 from opdcache.grading import extract_boxed
 
@@ -195,28 +196,6 @@ def round_prompts(prompts: list[Prompt], r: int, per_round: int, seed: int) -> l
         take = min(per_round - len(out), n - offset)
         out.extend(prompts[i] for i in order[offset : offset + take])
     return out
-
-
-def render(question: str, template: str) -> str:
-    """Apply the prompt template (``str.format`` with ``{question}``)."""
-    return template.format(question=question)
-
-
-def check_template(template: str, where: str) -> str:
-    """A template that renders a question: ``{question}`` in it, no other placeholder, literal braces
-    doubled (``\\boxed{{}}``). Checked by rendering a dummy question."""
-    try:
-        text = render("\x00", template)
-    except (KeyError, IndexError, ValueError) as e:
-        raise OpdcacheError(
-            f"{where} {template!r}: cannot render it ({type(e).__name__}: {e}); the only placeholder is "
-            "{question}, literal braces are doubled, e.g. '\\boxed{{}}'"
-        ) from None
-    if "\x00" not in text:
-        raise OpdcacheError(
-            f"{where} {template!r}: expected {{question}} in it (else every prompt is the same)"
-        )
-    return template
 
 
 def encode_prompts(tokenizer: Any, prompts: list[Prompt], template: str, chat: bool) -> list[list[int]]:
