@@ -191,37 +191,40 @@ def _make_report(runs: list[str | Path], outd: Path, band_scale: int, bucket: in
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     roots = [RunDir(r).require().root for r in runs]
     labels = [run_label(r) for r in roots]
     outd.mkdir(parents=True, exist_ok=True)
+    t = _load_tables(roots, labels, sqld, band_scale, bucket)
+    plot = _Plotter([run_id(r, lb) for r, lb in zip(roots, labels, strict=True)], outd)
+    figures = [
+        _fig_accuracy(plot, t["acc"]),
+        _fig_distill(plot, t["dist"]),
+        _fig_eval_overlap(plot, t["evov"]),
+        _fig_budget(plot, t["bud"]),
+        _fig_weights(plot, t["wts"]),
+        _fig_overlap(plot, t["ovl"], band_scale),
+        _fig_sweep(plot, t["sweep"]),
+    ]
+    return _write_markdown([f for f in figures if f is not None], roots, outd)
 
-    acc = concat(
-        [sql_table(r, "accuracy_vs_time", sqld, label=lb) for r, lb in zip(roots, labels, strict=True)]
-    )
-    bud = concat(
-        [sql_table(r, "budget_per_round", sqld, label=lb) for r, lb in zip(roots, labels, strict=True)]
-    )
-    wts = concat(
-        [
-            sql_table(r, "weight_by_position", sqld, {"bucket": str(bucket)}, lb)
-            for r, lb in zip(roots, labels, strict=True)
-        ]
-    )
-    ovl = concat(
-        [
-            sql_table(r, "overlap_by_depth", sqld, {"band_scale": str(band_scale)}, lb)
-            for r, lb in zip(roots, labels, strict=True)
-            if run_sql(r, "SELECT count(*) FROM scores WHERE overlap IS NOT NULL").fetchall()[0][0]
-        ]
-    )
-    dist = concat(
-        [sql_table(r, "distill_vs_time", sqld, label=lb) for r, lb in zip(roots, labels, strict=True)]
-    )
-    evov = concat(
-        [sql_table(r, "eval_overlap_by_depth", sqld, label=lb) for r, lb in zip(roots, labels, strict=True)]
-    )
+
+def _load_tables(
+    roots: list[Path], labels: list[str], sqld: Path, band_scale: int, bucket: int
+) -> dict[str, Table]:
+    """Every figure's table, one ``analysis/*.sql`` query per run (``run`` column first)."""
+
+    def each(query: str, params: dict[str, str] | None = None, keep: Any = None) -> Table:
+        return concat(
+            [
+                sql_table(r, query, sqld, params, lb)
+                for r, lb in zip(roots, labels, strict=True)
+                if keep is None or keep(r)
+            ]
+        )
+
+    def overlap_scored(r: Path) -> bool:
+        return run_sql(r, "SELECT count(*) FROM scores WHERE overlap IS NOT NULL").fetchall()[0][0] > 0
+
     sweep = concat(
         [
             sql_table(rep, "gamma_sweep", sqld, label=lb)
@@ -230,39 +233,65 @@ def _make_report(runs: list[str | Path], outd: Path, band_scale: int, bucket: in
             if rep.variants() and not rep.rounds(rep.checkpoints)
         ]
     )
+    return {
+        "acc": each("accuracy_vs_time"),
+        "bud": each("budget_per_round"),
+        "wts": each("weight_by_position", {"bucket": str(bucket)}),
+        "ovl": each("overlap_by_depth", {"band_scale": str(band_scale)}, overlap_scored),
+        "dist": each("distill_vs_time"),
+        "evov": each("eval_overlap_by_depth"),
+        "sweep": sweep,
+    }
 
-    figures: list[tuple[str, str, Table]] = []
 
-    def save(fig: Any, name: str) -> str:
+Figure = tuple[str, str, Table]  # (title, png name, its table)
+
+
+class _Plotter:
+    """What every figure shares: the runs (a panel per pair, a colour per arm), seed means, saving."""
+
+    def __init__(self, ids: list[RunId], outd: Path) -> None:
+        self.ids, self.outd = ids, outd
+        self.pairs = list(dict.fromkeys(i.pair for i in ids))
+        self.colour = arm_colours([i.arm for i in ids])
+
+    def save(self, fig: Any, name: str) -> str:
+        import matplotlib.pyplot as plt
+
         buf = io.BytesIO()
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
-        atomic_write_bytes(outd / f"{name}.png", buf.getvalue())
+        atomic_write_bytes(self.outd / f"{name}.png", buf.getvalue())
         return f"{name}.png"
 
-    ids = [run_id(r, lb) for r, lb in zip(roots, labels, strict=True)]
-    pairs = list(dict.fromkeys(i.pair for i in ids))
-    colour = arm_colours([i.arm for i in ids])
-
-    def groups(pair: str) -> dict[str, list[RunId]]:
+    def groups(self, pair: str) -> dict[str, list[RunId]]:
         """The pair's runs by arm, in the palette's order."""
         out: dict[str, list[RunId]] = {}
-        for arm in colour:
-            if runs_ := [i for i in ids if i.pair == pair and i.arm == arm]:
+        for arm in self.colour:
+            if runs_ := [i for i in self.ids if i.pair == pair and i.arm == arm]:
                 out[arm] = runs_
         return out
 
+    def pairs_in(self, table: Table) -> list[str]:
+        return list(dict.fromkeys(i.pair for i in self.ids if table.where(run=i.label).rows))
+
+    @staticmethod
     def panels(n: int, height: float = 3.4) -> tuple[Any, list[Any]]:
+        import matplotlib.pyplot as plt
+
         fig, axes = plt.subplots(1, n, figsize=(4.6 * n, height), squeeze=False)
         return fig, list(axes[0])
 
+    @staticmethod
     def title(pair: str, what: str) -> str:
         return f"{pair} pair: {what}" if pair else what
 
+    @staticmethod
     def name(arm: str) -> str:
         return ARM_NAMES.get(arm, arm)
 
+    @staticmethod
     def seeds(table: Table, runs_: list[RunId], x: str, y: str, key: dict[str, Any] | None = None) -> list:
         return [
             list(zip(t.col(x), t.col(y), strict=True))
@@ -270,150 +299,156 @@ def _make_report(runs: list[str | Path], outd: Path, band_scale: int, bucket: in
             if (t := table.where(run=i.label, **(key or {}))).rows
         ]
 
-    # accuracy against wall time: mean over seeds with +- s.d. bars, each seed faint
-    fig, axes = panels(len(pairs))
-    for ax, pair in zip(axes, pairs, strict=True):
-        for arm, runs_ in groups(pair).items():
-            series = seeds(acc, runs_, "wall_seconds", "accuracy")
+    def first_last(
+        self, ax: Any, table: Table, arm: str, runs_: list[RunId], x: str, y: str, marker: bool, **key: Any
+    ) -> None:
+        """The arm's last round solid and its first dotted (seed means)."""
+        rounds = sorted(set(table.where(run=runs_[0].label).col("round")))
+        for rnd, style in [(rounds[-1], "-"), (rounds[0], ":")][: len(rounds)] if rounds else []:
+            xs, ys, _ = seed_mean(self.seeds(table, runs_, x, y, {"round": rnd, **key}))
+            ax.plot(xs, ys, style, **({"marker": "o", "ms": 3} if marker else {}), color=self.colour[arm],
+                    label=f"{self.name(arm)} round {rnd}")  # fmt: skip
+
+
+def _fig_accuracy(p: _Plotter, acc: Table) -> Figure:
+    """Accuracy against wall time: mean over seeds with +- s.d. bars, each seed faint."""
+    fig, axes = p.panels(len(p.pairs))
+    for ax, pair in zip(axes, p.pairs, strict=True):
+        for arm, runs_ in p.groups(pair).items():
+            series = p.seeds(acc, runs_, "wall_seconds", "accuracy")
             if not series:
                 continue
             for s_ in series if len(series) > 1 else []:
-                ax.plot([x / 60 for x, _ in s_], [y for _, y in s_], color=colour[arm], alpha=0.25, lw=0.8)
+                ax.plot([x / 60 for x, _ in s_], [y for _, y in s_], color=p.colour[arm], alpha=0.25, lw=0.8)
             xs, ys, sd = seed_mean(series)
-            ax.errorbar([x / 60 for x in xs], ys, yerr=sd, color=colour[arm], marker="o", ms=3, capsize=2,
-                        label=name(arm))  # fmt: skip
+            ax.errorbar([x / 60 for x in xs], ys, yerr=sd, color=p.colour[arm], marker="o", ms=3, capsize=2,
+                        label=p.name(arm))  # fmt: skip
         ax.set(
-            xlabel="training wall time (min)", ylabel="Avg@n accuracy", title=title(pair, "accuracy vs time")
+            xlabel="training wall time (min)",
+            ylabel="Avg@n accuracy",
+            title=p.title(pair, "accuracy vs time"),
         )
         ax.legend(fontsize=7)
-    figures.append(("Accuracy against wall time", save(fig, "accuracy_vs_time"), acc))
+    return ("Accuracy against wall time", p.save(fig, "accuracy_vs_time"), acc)
 
-    # distillation metrics (eval.teacher): held-out top-k KL against wall time, and by depth
-    if dist.rows:
-        d_pairs = list(dict.fromkeys(i.pair for i in ids if dist.where(run=i.label).rows))
-        fig, axes = panels(len(d_pairs))
-        for ax, pair in zip(axes, d_pairs, strict=True):
-            for arm, runs_ in groups(pair).items():
-                for metric, style, what in (("topk_kl", "-", "top-k"), ("full_kl", "--", "full")):
-                    rows_ = Table(
-                        dist.columns, [r for r in dist.rows if r[dist.columns.index(metric)] is not None]
-                    )
-                    if series := seeds(rows_, runs_, "wall_seconds", metric):
-                        xs, ys, sd = seed_mean(series)
-                        ax.errorbar([x / 60 for x in xs], ys, yerr=sd, color=colour[arm], marker="o", ms=3,
-                                    capsize=2, ls=style, label=f"{name(arm)} {what} KL")  # fmt: skip
-            ax.set(xlabel="training wall time (min)", ylabel="held-out reverse KL to the teacher",
-                   title=title(pair, "distillation vs time"))  # fmt: skip
-            ax.legend(fontsize=7)
-        figures.append(
-            ("Held-out top-k KL to the teacher against wall time", save(fig, "distill_vs_time"), dist)
-        )
-    if evov.rows:
-        e_pairs = list(dict.fromkeys(i.pair for i in ids if evov.where(run=i.label).rows))
-        fig, axes = panels(len(e_pairs))
-        for ax, pair in zip(axes, e_pairs, strict=True):
-            for arm, runs_ in groups(pair).items():
-                if not (rounds := sorted(set(evov.where(run=runs_[0].label).col("round")))):
-                    continue
-                for rnd, style in [(rounds[-1], "-"), (rounds[0], ":")][: len(rounds)]:
-                    series = seeds(evov, runs_, "band_start", "mean_overlap", {"round": rnd})
-                    xs, ys, _ = seed_mean(series)
-                    ax.plot(
-                        xs, ys, style, marker="o", ms=3, color=colour[arm], label=f"{name(arm)} round {rnd}"
-                    )
-            ax.set(xlabel="response position (band start)", ylabel="mean top-k overlap", ylim=(0, 1),
-                   title=title(pair, "held-out overlap by depth"))  # fmt: skip
-            ax.legend(fontsize=6)
-        figures.append(
-            ("Held-out overlap by depth (student samples)", save(fig, "eval_overlap_by_depth"), evov)
-        )
 
-    # budget M_t (steps) and mean effective length E (dashed), mean over seeds
-    fig, axes = panels(len(pairs))
-    for ax, pair in zip(axes, pairs, strict=True):
-        for arm, runs_ in groups(pair).items():
-            m = seeds(bud, runs_, "round", "max_tokens")
-            e = seeds(bud, runs_, "round", "effective_len_mean")
+def _fig_distill(p: _Plotter, dist: Table) -> Figure | None:
+    """Distillation metrics (eval.teacher): held-out top-k and full KL against wall time."""
+    if not dist.rows:
+        return None
+    d_pairs = p.pairs_in(dist)
+    fig, axes = p.panels(len(d_pairs))
+    for ax, pair in zip(axes, d_pairs, strict=True):
+        for arm, runs_ in p.groups(pair).items():
+            for metric, style, what in (("topk_kl", "-", "top-k"), ("full_kl", "--", "full")):
+                rows_ = Table(
+                    dist.columns, [r for r in dist.rows if r[dist.columns.index(metric)] is not None]
+                )
+                if series := p.seeds(rows_, runs_, "wall_seconds", metric):
+                    xs, ys, sd = seed_mean(series)
+                    ax.errorbar([x / 60 for x in xs], ys, yerr=sd, color=p.colour[arm], marker="o", ms=3,
+                                capsize=2, ls=style, label=f"{p.name(arm)} {what} KL")  # fmt: skip
+        ax.set(xlabel="training wall time (min)", ylabel="held-out reverse KL to the teacher",
+               title=p.title(pair, "distillation vs time"))  # fmt: skip
+        ax.legend(fontsize=7)
+    return ("Held-out top-k KL to the teacher against wall time", p.save(fig, "distill_vs_time"), dist)
+
+
+def _fig_eval_overlap(p: _Plotter, evov: Table) -> Figure | None:
+    """Held-out overlap by depth on the student's own samples, last round solid, first dotted."""
+    if not evov.rows:
+        return None
+    e_pairs = p.pairs_in(evov)
+    fig, axes = p.panels(len(e_pairs))
+    for ax, pair in zip(axes, e_pairs, strict=True):
+        for arm, runs_ in p.groups(pair).items():
+            p.first_last(ax, evov, arm, runs_, "band_start", "mean_overlap", marker=True)
+        ax.set(xlabel="response position (band start)", ylabel="mean top-k overlap", ylim=(0, 1),
+               title=p.title(pair, "held-out overlap by depth"))  # fmt: skip
+        ax.legend(fontsize=6)
+    return ("Held-out overlap by depth (student samples)", p.save(fig, "eval_overlap_by_depth"), evov)
+
+
+def _fig_budget(p: _Plotter, bud: Table) -> Figure:
+    """Budget M_t (steps) and mean effective length E (dashed), mean over seeds (Fig. 6)."""
+    fig, axes = p.panels(len(p.pairs))
+    for ax, pair in zip(axes, p.pairs, strict=True):
+        for arm, runs_ in p.groups(pair).items():
+            m = p.seeds(bud, runs_, "round", "max_tokens")
+            e = p.seeds(bud, runs_, "round", "effective_len_mean")
             if not m:
                 continue
             xs, ys, _ = seed_mean(m)
-            ax.plot(xs, ys, drawstyle="steps-post", color=colour[arm], label=f"{name(arm)} M_t")
+            ax.plot(xs, ys, drawstyle="steps-post", color=p.colour[arm], label=f"{p.name(arm)} M_t")
             xs, ys, _ = seed_mean(e)
-            ax.plot(xs, ys, "--", marker="o", ms=3, color=colour[arm], label=f"{name(arm)} mean E")
-        ax.set(xlabel="round t", ylabel="tokens", title=title(pair, "budget M_t and effective length E"))
+            ax.plot(xs, ys, "--", marker="o", ms=3, color=p.colour[arm], label=f"{p.name(arm)} mean E")
+        ax.set(xlabel="round t", ylabel="tokens", title=p.title(pair, "budget M_t and effective length E"))
         ax.legend(fontsize=6)
-    figures.append(("Effective length and budget per round", save(fig, "budget"), bud))
+    return ("Effective length and budget per round", p.save(fig, "budget"), bud)
 
-    # mean weight L_tau by position, last round (solid) and first (dotted), only arms where L varies
+
+def _fig_weights(p: _Plotter, wts: Table) -> Figure | None:
+    """Mean weight L_tau by position (Fig. 8), last round solid, first dotted, only arms where L varies."""
     varying = {
         (i.pair, i.arm)
-        for i in ids
+        for i in p.ids
         if len({round(w, 6) for w in wts.where(run=i.label, variant=i.variant).col("mean_weight")}) > 1
     }
-    wt_pairs = [p for p in pairs if any(q == p for q, _ in varying)]
-    if wt_pairs:
-        fig, axes = panels(len(wt_pairs))
-        for ax, pair in zip(axes, wt_pairs, strict=True):
-            for arm, runs_ in groups(pair).items():
-                if (pair, arm) not in varying:
-                    continue
-                rounds = sorted(set(wts.where(run=runs_[0].label).col("round")))
-                for rnd, style in [(rounds[-1], "-"), (rounds[0], ":")][: len(rounds)]:
-                    key = {"round": rnd, "variant": runs_[0].variant}
-                    series = seeds(wts, runs_, "pos_start", "mean_weight", key)
+    wt_pairs = [pair for pair in p.pairs if any(q == pair for q, _ in varying)]
+    if not wt_pairs:
+        return None
+    fig, axes = p.panels(len(wt_pairs))
+    for ax, pair in zip(axes, wt_pairs, strict=True):
+        for arm, runs_ in p.groups(pair).items():
+            if (pair, arm) in varying:
+                p.first_last(ax, wts, arm, runs_, "pos_start", "mean_weight", marker=False,
+                             variant=runs_[0].variant)  # fmt: skip
+        ax.set(xlabel="response position tau", ylabel="mean L_tau", ylim=(0, 1.6),
+               title=p.title(pair, "weight L by position"))  # fmt: skip
+        ax.legend(fontsize=6)
+    return ("Mean weight L by position", p.save(fig, "weight_by_position"), wts)
+
+
+def _fig_overlap(p: _Plotter, ovl: Table, band_scale: int) -> Figure | None:
+    """Overlap by depth band (Fig. 7): first round dotted, last solid, per arm."""
+    if not ovl.rows:
+        return None
+    ov_ids = [i for i in p.ids if ovl.where(run=i.label).rows]
+    ov_pairs = p.pairs_in(ovl)
+    fig, axes = p.panels(len(ov_pairs))
+    for ax, pair in zip(axes, ov_pairs, strict=True):
+        for arm, runs_ in p.groups(pair).items():
+            if runs_ := [i for i in runs_ if i in ov_ids]:
+                p.first_last(ax, ovl, arm, runs_, "band_start", "mean_overlap", marker=True)
+        ax.set(xlabel=f"response position (bands of {band_scale} tokens)", ylabel="mean overlap O",
+               ylim=(0, 1), title=p.title(pair, "top-k overlap by depth"))  # fmt: skip
+        ax.legend(fontsize=6)
+    return ("Overlap by depth band", p.save(fig, "overlap_by_depth"), ovl)
+
+
+def _fig_sweep(p: _Plotter, sweep: Table) -> Figure | None:
+    """The gamma sweep over the score-only replays (Table 4): mean E per round, a line style per gamma."""
+    if not sweep.rows:
+        return None
+    sw_ids = [i for i in p.ids if sweep.where(run=i.label).rows]
+    sw_pairs = p.pairs_in(sweep)
+    fig, axes = p.panels(len(sw_pairs))
+    gammas = sorted(set(sweep.col("gamma")))
+    for ax, pair in zip(axes, sw_pairs, strict=True):
+        for arm, runs_ in p.groups(pair).items():
+            runs_ = [i for i in runs_ if i in sw_ids]
+            for g, style in zip(gammas, ("-", "--", ":", "-.") * 4, strict=False):
+                if series := p.seeds(sweep, runs_, "round", "mean_effective_len", {"gamma": g}):
                     xs, ys, _ = seed_mean(series)
-                    ax.plot(xs, ys, style, color=colour[arm], label=f"{name(arm)} round {rnd}")
-            ax.set(xlabel="response position tau", ylabel="mean L_tau", ylim=(0, 1.6),
-                   title=title(pair, "weight L by position"))  # fmt: skip
-            ax.legend(fontsize=6)
-        figures.append(("Mean weight L by position", save(fig, "weight_by_position"), wts))
+                    ax.plot(xs, ys, style, marker="o", ms=3, color=p.colour[arm],
+                            label=f"{p.name(arm)} gamma={g:g}")  # fmt: skip
+        ax.set(xlabel="round t", ylabel="mean E", title=p.title(pair, "gamma sweep (score-only replays)"))
+        ax.legend(fontsize=6)
+    return ("Gamma sweep", p.save(fig, "gamma_sweep"), sweep)
 
-    # overlap by depth: first round (dotted) and last (solid) per arm
-    if ovl.rows:
-        ov_ids = [i for i in ids if ovl.where(run=i.label).rows]
-        ov_pairs = list(dict.fromkeys(i.pair for i in ov_ids))
-        fig, axes = panels(len(ov_pairs))
-        for ax, pair in zip(axes, ov_pairs, strict=True):
-            for arm, runs_ in groups(pair).items():
-                runs_ = [i for i in runs_ if i in ov_ids]
-                if not runs_:
-                    continue
-                rounds = sorted(set(ovl.where(run=runs_[0].label).col("round")))
-                for rnd, style in [(rounds[-1], "-"), (rounds[0], ":")][: len(rounds)]:
-                    series = seeds(ovl, runs_, "band_start", "mean_overlap", {"round": rnd})
-                    xs, ys, _ = seed_mean(series)
-                    ax.plot(
-                        xs, ys, style, marker="o", ms=3, color=colour[arm], label=f"{name(arm)} round {rnd}"
-                    )
-            ax.set(xlabel=f"response position (bands of {band_scale} tokens)", ylabel="mean overlap O",
-                   ylim=(0, 1), title=title(pair, "top-k overlap by depth"))  # fmt: skip
-            ax.legend(fontsize=6)
-        figures.append(("Overlap by depth band", save(fig, "overlap_by_depth"), ovl))
 
-    if sweep.rows:
-        sw_ids = [i for i in ids if sweep.where(run=i.label).rows]
-        sw_pairs = list(dict.fromkeys(i.pair for i in sw_ids))
-        fig, axes = panels(len(sw_pairs))
-        gammas = sorted(set(sweep.col("gamma")))
-        for ax, pair in zip(axes, sw_pairs, strict=True):
-            for arm, runs_ in groups(pair).items():
-                runs_ = [i for i in runs_ if i in sw_ids]
-                for g, style in zip(gammas, ("-", "--", ":", "-.") * 4, strict=False):
-                    if series := seeds(sweep, runs_, "round", "mean_effective_len", {"gamma": g}):
-                        xs, ys, _ = seed_mean(series)
-                        ax.plot(
-                            xs,
-                            ys,
-                            style,
-                            marker="o",
-                            ms=3,
-                            color=colour[arm],
-                            label=f"{name(arm)} gamma={g:g}",
-                        )
-            ax.set(xlabel="round t", ylabel="mean E", title=title(pair, "gamma sweep (score-only replays)"))
-            ax.legend(fontsize=6)
-        figures.append(("Gamma sweep", save(fig, "gamma_sweep"), sweep))
-
+def _write_markdown(figures: list[Figure], roots: list[Path], outd: Path) -> Path:
+    """report.md: each figure with its query, its CSV (written beside it) and its table."""
     md = ["# opdcache report", "", "Runs: " + ", ".join(f"`{r}`" for r in roots), ""]
     for title, png, table in figures:
         stem = png.removesuffix(".png")
