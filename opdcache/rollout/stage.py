@@ -53,23 +53,9 @@ def rollout_round(
     a seed of their own (``engine.request_seed`` of rollout.seed, round and prompt id), so its rows are
     the same whichever worker, batch or launch generates them.
     """
-    from transformers import AutoTokenizer
-
     run.require()
     rc = cfg.rollout
-    all_prompts = load_prompts(cfg.data.prompts, cfg.data.fields, quiet=True)
-    prompts = round_prompts(all_prompts, r, rc.prompts_per_round, rc.seed)
-    student = student_checkpoint(run, cfg, r)
-    tokenizer = AutoTokenizer.from_pretrained(student)
-    encoded = encode_prompts(tokenizer, prompts, cfg.data.template, cfg.data.chat_template)
-    max_len = context_length(cfg, student, max(len(e) for e in encoded))
-    for pr, ids in zip(prompts, encoded, strict=True):
-        if len(ids) + max_tokens > max_len:
-            raise OpdcacheError(
-                f"prompt {pr.prompt_id!r}: {len(ids)} prompt tokens + budget {max_tokens} exceed the context "
-                f"length {max_len} (rollout.max_model_len / the model's max_position_embeddings)"
-            )
-
+    prompts, encoded, student, tokenizer, max_len = _round_prompts(run, cfg, r, max_tokens)
     parts = [
         list(range(i, min(i + rc.part_size, len(prompts)))) for i in range(0, len(prompts), rc.part_size)
     ]
@@ -90,12 +76,8 @@ def rollout_round(
     llm, startup = engines.get(student, rc.k, max_len, seed)
     scorer = None
     if plan(cfg).inflight:  # in flight the rollout writes complete cache parts: the teacher runs here
-        vocab = teacher_vocab(cfg, student)
-        model, t_fp, load_seconds = (teacher or ResidentTeacher()).get(cfg)
+        scorer, meta, load_seconds = _inflight_scorer(cfg, student, teacher, meta)
         startup += load_seconds
-        meta = dataclasses.replace(meta, teacher_model=cfg.models.teacher, teacher_fingerprint=t_fp)
-        chunk_positions = cfg.teacher.chunk_positions
-        scorer = lambda prompt: GrowingResponse(model, prompt, rc.k, vocab, chunk_positions)  # noqa: E731
     bar = tqdm(
         total=sum(len(parts[p]) for p in mine),
         initial=sum(len(parts[p]) for p in mine if done[p]),
@@ -110,25 +92,11 @@ def rollout_round(
                 continue
             idx = parts[p]
             batch = [encoded[i] for i in idx]
-            # per prompt, not per part or arm: arms sharing a checkpoint share their samples (up to
-            # the shorter budget), whichever worker, launch or batch generates them
-            seeds = [engine.request_seed(rc.n_samples, rc.seed, r, prompts[i].prompt_id) for i in idx]
-            if scorer is None:
-                outs = engine.generate(
-                    llm, batch, rc.n_samples, rc.temperature, max_tokens, rc.k, seeds=seeds
-                )
-                samples = [
-                    [(engine.completion_arrays(c, rc.k), str(c.finish_reason)) for c in out.outputs]
-                    for out in outs
-                ]
-            else:
-                grown, decoded = inflight.generate_inflight(
-                    llm, batch, rc.n_samples, max_tokens, rc.k, rc.chunk_tokens, rc.unreliable_tail,
-                    cfg.score.spec, scorer, rc.temperature, seeds,
-                )  # fmt: skip
-                generated += decoded
-                teacher_positions += sum(s.teacher.positions for row in grown for s in row)
-                samples = [[s.result() for s in row] for row in grown]
+            samples, decoded, positions = _generate(
+                llm, cfg, r, [prompts[i] for i in idx], batch, max_tokens, scorer
+            )
+            generated += decoded
+            teacher_positions += positions
             cols = _columns(samples, [prompts[i] for i in idx], batch, max_tokens, scorer is not None)
             part_meta = dataclasses.replace(
                 meta, answers={prompts[i].prompt_id: prompts[i].answer for i in idx}
@@ -158,6 +126,70 @@ def rollout_round(
         generated,
         teacher_positions,
     )
+
+
+def _round_prompts(
+    run: RunDir, cfg: RunConfig, r: int, max_tokens: int
+) -> tuple[list[Prompt], list[list[int]], str, Any, int]:
+    """Round r's prompts, their token ids, the student, its tokenizer and the engine's context length;
+    a prompt that leaves no room for ``max_tokens`` is refused."""
+    from transformers import AutoTokenizer
+
+    rc = cfg.rollout
+    all_prompts = load_prompts(cfg.data.prompts, cfg.data.fields, quiet=True)
+    prompts = round_prompts(all_prompts, r, rc.prompts_per_round, rc.seed)
+    student = student_checkpoint(run, cfg, r)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    encoded = encode_prompts(tokenizer, prompts, cfg.data.template, cfg.data.chat_template)
+    max_len = context_length(cfg, student, max(len(e) for e in encoded))
+    for pr, ids in zip(prompts, encoded, strict=True):
+        if len(ids) + max_tokens > max_len:
+            raise OpdcacheError(
+                f"prompt {pr.prompt_id!r}: {len(ids)} prompt tokens + budget {max_tokens} exceed the context "
+                f"length {max_len} (rollout.max_model_len / the model's max_position_embeddings)"
+            )
+    return prompts, encoded, student, tokenizer, max_len
+
+
+def _inflight_scorer(
+    cfg: RunConfig, student: str, teacher: ResidentTeacher | None, meta: CacheMeta
+) -> tuple[Any, CacheMeta, float]:
+    """In flight the rollout writes complete cache parts: (a teacher scorer per prompt, the parts'
+    metadata naming the teacher, the teacher's load seconds)."""
+    vocab = teacher_vocab(cfg, student)
+    model, t_fp, load_seconds = (teacher or ResidentTeacher()).get(cfg)
+    meta = dataclasses.replace(meta, teacher_model=cfg.models.teacher, teacher_fingerprint=t_fp)
+    k, chunk_positions = cfg.rollout.k, cfg.teacher.chunk_positions
+    return (lambda prompt: GrowingResponse(model, prompt, k, vocab, chunk_positions)), meta, load_seconds
+
+
+def _generate(
+    llm: Any,
+    cfg: RunConfig,
+    r: int,
+    prompts: list[Prompt],
+    batch: list[list[int]],
+    max_tokens: int,
+    scorer: Any,
+) -> tuple[list[list[tuple[Any, str]]], int, int]:
+    """One part's samples (arrays, finish reason) per prompt, the tokens decoded in flight and the
+    teacher positions scored in flight (both 0 without ``scorer``)."""
+    rc = cfg.rollout
+    # per prompt, not per part or arm: arms sharing a checkpoint share their samples (up to the
+    # shorter budget), whichever worker, launch or batch generates them
+    seeds = [engine.request_seed(rc.n_samples, rc.seed, r, pr.prompt_id) for pr in prompts]
+    if scorer is None:
+        outs = engine.generate(llm, batch, rc.n_samples, rc.temperature, max_tokens, rc.k, seeds=seeds)
+        samples = [
+            [(engine.completion_arrays(c, rc.k), str(c.finish_reason)) for c in out.outputs] for out in outs
+        ]
+        return samples, 0, 0
+    grown, decoded = inflight.generate_inflight(
+        llm, batch, rc.n_samples, max_tokens, rc.k, rc.chunk_tokens, rc.unreliable_tail,
+        cfg.score.spec, scorer, rc.temperature, seeds,
+    )  # fmt: skip
+    positions = sum(s.teacher.positions for row in grown for s in row)
+    return [[s.result() for s in row] for row in grown], decoded, positions
 
 
 def context_length(cfg: RunConfig, checkpoint: str, longest_prompt: int) -> int:

@@ -261,36 +261,7 @@ def score_run(
     the encoder release the GIL. Output bytes do not depend on ``workers`` or ``shard``. With ``shard``
     i/N (N > 1): only this worker's missing parts, written in place (module docstring); its summaries
     cover those parts only."""
-    run.require()
-    final = run.variant(name)
-    available = run.rounds()
-    if not available:
-        raise OpdcacheError(f"{run.cache}: no cache rounds (expected round=<r>/ directories of shards)")
-    todo = available if rounds is None else sorted(set(rounds))
-    if missing := sorted(set(todo) - set(available)):
-        raise OpdcacheError(f"rounds {missing} are not in {run.cache} (have {available})")
-    if spec.metric == "random" and spec.reference == name:
-        raise OpdcacheError("random variant: the reference must be another variant")
-    recover_interrupted_swaps(run.scores)
-    old = _existing_params(run, name) if final.exists() else None
-    partial = set(todo) != set(available) or shard.count > 1
-    if old is not None and partial and old != spec.to_meta():
-        raise OpdcacheError(
-            f"variant {name!r} exists with parameters {old}; re-scoring only rounds {todo} with "
-            f"{spec.to_meta()} would mix settings. Re-score all rounds or use another variant name"
-        )
-
-    parts = {r: whole_round(run, r) for r in todo}  # every input checked before anything is written
-    ks = {}
-    for paths in parts.values():
-        for p in paths:
-            ks.setdefault(read_cache_meta(p).k, p)
-    if len(ks) > 1:
-        raise CacheFormatError(
-            "cache shards disagree on k: " + ", ".join(f"k={k} in {p}" for k, p in ks.items())
-        )
-    k = next(iter(ks))
-
+    todo, parts, k = _check_inputs(run, name, spec, rounds, shard)
     tokenizer = run_tokenizer(run) if spec.outcome else None  # loaded once, before the threads
     sharded = shard.count > 1
     mine = {  # which parts of each round this call scores
@@ -302,18 +273,7 @@ def score_run(
         ]
         for r, paths in parts.items()
     }
-    if sharded:
-        # in place, nothing staged; a killed worker's temporaries go, of our own parts only: a pid
-        # names a process on its own host, and the other workers may run elsewhere
-        staged = final
-        for r, paths in parts.items():
-            for p in paths:
-                if shard.owns(run.part_index(p.name)):
-                    remove_dead_leftovers(run.score_round(name, r), f".{p.name}.", ".tmp")
-    else:
-        clean_stale_staging(run, f"scores-{name}")
-        staged = run.staging / f"scores-{name}-{os.getpid()}"
-        shutil.rmtree(staged, ignore_errors=True)
+    staged = _staging(run, name, parts, shard)
     summaries = []
     try:
         bar = tqdm(
@@ -323,44 +283,15 @@ def score_run(
             disable=not progress,
         )
         for r in todo:
-            if not any(mine[r]):
-                continue
-            masks, match = (  # the random arm's mask is matched over the whole round, then split
-                _random_keep_masks(run, r, parts[r], k, spec)
-                if spec.metric == "random"
-                else ([None] * len(parts[r]), {})
-            )
-            todo_parts = [p for p, m in zip(parts[r], mine[r], strict=True) if m]
-            todo_masks = [x for x, m in zip(masks, mine[r], strict=True) if m]
-            stats, t_round = _RoundStats(r), time.perf_counter()
-            graded = {}  # graded here, in the main thread: math-verify's timeouts use signal.alarm
-            for part in todo_parts if spec.outcome else []:
-                table, cmeta = read_cache_shard(part, ["prompt_id", "response_ids"])
-                graded[part] = outcome_rewards(table, cmeta.answers, spec, tokenizer, str(part))
-            meta = {**spec.to_meta(), **({"match_stats": match} if match else {})}
-
-            def one(
-                part: Path, keep: np.ndarray | None, r: int = r, meta: dict = meta, graded: dict = graded
-            ) -> ShardScores:
-                table, _ = read_cache_shard(part, _columns_needed(spec))
-                scores = score_shard(table, k, spec, keep)
-                if spec.outcome:
-                    o, a, z = graded[part]
-                    scores = dataclasses.replace(scores, outcome=o, grpo_advantage=a, zero_variance=z)
-                out = _score_table(table, scores, spec.metric)
-                out = out.replace_schema_metadata(score_file_metadata(meta, part.name, out.num_rows))
-                write_parquet(staged / round_dir(r) / part.name, out, len(scores.rel))
-                return scores
-
-            with ThreadPoolExecutor(min(workers or os.cpu_count() or 1, len(todo_parts))) as pool:
-                for scores in pool.map(one, todo_parts, todo_masks):  # in part order
-                    stats.add(scores)
-                    bar.update(1)
-                    bar.set_postfix(pos_per_s=f"{stats.positions / (time.perf_counter() - t_round):.3g}")
-            summaries.append(stats.summary(match, time.perf_counter() - t_round))
+            if any(mine[r]):
+                mine_r = [p for p, m in zip(parts[r], mine[r], strict=True) if m]
+                summaries.append(
+                    _score_round(run, r, parts[r], mine_r, k, spec, tokenizer, staged, workers, bar)
+                )
         bar.close()
         if sharded:
             return ScoreResult(name, spec, summaries)
+        final = run.variant(name)
         if final.exists():  # keep rounds that were not re-scored
             for r in sorted(set(run.rounds(final)) - set(todo)):
                 (staged / round_dir(r)).mkdir(parents=True, exist_ok=True)
@@ -372,6 +303,100 @@ def score_run(
         if not sharded:
             shutil.rmtree(staged, ignore_errors=True)
     return ScoreResult(name, spec, summaries)
+
+
+def _check_inputs(
+    run: RunDir, name: str, spec: VariantSpec, rounds: list[int] | None, shard: Shard
+) -> tuple[list[int], dict[int, list[Path]], int]:
+    """(rounds to score, each round's cache parts, k), every input checked before anything is written."""
+    run.require()
+    available = run.rounds()
+    if not available:
+        raise OpdcacheError(f"{run.cache}: no cache rounds (expected round=<r>/ directories of shards)")
+    todo = available if rounds is None else sorted(set(rounds))
+    if missing := sorted(set(todo) - set(available)):
+        raise OpdcacheError(f"rounds {missing} are not in {run.cache} (have {available})")
+    if spec.metric == "random" and spec.reference == name:
+        raise OpdcacheError("random variant: the reference must be another variant")
+    recover_interrupted_swaps(run.scores)
+    old = _existing_params(run, name) if run.variant(name).exists() else None
+    partial = set(todo) != set(available) or shard.count > 1
+    if old is not None and partial and old != spec.to_meta():
+        raise OpdcacheError(
+            f"variant {name!r} exists with parameters {old}; re-scoring only rounds {todo} with "
+            f"{spec.to_meta()} would mix settings. Re-score all rounds or use another variant name"
+        )
+    parts = {r: whole_round(run, r) for r in todo}
+    ks: dict[int, Path] = {}
+    for paths in parts.values():
+        for p in paths:
+            ks.setdefault(read_cache_meta(p).k, p)
+    if len(ks) > 1:
+        raise CacheFormatError(
+            "cache shards disagree on k: " + ", ".join(f"k={k} in {p}" for k, p in ks.items())
+        )
+    return todo, parts, next(iter(ks))
+
+
+def _staging(run: RunDir, name: str, parts: dict[int, list[Path]], shard: Shard) -> Path:
+    """Where the parts are written: a fresh staging folder, or (a shard) the variant itself."""
+    if shard.count > 1:
+        # in place, nothing staged; a killed worker's temporaries go, of our own parts only: a pid
+        # names a process on its own host, and the other workers may run elsewhere
+        for r, paths in parts.items():
+            for p in paths:
+                if shard.owns(run.part_index(p.name)):
+                    remove_dead_leftovers(run.score_round(name, r), f".{p.name}.", ".tmp")
+        return run.variant(name)
+    clean_stale_staging(run, f"scores-{name}")
+    staged = run.staging / f"scores-{name}-{os.getpid()}"
+    shutil.rmtree(staged, ignore_errors=True)
+    return staged
+
+
+def _score_round(
+    run: RunDir,
+    r: int,
+    round_parts: list[Path],
+    todo_parts: list[Path],
+    k: int,
+    spec: VariantSpec,
+    tokenizer: Any,
+    staged: Path,
+    workers: int,
+    bar: Any,
+) -> ScoreRound:
+    """Score ``todo_parts`` of round ``r`` into ``staged``, ``workers`` at a time; the round's summary."""
+    masks, match = (  # the random arm's mask is matched over the whole round, then split
+        _random_keep_masks(run, r, round_parts, k, spec)
+        if spec.metric == "random"
+        else ([None] * len(round_parts), {})
+    )
+    todo_masks = [x for x, p in zip(masks, round_parts, strict=True) if p in todo_parts]
+    stats, t_round = _RoundStats(r), time.perf_counter()
+    graded = {}  # graded here, in the main thread: math-verify's timeouts use signal.alarm
+    for part in todo_parts if spec.outcome else []:
+        table, cmeta = read_cache_shard(part, ["prompt_id", "response_ids"])
+        graded[part] = outcome_rewards(table, cmeta.answers, spec, tokenizer, str(part))
+    meta = {**spec.to_meta(), **({"match_stats": match} if match else {})}
+
+    def one(part: Path, keep: np.ndarray | None) -> ShardScores:
+        table, _ = read_cache_shard(part, _columns_needed(spec))
+        scores = score_shard(table, k, spec, keep)
+        if spec.outcome:
+            o, a, z = graded[part]
+            scores = dataclasses.replace(scores, outcome=o, grpo_advantage=a, zero_variance=z)
+        out = _score_table(table, scores, spec.metric)
+        out = out.replace_schema_metadata(score_file_metadata(meta, part.name, out.num_rows))
+        write_parquet(staged / round_dir(r) / part.name, out, len(scores.rel))
+        return scores
+
+    with ThreadPoolExecutor(min(workers or os.cpu_count() or 1, len(todo_parts))) as pool:
+        for scores in pool.map(one, todo_parts, todo_masks):  # in part order
+            stats.add(scores)
+            bar.update(1)
+            bar.set_postfix(pos_per_s=f"{stats.positions / (time.perf_counter() - t_round):.3g}")
+    return stats.summary(match, time.perf_counter() - t_round)
 
 
 class _RoundStats:

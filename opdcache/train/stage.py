@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -315,17 +316,14 @@ def _all_reduce(value: float, op: str = "sum") -> float:
 def _train_round(
     run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bool, resident: ResidentTrainer | None
 ) -> TrainResult:
-    import deepspeed
-
     from opdcache.arms import plan as arm_plan
 
     t_load = time.perf_counter()
-    final = run.checkpoint(r + 1)
     arm = arm_plan(cfg)
     outcome = arm.terms != "opd"  # the GRPO term needs R, the outcome advantages and log p(y)
     examples = load_examples(run, r, variant, outcome)
     trainer = (resident.take(r) if resident else None) or load_trainer(run, r, cfg)
-    engine, model, tokenizer, source = trainer.engine, trainer.model, trainer.tokenizer, trainer.source
+    engine, tokenizer = trainer.engine, trainer.tokenizer
     torch.manual_seed(cfg.train.seed + r)  # after loading: a resident and a loaded trainer draw alike
     rank, world = engine.global_rank, engine.world_size
     t = cfg.train
@@ -334,17 +332,48 @@ def _train_round(
         len(examples), rank, world, t.mini_batch_responses, t.micro_batch_size, t.epochs, t.seed + 7919 * r
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dev = engine.device
     t0 = time.perf_counter()
-    load_seconds = t0 - t_load
+    recompute = _recompute_old(engine, examples, plan.recompute, pad, cfg.rollout.temperature)
 
-    # old log-probs from the model being trained, before any step (verl's recomputed old_log_prob)
+    step_fn = partial(_optimizer_step, engine, examples, pad, t, arm.terms if outcome else None, eps, r)
+    metrics, tokens = [], 0
+    engine.train()
+    bar = tqdm(total=len(plan.steps), desc=f"train round {r}", unit="step", disable=not progress or rank)
+    for step, micro_batches in enumerate(plan.steps):
+        row, local_tokens = step_fn(step, micro_batches)
+        metrics.append(row)
+        tokens += local_tokens
+        bar.update(1)
+    bar.close()
+
+    _publish(run, r, cfg, trainer, {"variant": variant, **recompute, "metrics": metrics})
+    if resident is not None:
+        resident.keep(dataclasses.replace(trainer, r=r + 1, source=student_checkpoint(run, cfg, r + 1)))
+    return TrainResult(
+        r,
+        skipped=False,
+        steps=len(plan.steps),
+        tokens=int(_all_reduce(tokens)),
+        seconds=time.perf_counter() - t0,
+        loss_first=metrics[0]["loss"] if metrics else None,
+        loss_last=metrics[-1]["loss"] if metrics else None,
+        startup_seconds=t0 - t_load,
+        clip_frac_first=metrics[0]["clip_frac"] if metrics else None,
+        **recompute,
+    )
+
+
+def _recompute_old(
+    engine: Any, examples: list[Example], recompute: list[list[int]], pad: int, temperature: float
+) -> dict[str, float]:
+    """Old log-probs from the model being trained, before any step (verl's recomputed old_log_prob),
+    written into ``examples``; returns how far they are from the cached vLLM values (over all ranks)."""
     engine.eval()
     diff_max = diff_sum = diff_n = 0.0
     with torch.no_grad():
-        for idx in plan.recompute:
+        for idx in recompute:
             batch = _batch(examples, idx, pad)
-            terms = forward_terms(engine, {k: v.to(dev) for k, v in batch.items()}, cfg.rollout.temperature)
+            terms = forward_terms(engine, {k: v.to(engine.device) for k, v in batch.items()}, temperature)
             lp, lp_y = terms.logp.float().cpu(), terms.logp_y.float().cpu()
             sw = None if terms.sampler_weight is None else terms.sampler_weight.float().cpu()
             for row, i in enumerate(idx):
@@ -363,53 +392,64 @@ def _train_round(
                     diff_n + d.size,
                 )
     diff_max, diff_sum, diff_n = _all_reduce(diff_max, "max"), _all_reduce(diff_sum), _all_reduce(diff_n)
+    return {"old_logprob_max_abs_diff": diff_max, "old_logprob_mean_abs_diff": diff_sum / max(diff_n, 1.0)}
 
-    metrics, tokens = [], 0
-    engine.train()
-    bar = tqdm(total=len(plan.steps), desc=f"train round {r}", unit="step", disable=not progress or rank)
-    for step, micro_batches in enumerate(plan.steps):
-        local_tokens = sum(len(examples[i].response_ids) for mb in micro_batches for i in mb)
-        n_global = _all_reduce(local_tokens)
-        loss_sum, stats_sum = 0.0, {}
-        for idx in micro_batches:
-            batch = {k: v.to(dev) for k, v in _batch(examples, idx, pad).items()}
-            terms = forward_terms(engine, batch, rest_grad=t.objective in REST_OBJECTIVES)
-            grpo = None
-            if outcome:
-                opd_on, grpo_on = term_masks(arm.terms, batch["mask"], batch["rel"], eps)
-                grpo = (batch["grpo_adv"] * t.grpo_coef, opd_on, grpo_on)
-            loss, stats = policy_loss(
-                t.objective, terms, t.ppo_clip, t.dual_clip, n_global, t.residual_clamp, grpo
-            )
-            if not torch.isfinite(loss):
-                raise OpdcacheError(f"train round {r}: non-finite loss at step {step}")
-            # DeepSpeed averages gradients over ranks; the token mean is already global
-            engine.backward(loss * world, scale_wrt_gas=False)
-            loss_sum += loss.item()
-            for k_, v in stats.items():
-                stats_sum[k_] = stats_sum.get(k_, 0.0) + v.item()
-        # DeepSpeed records the norm only in its own optimizer wrappers (ZeRO, bf16); with a client
-        # optimizer at ZeRO 0 in fp32 it clips without telling, so one process measures it here
-        local_norm = _grad_norm(engine.module) if world == 1 and t.zero_stage == 0 and not t.bf16 else None
-        engine.step()
-        norm = engine.get_global_grad_norm()
-        tokens += local_tokens
-        metrics.append(
-            {
-                "step": step,
-                "loss": _all_reduce(loss_sum),
-                "tokens": int(n_global),
-                **{k_: _all_reduce(v) for k_, v in stats_sum.items()},
-                "grad_norm": float(norm) if norm is not None else local_norm,  # before clipping
-            }
+
+def _optimizer_step(
+    engine: Any,
+    examples: list[Example],
+    pad: int,
+    t: Any,
+    grpo_terms: str | None,
+    eps: float,
+    r: int,
+    step: int,
+    micro_batches: list[list[int]],
+) -> tuple[dict[str, Any], int]:
+    """One optimizer step over this rank's micro-batches: (its metrics row, this rank's tokens).
+    ``grpo_terms`` (the arm's terms) adds the GRPO term where the arm trains on outcomes."""
+    world = engine.world_size
+    local_tokens = sum(len(examples[i].response_ids) for mb in micro_batches for i in mb)
+    n_global = _all_reduce(local_tokens)
+    loss_sum, stats_sum = 0.0, {}
+    for idx in micro_batches:
+        batch = {k: v.to(engine.device) for k, v in _batch(examples, idx, pad).items()}
+        terms = forward_terms(engine, batch, rest_grad=t.objective in REST_OBJECTIVES)
+        grpo = None
+        if grpo_terms is not None:
+            opd_on, grpo_on = term_masks(grpo_terms, batch["mask"], batch["rel"], eps)
+            grpo = (batch["grpo_adv"] * t.grpo_coef, opd_on, grpo_on)
+        loss, stats = policy_loss(
+            t.objective, terms, t.ppo_clip, t.dual_clip, n_global, t.residual_clamp, grpo
         )
-        bar.update(1)
-    bar.close()
-    recompute = {
-        "old_logprob_max_abs_diff": diff_max,
-        "old_logprob_mean_abs_diff": diff_sum / max(diff_n, 1.0),
+        if not torch.isfinite(loss):
+            raise OpdcacheError(f"train round {r}: non-finite loss at step {step}")
+        # DeepSpeed averages gradients over ranks; the token mean is already global
+        engine.backward(loss * world, scale_wrt_gas=False)
+        loss_sum += loss.item()
+        for k_, v in stats.items():
+            stats_sum[k_] = stats_sum.get(k_, 0.0) + v.item()
+    # DeepSpeed records the norm only in its own optimizer wrappers (ZeRO, bf16); with a client
+    # optimizer at ZeRO 0 in fp32 it clips without telling, so one process measures it here
+    local_norm = _grad_norm(engine.module) if world == 1 and t.zero_stage == 0 and not t.bf16 else None
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    row = {
+        "step": step,
+        "loss": _all_reduce(loss_sum),
+        "tokens": int(n_global),
+        **{k_: _all_reduce(v) for k_, v in stats_sum.items()},
+        "grad_norm": float(norm) if norm is not None else local_norm,  # before clipping
     }
+    return row, local_tokens
 
+
+def _publish(run: RunDir, r: int, cfg: RunConfig, trainer: Trainer, meta: dict[str, Any]) -> None:
+    """checkpoints/round=<r+1> (HF weights, or the LoRA adapter and merged weights) and the DeepSpeed
+    state, staged and moved in whole; then the retention of old states and checkpoints."""
+    import deepspeed
+
+    engine, model, t, rank = trainer.engine, trainer.model, cfg.train, trainer.engine.global_rank
     # one staging path for all ranks (the engine checkpoint is written collectively)
     staged = run.staging / f"checkpoint-{r + 1}"
     if rank == 0:
@@ -425,41 +465,23 @@ def _train_round(
             save_lora(engine.module, staged / "hf")
         else:
             engine.module.save_pretrained(staged / "hf", safe_serialization=True)
-        tokenizer.save_pretrained(staged / "hf")
-        atomic_write_bytes(
-            staged / "hf" / "opdcache_train.json",
-            json.dumps(
-                {
-                    "round": r,
-                    "variant": variant,
-                    "source": source,
-                    "world_size": world,
-                    **recompute,
-                    "lora_rank": t.lora.rank,
-                    "memory": state_bytes(engine.module, engine.optimizer),
-                    "metrics": metrics,
-                }
-            ).encode(),
-        )
+        trainer.tokenizer.save_pretrained(staged / "hf")
+        record = {
+            "round": r,
+            "variant": meta["variant"],
+            "source": trainer.source,
+            "world_size": engine.world_size,
+            **{k: v for k, v in meta.items() if k not in ("variant", "metrics")},
+            "lora_rank": t.lora.rank,
+            "memory": state_bytes(engine.module, engine.optimizer),
+            "metrics": meta["metrics"],
+        }
+        atomic_write_bytes(staged / "hf" / "opdcache_train.json", json.dumps(record).encode())
         replace_dir(staged / "deepspeed", run.deepspeed_state(r + 1))
-        replace_dir(staged / "hf", final)
+        replace_dir(staged / "hf", run.checkpoint(r + 1))
         shutil.rmtree(staged, ignore_errors=True)
         if t.keep_states:  # only after the checkpoint that marks the round done is in place
             for old_state in run.rounds(run.deepspeed)[: -t.keep_states]:
                 shutil.rmtree(run.deepspeed_state(old_state), ignore_errors=True)
         prune_checkpoints(run, cfg, r + 1)
     deepspeed.comm.barrier()
-    if resident is not None:
-        resident.keep(dataclasses.replace(trainer, r=r + 1, source=student_checkpoint(run, cfg, r + 1)))
-    return TrainResult(
-        r,
-        skipped=False,
-        steps=len(plan.steps),
-        tokens=int(_all_reduce(tokens)),
-        seconds=time.perf_counter() - t0,
-        loss_first=metrics[0]["loss"] if metrics else None,
-        loss_last=metrics[-1]["loss"] if metrics else None,
-        startup_seconds=load_seconds,
-        clip_frac_first=metrics[0]["clip_frac"] if metrics else None,
-        **recompute,
-    )
