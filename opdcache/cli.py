@@ -240,9 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def commands() -> dict[str, Command]:
+    """Every subcommand: its handler, how it holds the run, its help and its arguments."""
     from opdcache import handlers as h
-    from opdcache.config import DataConfig
 
+    return {**_stage_commands(h), **_run_commands(h), **_tool_commands(h)}
+
+
+def _stage_commands(h: Any) -> dict[str, Command]:
+    """The pipeline: a run made, its stages one at a time, its rounds, its replays."""
     # fmt: off
     return {
         "init": Command(h.init, "create", "create a run directory from a YAML config (keys: see below)",
@@ -281,6 +286,14 @@ def commands() -> dict[str, Command]:
             arg("--objective", choices=list(OBJECTIVES),
                 help="the OPD loss of the retraining (train.objective; default: the run's)"),
             QUIET]),
+    }
+    # fmt: on
+
+
+def _run_commands(h: Any) -> dict[str, Command]:
+    """A run looked at, checked, moved."""
+    # fmt: off
+    return {
         "metrics": Command(h.metrics, "write", "rebuild RUN/metrics.jsonl and RUN/tensorboard/ from the run", [
             RUN, arg("--no-tensorboard", action="store_true", help="metrics.jsonl only")]),
         "query": Command(h.query, "read", "run SQL over the run's DuckDB views", [
@@ -302,6 +315,16 @@ def commands() -> dict[str, Command]:
         "unpack": Command(h.unpack, "none", "a packed run into a new directory; every part checked before it appears", [
             arg("archive", help="a .tar.zst written by opdcache pack"),
             arg("dest", type=out_dir, help="new run directory (absent or empty)"), QUIET]),
+    }
+    # fmt: on
+
+
+def _tool_commands(h: Any) -> dict[str, Command]:
+    """Around the runs: evaluation, reports, the demos, models, the probe, synthetic runs."""
+    from opdcache.config import DataConfig
+
+    # fmt: off
+    return {
         "eval": Command(h.evaluate, "none", "Avg@n accuracy of a checkpoint on a prompt file (vLLM)", [
             arg("checkpoint"),
             arg("--data", type=existing_file, required=True, help="JSONL/Parquet prompts (GSM8K, MATH-500, verl/DAPO shapes load as they are)"),
