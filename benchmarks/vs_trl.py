@@ -41,8 +41,8 @@ ARMS = ("opd", "prune")
 def opdcache_side(
     out: Path, seeds: tuple[int, ...], task: str, tiny: bool, arms: tuple[str, ...] = ARMS
 ) -> dict[str, Any]:
+    from opdcache.demos.real import run_real_demo
     from opdcache.query import run_sql
-    from opdcache.real_demo import run_real_demo
 
     res = run_real_demo(
         out=out,

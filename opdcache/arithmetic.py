@@ -25,6 +25,8 @@ from typing import Literal
 
 import numpy as np
 
+from opdcache.rundir import write_text_if_changed
+
 Kind = Literal["product", "sum", "word"]
 KINDS: tuple[Kind, ...] = ("product", "sum", "word")
 Wordings = Literal["train", "held-out", "all"]
@@ -168,3 +170,20 @@ def is_held_out(prompt_id: str) -> bool:
     """Whether an arithmetic prompt uses a wording kept out of training."""
     parsed = parse_id(prompt_id)
     return parsed is not None and parsed[1] >= WORDINGS[parsed[0]] - HELD_OUT
+
+
+SEEDS = (1, 2)  # the probe set's and the training prompts' generator seeds
+TRAIN_PROMPTS = 4096
+
+
+def write_probe_and_train(data: Path, probe_prompts: int) -> tuple[Path, Path]:
+    """DATA/probe.jsonl (``probe_prompts`` problems, every wording) and train.jsonl (the training
+    wordings only, none of the probe's questions), each rewritten only when it changed."""
+    probe = sample_arithmetic(probe_prompts, SEEDS[0], wordings="all")
+    train = sample_arithmetic(TRAIN_PROMPTS, SEEDS[1], wordings="train", exclude=[p.question for p in probe])
+    data.mkdir(parents=True, exist_ok=True)
+    for name, problems in (("probe", probe), ("train", train)):
+        tmp = write_arithmetic(data / f".{name}.draft.jsonl", problems)
+        write_text_if_changed(data / f"{name}.jsonl", tmp.read_text())
+        tmp.unlink()
+    return data / "probe.jsonl", data / "train.jsonl"

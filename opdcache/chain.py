@@ -29,6 +29,8 @@ from typing import Literal
 
 import numpy as np
 
+from opdcache.rundir import write_text_if_changed
+
 Wordings = Literal["train", "held-out", "all"]
 STEPS = 20  # additions per chain: ~220 answer tokens with SmolLM2's one-token digits
 HELD_OUT = 2
@@ -136,3 +138,30 @@ def horizon(response: str, answer: str) -> tuple[float, float]:
 def is_held_out(prompt_id: str) -> bool:
     m = _ID.match(prompt_id)
     return m is not None and int(m.group(1)) >= len(WORDINGS) - HELD_OUT
+
+
+SEEDS = (1, 2, 3)  # the probe set's, the training prompts' and the teacher's fine-tuning data's
+RESERVED = 48  # questions of the probe set's draw kept out of training and fine-tuning, whatever its size
+TRAIN_PROMPTS = 4096
+
+
+def write_probe_and_train(
+    data: Path, probe_prompts: int, heal_examples: int
+) -> tuple[Path, Path, list[dict[str, str]]]:
+    """DATA/probe.jsonl (every wording), train.jsonl (trained wordings, none of the probe's questions)
+    and ``heal_examples`` rows of the teacher's fine-tuning data (the same)."""
+    reserved = sample_chains(max(RESERVED, probe_prompts), SEEDS[0], "all")
+    probe = reserved[:probe_prompts]  # draws are prefixes of each other: one seed, one sequence
+    held = {c.question for c in reserved}
+    heal = sample_chains(heal_examples, SEEDS[2], "train", exclude=held)
+    train = sample_chains(TRAIN_PROMPTS, SEEDS[1], "train", exclude=held)
+    data.mkdir(parents=True, exist_ok=True)
+    for name, chains in (("probe", probe), ("train", train)):
+        tmp = write_chains(data / f".{name}.draft.jsonl", chains)
+        write_text_if_changed(data / f"{name}.jsonl", tmp.read_text())
+        tmp.unlink()
+    rows = [
+        {"prompt_id": f"heal-{i}", "question": c.question, "solution": worked_answer(c)}
+        for i, c in enumerate(heal)
+    ]
+    return data / "probe.jsonl", data / "train.jsonl", rows

@@ -41,7 +41,7 @@ REAL_ARMS = (
     "iw-opd",
     "prune-grpo",
     "grpo",
-)  # real_demo.ALL_ARMS
+)  # demos/real.ALL_ARMS
 
 Arg = tuple[tuple[str, ...], dict[str, Any]]
 

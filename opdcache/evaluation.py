@@ -331,3 +331,25 @@ def read_eval(path: str | Path) -> EvalResult:
         return EvalResult(**json.loads(Path(path).read_text()))
     except (OSError, ValueError, TypeError) as e:
         raise OpdcacheError(f"{path}: not an opdcache eval result ({e})") from e
+
+
+def greedy_answers(
+    checkpoints: list[tuple[str, Path]], prompts: list, template: str, chat: bool, tokens: int
+) -> dict[str, list[str]]:
+    """Each named checkpoint's greedy answer to each prompt (transformers, fp32: read, not sampled)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoints[0][1])
+    encoded = encode_prompts(tok, prompts, template, chat)
+    answers: dict[str, list[str]] = {}
+    for name, path in tqdm(checkpoints, desc="greedy answers", unit="model", leave=False):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        answers[name] = []
+        for ids in encoded:
+            with torch.no_grad():
+                out = model.generate(
+                    torch.tensor([ids]), max_new_tokens=tokens, do_sample=False, pad_token_id=tok.eos_token_id
+                )
+            answers[name].append(tok.decode(out[0, len(ids) :], skip_special_tokens=True).strip())
+    return answers

@@ -435,7 +435,7 @@ def demo_overrides(a: Args) -> tuple[str, ...]:
 
 def demo(a: Args, _: None) -> list[str]:
     if a.real:
-        from opdcache.real_demo import run_real_demo
+        from opdcache.demos.real import run_real_demo
 
         res = run_real_demo(
             a.data,
@@ -452,7 +452,7 @@ def demo(a: Args, _: None) -> list[str]:
             overrides=demo_overrides(a),
         )
     else:
-        from opdcache.demo import run_demo
+        from opdcache.demos.toy import run_demo
 
         if a.data:
             raise OpdcacheError("demo --data: only with --real (the toy demo writes its own prompts)")

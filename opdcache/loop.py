@@ -136,7 +136,7 @@ class Residents:
 
     def warm(self, run: RunDir, cfg: RunConfig, rounds: int) -> float:
         """Have the engine hold ``run``'s next student before ``run_rounds(run, rounds, ...)``, so that
-        starting it (or reloading its weights) lands outside the run's stage times, as ``demo.warm_up``
+        starting it (or reloading its weights) lands outside the run's stage times, as ``train.extensions.build_ops``
         builds DeepSpeed's op first; the seconds it took (0 when the run has no round left)."""
         from opdcache.models.checkpoint import student_checkpoint
 

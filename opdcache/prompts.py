@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from opdcache.config import render
 from opdcache.errors import OpdcacheError
 from opdcache.grading import extract_boxed
+from opdcache.rundir import write_text_if_changed
 
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "question": ("question", "problem", "prompt"),
@@ -223,3 +224,19 @@ def encode_prompts(tokenizer: Any, prompts: list[Prompt], template: str, chat: b
             raise OpdcacheError(f"prompt {pr.prompt_id!r}: renders to zero tokens")
         out.append(list(ids))
     return out
+
+
+def split_prompt_file(source: str | Path, data: Path, first: int, need: int, why: str) -> tuple[Path, Path]:
+    """DATA/probe.jsonl (the first ``first`` prompts of ``source``) and train.jsonl (the rest), with
+    prompt ids ``<file stem>-<row>``; fewer than ``need`` prompts is an error that says ``why``."""
+    prompts = load_prompts(source, quiet=True)
+    if len(prompts) < need:
+        raise OpdcacheError(f"{source}: {len(prompts)} prompts; {why}")
+    data.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("probe", prompts[:first]), ("train", prompts[first:])):
+        text = "".join(
+            json.dumps({"prompt_id": p.prompt_id, "question": p.question, "answer": p.answer}) + "\n"
+            for p in rows
+        )
+        write_text_if_changed(data / f"{name}.jsonl", text)
+    return data / "probe.jsonl", data / "train.jsonl"

@@ -310,6 +310,13 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def write_text_if_changed(path: Path, text: str) -> Path:
+    """``path`` holding ``text``, written (atomically) only when it holds something else."""
+    if not path.exists() or path.read_text() != text:
+        atomic_write_bytes(path, text.encode())
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a hidden temporary file in the same directory + rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -84,10 +84,11 @@ def test_seeded_wordings_split_and_exclusion(tmp_path):
 def test_demo_prompts_keep_the_probe_set_out_of_training_and_the_teacher_fine_tune(tmp_path):
     import dataclasses
 
-    from opdcache.real_demo import CHAIN, chain_prompts, run_real_demo
+    from opdcache.chain import write_probe_and_train
+    from opdcache.demos.real import CHAIN, CHAIN_HEAL, run_real_demo
 
     size = dataclasses.replace(CHAIN.size, probe_prompts=24)
-    probe, train, heal_rows = chain_prompts(tmp_path, size)
+    probe, train, heal_rows = write_probe_and_train(tmp_path, size.probe_prompts, CHAIN_HEAL["examples"])
     probe_q = {p.question for p in load_prompts(probe, quiet=True)}
     train_q = {p.question for p in load_prompts(train, quiet=True)}
     assert len(probe_q) == 24 and not probe_q & train_q and not probe_q & {r["question"] for r in heal_rows}

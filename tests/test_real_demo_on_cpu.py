@@ -13,13 +13,8 @@ import pytest
 from opdcache.cache.shards import read_cache_shard
 from opdcache.cli import REAL_ARMS
 from opdcache.config import OBJECTIVES, read_run_config
+from opdcache.demos.real import ALL_ARMS, RealSize, demo_jobs, task_prompts
 from opdcache.probe import CALIBRATION_QUANTILE, CALIBRATION_TOKENS
-from opdcache.real_demo import (
-    ALL_ARMS,
-    RealSize,
-    demo_jobs,
-    split_prompts,
-)
 from opdcache.rundir import RunDir
 
 pytest.importorskip("vllm")
@@ -37,7 +32,7 @@ GSM8K_LIKE = [
 @pytest.fixture(scope="module")
 def real_demo(smollm2, tmp_path_factory):
     d = tmp_path_factory.mktemp("real-demo")
-    from opdcache.real_demo import run_real_demo
+    from opdcache.demos.real import run_real_demo
 
     res = run_real_demo(
         None, d / "out", smoke=True, progress=False, models_dir=smollm2["base"], pairs=("low",),
@@ -124,12 +119,12 @@ def test_gsm8k_shaped_file_splits_into_probe_and_train(tmp_path):
     data = tmp_path / "gsm8k_like.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in GSM8K_LIKE))
     size = RealSize(1, 2, 2, 1, 24, 16, 2, 1, 16)
-    probe, train = split_prompts(data, tmp_path / "out", size)
+    probe, train = task_prompts(data, tmp_path / "out", size)
     rows = [[json.loads(x) for x in p.read_text().splitlines()] for p in (probe, train)]
     assert [r["question"] for r in rows[0]] == [q for q, _ in GSM8K_LIKE[:2]]
     assert [r["answer"] for r in rows[1]] == ["15", "750", "24"]
     with pytest.raises(Exception, match="the real demo needs 102"):
-        split_prompts(data, tmp_path / "out2", RealSize(3, 2, 2, 1, 24, 16, 96, 1, 16))
+        task_prompts(data, tmp_path / "out2", RealSize(3, 2, 2, 1, 24, 16, 96, 1, 16))
 
 
 def test_run_list_puts_opd_first_and_every_objective_beside_it_with_compare():

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from opdcache.real_demo import verdicts
+from opdcache.demos.runner import verdicts
 
 P = 4  # probe prompts
 
@@ -99,7 +99,7 @@ def _find(rows, start, metric_word):
 
 
 def test_real_verdicts_restated(real_runs):
-    rows = verdicts(real_runs)
+    rows = verdicts(real_runs, "real_verdicts.sql")
     # OPD (bucket) lowers the full KL: final - start per seed, seeds as replicates
     d, se = _over_seeds(
         [(_kl(s, *RUNS["low-opd.bucket"][s])[1], _kl(s, *RUNS["low-opd.bucket"][s])[0]) for s in range(3)]
@@ -142,7 +142,7 @@ def test_real_verdicts_restated(real_runs):
 
 
 def test_real_accuracy_verdicts_against_the_teacher(real_runs):
-    rows = verdicts(real_runs)
+    rows = verdicts(real_runs, "real_verdicts.sql")
     seeds = range(3)
     gap = _find(rows, "The teacher answers more", "teacher")
     # two fixed checkpoints (nothing trained): seed 0's round 0 against the teacher, prompt by prompt

@@ -128,7 +128,7 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
 
 
 def test_demo_seed_table_averages_each_pair_and_arm():
-    from opdcache.demo import seed_means_markdown
+    from opdcache.demos.runner import seed_means_markdown
 
     rows = [
         {

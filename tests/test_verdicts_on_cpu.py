@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from opdcache.demo import verdicts
+from opdcache.demos.runner import verdicts
 
 EVAL = {  # run -> (round-0 per-prompt accuracies, final per-prompt accuracies)
     "low-opd-s0": ([0.0, 0.5, 0.25, 0.25], [0.5, 0.75, 0.5, 1.0]),
@@ -76,7 +76,7 @@ def _paired_se(x, y):
 
 
 def test_verdicts_restated_by_hand(demo_runs):
-    got = {(v["claim"].split(":")[0], v["claim"], v["pair"]): v for v in verdicts(demo_runs)}
+    got = {(v["claim"].split(":")[0], v["claim"], v["pair"]): v for v in verdicts(demo_runs, "verdicts.sql")}
 
     def find(prefix, text, pair):
         (v,) = [v for (p, c, q), v in got.items() if p == prefix and text in c and q == pair]
@@ -129,7 +129,7 @@ def test_two_seeds_pair_prompt_by_prompt(demo_runs):
     d0, d1 = np.mean(np.subtract(x0, y0)), np.mean(np.subtract(x1, y1))  # 0.5, 0.25
     pooled = math.sqrt(_paired_se(x0, y0) ** 2 + _paired_se(x1, y1) ** 2) / 2
     se = max(pooled, abs(d0 - d1) / 2)  # the s.d. of two values over sqrt(2)
-    (v,) = [v for v in verdicts(demo_runs) if v["claim"].startswith("(d)")]
+    (v,) = [v for v in verdicts(demo_runs, "verdicts.sql") if v["claim"].startswith("(d)")]
     assert v["seeds"] == 2 and v["holds"] is None and v["needs_seeds"]
     assert v["value"] == pytest.approx((d0 + d1) / 2) and v["se"] == pytest.approx(se)
 
@@ -159,7 +159,7 @@ def test_three_seeds_are_the_replicates(demo_runs, spread):
     pooled = math.sqrt(sum(_paired_se(x, y) ** 2 for x, y in ((x0, y0), (x1, y1), (x2, y2)))) / 3
     between = np.std(ds, ddof=1) / math.sqrt(3)
     se = max(between, pooled)
-    (v,) = [v for v in verdicts(demo_runs) if v["claim"].startswith("(d)")]
+    (v,) = [v for v in verdicts(demo_runs, "verdicts.sql") if v["claim"].startswith("(d)")]
     assert v["seeds"] == 3 and not v["needs_seeds"]
     assert v["value"] == pytest.approx(np.mean(ds)) and v["se"] == pytest.approx(se)
     assert v["holds"] is bool(np.mean(ds) > 2 * se)
