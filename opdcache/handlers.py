@@ -73,52 +73,40 @@ def init(a: Args, run: RunDir) -> str:
     return f"wrote {run.config}"
 
 
-def rollout(a: Args, run: RunDir):
-    from opdcache.arms import plan
-    from opdcache.budget import BudgetController
-    from opdcache.rollout.stage import rollout_round
-    from opdcache.shard import pin_cpu_cores, pin_devices
-    from opdcache.stagetimes import timed
+def _context(a: Args, run: RunDir, cfg=None):
+    """Round ``--round`` of the run, as ``opdcache run`` builds it (stages.py), for one stage command."""
+    from opdcache.shard import WHOLE
+    from opdcache.stages import RoundContext
 
-    cfg = _config(run)
+    shard = getattr(a, "shard", None) or WHOLE
+    return RoundContext(run, a.round, cfg or _config(run), not getattr(a, "quiet", False), shard)
+
+
+def rollout(a: Args, run: RunDir):
+    from opdcache.shard import pin_cpu_cores, pin_devices
+    from opdcache.stages import rollout_step
+
+    ctx = _context(a, run)
     if a.shard.count > 1:
-        pin_devices(cfg.rollout.tensor_parallel_size)
+        pin_devices(ctx.cfg.rollout.tensor_parallel_size)
         pin_cpu_cores()
-    m_t = BudgetController(run, plan(cfg).budget).max_tokens_for(a.round)
-    return timed(
-        run,
-        a.round,
-        "rollout",
-        lambda: rollout_round(run, a.round, cfg, m_t, not a.quiet, shard=a.shard),
-        shard=a.shard,
-    )
+    return rollout_step(ctx)
 
 
 def teacher(a: Args, run: RunDir):
     from opdcache.shard import pin_devices
-    from opdcache.stagetimes import timed
-    from opdcache.teacher.stage import teacher_round
+    from opdcache.stages import teacher_step
 
-    cfg = _config(run)
-    if a.shard.count > 1 and not cfg.teacher.device_map:
+    ctx = _context(a, run)
+    if a.shard.count > 1 and not ctx.cfg.teacher.device_map:
         pin_devices()
-    return timed(
-        run,
-        a.round,
-        "teacher",
-        lambda: teacher_round(run, a.round, cfg, not a.quiet, shard=a.shard),
-        shard=a.shard,
-    )
+    return teacher_step(ctx)
 
 
 def train(a: Args, run: RunDir):
-    from opdcache.arms import plan
-    from opdcache.stagetimes import timed
-    from opdcache.train.stage import train_round
+    from opdcache.stages import train_step
 
-    cfg = _config(run)
-    variant = a.variant or plan(cfg).train_variant
-    return timed(run, a.round, "train", lambda: train_round(run, a.round, cfg, variant, not a.quiet))
+    return train_step(_context(a, run), a.variant)
 
 
 def score(a: Args, run: RunDir):
@@ -170,9 +158,14 @@ def budget(a: Args, run: RunDir):
             f"budget --round {a.round}: round {a.round} is not cached in {run.cache} "
             f"({f'cached: {cached[0]}-{cached[-1]}' if cached else 'no round cached'})"
         )
-    if a.round is not None:
-        variant = a.variant or (plan(cfg).budget_variant if cfg is not None else ScoreConfig().variant)
-        ctl.update(a.round, read_effective_lengths(run, variant, a.round))
+    if a.round is not None and cfg is not None:  # as `opdcache run` decides it
+        from opdcache.stages import budget_step
+
+        ctx = _context(a, run, cfg)
+        budget_step(ctx, a.variant)
+        return ctx.budget.state
+    if a.round is not None:  # a run without a config (`opdcache synth`): the default variant
+        ctl.update(a.round, read_effective_lengths(run, a.variant or ScoreConfig().variant, a.round))
     return ctl.state
 
 

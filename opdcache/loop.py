@@ -36,6 +36,7 @@ from opdcache.rollout.engine import PersistentEngine
 from opdcache.rollout.stage import engine_settings, run_context_length
 from opdcache.rundir import RunDir
 from opdcache.shard import WHOLE, Shard, barrier
+from opdcache.stages import RoundContext, budget_step, rollout_step, teacher_step, train_step
 from opdcache.stagetimes import timed
 from opdcache.teacher.stage import ResidentTeacher
 from opdcache.train.stage import ResidentTrainer
@@ -217,29 +218,18 @@ def run_round(
     trainer across rounds. ``shard``: this worker of a sharded run (module docstring)."""
     from opdcache.metrics import write_metrics
     from opdcache.query import refresh_duckdb_file
-    from opdcache.rollout.stage import rollout_round
-    from opdcache.score.stage import read_effective_lengths
-    from opdcache.teacher.stage import teacher_round
-    from opdcache.train.stage import train_round
 
     run.require()
-    p = plan(cfg)
-    ctl = BudgetController(run, p.budget)
-    m_t = ctl.max_tokens_for(r)
+    ctx = RoundContext(run, r, cfg, progress, shard, engines, teacher, trainer)
+    m_t = ctx.budget.max_tokens_for(r)
     if generate:
-        timed(
-            run,
-            r,
-            "rollout",
-            lambda: rollout_round(run, r, cfg, m_t, progress, engines, teacher, shard),
-            shard=shard,
-        )
+        rollout_step(ctx)
         if engines is not None:
             engines.release()
-        timed(run, r, "teacher", lambda: teacher_round(run, r, cfg, progress, teacher, shard), shard=shard)
+        teacher_step(ctx)
     elif not run.shards(run.cache_round(r)):
         raise OpdcacheError(f"{run.cache_round(r)}: no cached rollouts to replay")
-    for name, spec in p.variants:
+    for name, spec in ctx.plan.variants:
         barrier(shard)  # every part cached, and a random variant's reference scored, on all workers
         timed(
             run,
@@ -249,18 +239,14 @@ def run_round(
             shard=shard,
         )
     barrier(shard)  # training reads every part's scores
-    t = (
-        timed(run, r, "train", lambda: train_round(run, r, cfg, p.train_variant, progress, trainer))
-        if train
-        else None
-    )
+    t = train_step(ctx) if train else None
     if shard.index == 0:
-        d = timed(run, r, "budget", lambda: ctl.update(r, read_effective_lengths(run, p.budget_variant, r)))
-        write_metrics(run)
+        d = budget_step(ctx)
+        write_metrics(run, cfg=cfg)
         refresh_duckdb_file(run)
     barrier(shard)  # the next round's budget is decided
     if shard.index != 0:
-        d = next(d for d in BudgetController(run, p.budget).state.history if d.round == r)
+        d = next(d for d in BudgetController(run, ctx.plan.budget).state.history if d.round == r)
     return RoundResult(r, m_t, d, t)
 
 

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from opdcache.config import RunConfig, read_run_config
 from opdcache.errors import OpdcacheError
 from opdcache.rundir import RunDir, atomic_write_bytes, replace_dir, temp_path_for
 
@@ -62,14 +63,14 @@ class Scalar:
     value: float
 
 
-def collect(run: RunDir) -> list[Scalar]:
-    """Every scalar of ``run``, read from its files: per optimizer step, then per round."""
+def collect(run: RunDir, cfg: RunConfig | None = None) -> list[Scalar]:
+    """Every scalar of ``run``, read from its files: per optimizer step, then per round (``cfg``: the
+    run's config where the caller holds it; else read from RUN/config.yaml)."""
     from opdcache.arms import plan
-    from opdcache.config import read_run_config
     from opdcache.query import connect
 
     label, out, step = run.label, [], 0
-    cfg = read_run_config(run)
+    cfg = cfg or read_run_config(run)
     for r in sorted(_trained_rounds(run)):
         info = json.loads((run.checkpoint(r + 1) / "opdcache_train.json").read_text())
         for m in info.get("metrics", []):
@@ -135,16 +136,15 @@ def _trained_rounds(run: RunDir) -> list[int]:
     ]
 
 
-def write_metrics(run: RunDir, tensorboard: bool | None = None) -> list[Scalar]:
+def write_metrics(run: RunDir, tensorboard: bool | None = None, cfg: RunConfig | None = None) -> list[Scalar]:
     """Rebuild RUN/metrics.jsonl and (``tensorboard``, default the run's ``log.tensorboard``)
-    RUN/tensorboard/ from the run directory; returns the scalars."""
-    from opdcache.config import read_run_config
-
+    RUN/tensorboard/ from the run directory; returns the scalars. ``cfg``: the run's config where the
+    caller holds it (read once from RUN/config.yaml otherwise)."""
     run.require()
+    cfg = cfg or read_run_config(run)
     if tensorboard is None:
-        cfg = read_run_config(run)
         tensorboard = cfg is None or cfg.log.tensorboard
-    scalars = collect(run)
+    scalars = collect(run, cfg)
     atomic_write_bytes(
         run.metrics, "".join(json.dumps(dataclasses.asdict(s)) + "\n" for s in scalars).encode()
     )

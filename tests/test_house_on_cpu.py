@@ -49,6 +49,8 @@ def _graph(room_of) -> dict[str, dict[str, list[str]]]:
     graph: dict[str, dict[str, list[str]]] = {}
     for path in sorted(PKG.rglob("*.py")):
         src = room_of(_module(path))
+        if src is None:  # opdcache/__init__.py: the package's version only
+            continue
         graph.setdefault(src, {})
         for module, line in _imported(path, ast.parse(path.read_text())):
             # `from opdcache.x import name`: the room of x.name when it is a module, else of x

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from opdcache.arms import plan
+from opdcache.arms import ArmPlan, plan
 from opdcache.cache.schema import CACHE_COLUMNS, ROLLOUT_COLUMNS, CacheMeta
 from opdcache.cache.shards import write_cache_shard
 from opdcache.config import RunConfig
@@ -44,6 +45,9 @@ def rollout_round(
     engines: engine.PersistentEngine | None = None,
     teacher: ResidentTeacher | None = None,
     shard: Shard = WHOLE,
+    *,
+    student: Callable[[], str] | None = None,
+    arm: ArmPlan | None = None,
 ) -> RolloutResult:
     """Generate round ``r``'s missing rollout parts at budget ``max_tokens`` (M_r, decided by the caller).
 
@@ -51,11 +55,12 @@ def rollout_round(
     shut down here. Arm prune-inflight also needs the teacher (``teacher``: kept across rounds).
     With ``shard`` i/N this worker generates parts p with p mod N = i; each prompt's samples draw from
     a seed of their own (``engine.request_seed`` of rollout.seed, round and prompt id), so its rows are
-    the same whichever worker, batch or launch generates them.
+    the same whichever worker, batch or launch generates them. ``student`` (a call returning the round's
+    checkpoint) and ``arm`` (the arm's plan) where the caller has them (``stages.RoundContext``).
     """
     run.require()
     rc = cfg.rollout
-    prompts, encoded, student, tokenizer, max_len = _round_prompts(run, cfg, r, max_tokens)
+    prompts, encoded, student, tokenizer, max_len = _round_prompts(run, cfg, r, max_tokens, student)
     parts = [
         list(range(i, min(i + rc.part_size, len(prompts)))) for i in range(0, len(prompts), rc.part_size)
     ]
@@ -75,7 +80,9 @@ def rollout_round(
         engines = engine.PersistentEngine(**engine_settings(cfg))
     llm, startup = engines.get(student, rc.k, max_len, seed)
     scorer = None
-    if plan(cfg).inflight:  # in flight the rollout writes complete cache parts: the teacher runs here
+    if (
+        arm or plan(cfg)
+    ).inflight:  # in flight the rollout writes complete cache parts: the teacher runs here
         scorer, meta, load_seconds = _inflight_scorer(cfg, student, teacher, meta)
         startup += load_seconds
     bar = tqdm(
@@ -129,7 +136,7 @@ def rollout_round(
 
 
 def _round_prompts(
-    run: RunDir, cfg: RunConfig, r: int, max_tokens: int
+    run: RunDir, cfg: RunConfig, r: int, max_tokens: int, student: Callable[[], str] | None
 ) -> tuple[list[Prompt], list[list[int]], str, Any, int]:
     """Round r's prompts, their token ids, the student, its tokenizer and the engine's context length;
     a prompt that leaves no room for ``max_tokens`` is refused."""
@@ -138,7 +145,7 @@ def _round_prompts(
     rc = cfg.rollout
     all_prompts = load_prompts(cfg.data.prompts, cfg.data.fields, quiet=True)
     prompts = round_prompts(all_prompts, r, rc.prompts_per_round, rc.seed)
-    student = student_checkpoint(run, cfg, r)
+    student = student() if student else student_checkpoint(run, cfg, r)
     tokenizer = AutoTokenizer.from_pretrained(student)
     encoded = encode_prompts(tokenizer, prompts, cfg.data.template, cfg.data.chat_template)
     max_len = context_length(cfg, student, max(len(e) for e in encoded))

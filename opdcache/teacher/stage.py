@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,9 +109,12 @@ def teacher_round(
     progress: bool = True,
     teacher: ResidentTeacher | None = None,
     shard: Shard = WHOLE,
+    *,
+    student: Callable[[], str] | None = None,
 ) -> TeacherResult:
     """Complete round ``r``'s rollout parts that are not yet in the cache (with ``teacher``: a model kept
-    loaded across rounds; without, one loaded for this call; with ``shard`` i/N, parts p mod N = i)."""
+    loaded across rounds; without, one loaded for this call; with ``shard`` i/N, parts p mod N = i;
+    ``student``: a call returning round r's checkpoint where the caller has it)."""
     run.require()
     todo = [
         p
@@ -125,7 +129,7 @@ def teacher_round(
                 f"rolled out: {have or 'none'}); run `opdcache rollout {run.root} --round {r}` first"
             )
         return TeacherResult(r, 0)
-    vocab = teacher_vocab(cfg, student_checkpoint(run, cfg, r))
+    vocab = teacher_vocab(cfg, student() if student else student_checkpoint(run, cfg, r))
     for p in todo:  # unreadable rollout parts fail here, before the teacher is loaded
         read_cache_meta(p, rollout=True)
     resident = teacher or ResidentTeacher()

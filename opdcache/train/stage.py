@@ -31,7 +31,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from opdcache.arms import ArmPlan
+from opdcache.arms import plan as arm_plan
 from opdcache.config import RunConfig
 from opdcache.errors import OpdcacheError
 from opdcache.models.checkpoint import student_checkpoint
@@ -245,27 +247,32 @@ def train_round(
     variant: str,
     progress: bool = True,
     resident: ResidentTrainer | None = None,
+    *,
+    student: Callable[[], str] | None = None,
+    arm: ArmPlan | None = None,
 ) -> TrainResult:
     """Train round ``r``'s student on its cache weighted by ``variant``'s L -> checkpoints/round=<r+1>.
 
     With ``resident`` (``opdcache run``) the engine trained in round r-1 is reused when it holds round
-    r's student, and the one trained here is kept for round r+1."""
+    r's student, and the one trained here is kept for round r+1. ``student`` (a call returning the round's
+    checkpoint) and ``arm`` (the arm's plan) where the caller has them (``stages.RoundContext``)."""
     run.require()
     if run.done("train", r):
         return TrainResult(r, skipped=True)
     with single_process_env():
-        res = _train_round(run, r, cfg, variant, progress, resident)
+        res = _train_round(run, r, cfg, variant, progress, resident, student, arm)
     if resident is None or torch.cuda.is_available():
         release_gpu_memory()
     return res
 
 
-def load_trainer(run: RunDir, r: int, cfg: RunConfig) -> Trainer:
-    """The student of round r (checkpoint r, or the initial student) and its optimizer state, under DeepSpeed."""
+def load_trainer(run: RunDir, r: int, cfg: RunConfig, source: str | None = None) -> Trainer:
+    """The student of round r (checkpoint r, or the initial student: ``source`` where the caller has
+    resolved it) and its optimizer state, under DeepSpeed."""
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = student_checkpoint(run, cfg, r)
+    source = source or student_checkpoint(run, cfg, r)
     tokenizer = AutoTokenizer.from_pretrained(source)
     before_deepspeed()
     lora = cfg.train.lora
@@ -314,15 +321,22 @@ def _all_reduce(value: float, op: str = "sum") -> float:
 
 
 def _train_round(
-    run: RunDir, r: int, cfg: RunConfig, variant: str, progress: bool, resident: ResidentTrainer | None
+    run: RunDir,
+    r: int,
+    cfg: RunConfig,
+    variant: str,
+    progress: bool,
+    resident: ResidentTrainer | None,
+    student: Callable[[], str] | None,
+    arm: ArmPlan | None,
 ) -> TrainResult:
-    from opdcache.arms import plan as arm_plan
-
     t_load = time.perf_counter()
-    arm = arm_plan(cfg)
+    arm = arm or arm_plan(cfg)
     outcome = arm.terms != "opd"  # the GRPO term needs R, the outcome advantages and log p(y)
     examples = load_examples(run, r, variant, outcome)
-    trainer = (resident.take(r) if resident else None) or load_trainer(run, r, cfg)
+    trainer = (resident.take(r) if resident else None) or load_trainer(
+        run, r, cfg, student() if student else None
+    )
     engine, tokenizer = trainer.engine, trainer.tokenizer
     torch.manual_seed(cfg.train.seed + r)  # after loading: a resident and a loaded trainer draw alike
     rank, world = engine.global_rank, engine.world_size
