@@ -243,7 +243,7 @@ def commands() -> dict[str, Command]:
     """Every subcommand: its handler, how it holds the run, its help and its arguments."""
     from opdcache import handlers as h
 
-    return {**_stage_commands(h), **_run_commands(h), **_tool_commands(h)}
+    return {**_stage_commands(h), **_run_commands(h), **_eval_commands(h), **_tool_commands(h)}
 
 
 def _stage_commands(h: Any) -> dict[str, Command]:
@@ -319,8 +319,8 @@ def _run_commands(h: Any) -> dict[str, Command]:
     # fmt: on
 
 
-def _tool_commands(h: Any) -> dict[str, Command]:
-    """Around the runs: evaluation, reports, the demos, models, the probe, synthetic runs."""
+def _eval_commands(h: Any) -> dict[str, Command]:
+    """A checkpoint evaluated, runs reported."""
     from opdcache.config import DataConfig
 
     # fmt: off
@@ -354,6 +354,14 @@ def _tool_commands(h: Any) -> dict[str, Command]:
             arg("--band-scale", type=positive_int, default=1000, help="depth band unit for overlap_by_depth"),
             arg("--bucket", type=positive_int, default=256, help="position bucket for weight_by_position"),
             arg("--sql-dir", help="folder of the analysis queries (default: the project's analysis/)")]),
+    }
+    # fmt: on
+
+
+def _tool_commands(h: Any) -> dict[str, Command]:
+    """Around the runs: the demos, models, the probe, synthetic runs."""
+    # fmt: off
+    return {
         "demo": Command(h.demo, "none", "Prune-OPD vs OPD vs truncation end to end: the toy task, or --real", [
             arg("--out", help="demo directory (default ./demo; with --real ./demo-real)"),
             arg("--real", action="store_true",

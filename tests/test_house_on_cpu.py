@@ -138,3 +138,19 @@ def test_the_checker_sees_a_circle_and_an_arrow_up():
     assert _circles(graph) == [{"a", "b", "c"}]
     dag = {"a": {"b": []}, "b": {"c": []}, "c": {}, "d": {"a": [], "c": []}}
     assert _floors(dag) == {"c": 1, "b": 2, "a": 3, "d": 4}
+
+
+def _long_functions(limit: int) -> list[str]:
+    out = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    out.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    return out
+
+
+def test_no_function_is_over_a_hundred_lines():
+    assert _long_functions(LONGEST_FUNCTION) == []
+    assert _long_functions(60), "the census sees functions at all"

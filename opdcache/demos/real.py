@@ -367,6 +367,42 @@ def _task(
     return task, pairs, arms
 
 
+def _compare(rows: list[dict[str, Any]], teacher: dict[str, Any]) -> None:
+    """Each row against its OPD run (wall time) and the teacher (the share of the accuracy gap closed)."""
+
+    def opd_of(r: dict[str, Any]) -> dict[str, Any]:  # the OPD run of the same objective, else any
+        opd = [x for x in rows if (x["pair"], x["seed"], x["arm"]) == (r["pair"], r["seed"], "opd")]
+        return next((x for x in opd if x["objective"] == r["objective"]), opd[0])
+
+    vs_opd(rows, {"time_vs_opd": "train_seconds"}, opd_of)
+    for r in rows:
+        r["teacher_accuracy"] = teacher["accuracy"]
+        gap = teacher["accuracy"] - (r["accuracy_start"] or 0.0)
+        closed = (r["accuracy_final"] or 0.0) - (r["accuracy_start"] or 0.0)
+        r["gap_closed"] = closed / gap if gap > 0 else None
+
+
+def _tables(
+    rows: list[dict[str, Any]],
+    teacher: dict[str, Any],
+    probes: dict[str, ProbeResult],
+    claims: list,
+    outd: Path,
+) -> str:
+    """The summary's tables: the runs, each pair's probe before training, the verdicts."""
+    table = f"Teacher's accuracy on the probe set: {teacher['accuracy']:.3f}.\n\n" + markdown_table(
+        rows, SUMMARY
+    )
+    for pair, pr in probes.items():
+        table += (
+            f"\n\n`opdcache probe` on the {pair} pair before training ({pr.responses} training prompts, "
+            f"{outd / 'probe' / pair}): gamma {pr.used.gamma:.3f}, bad rate {pr.used.bad_early:.3f} in the first "
+            f"third of the answers, {pr.used.bad_late:.3f} in the last; {pr.used.drop_share:.0%} of positions "
+            f"dropped, mean E {pr.used.mean_e:.0f} of {pr.mean_length:.0f} tokens. Verdict: **{pr.verdict}**."
+        )
+    return table + "\n\nVerdicts (`analysis/demo/real_verdicts.sql`):\n\n" + verdicts_markdown(claims)
+
+
 def run_real_demo(
     data: str | Path | None = None, out: str | Path = "demo-real", smoke: bool = False, rounds: int | None = None,
     seeds: tuple[int, ...] = (0,), progress: bool = True, models_dir: str | Path | None = None,
@@ -412,30 +448,10 @@ def run_real_demo(
     ran = run_jobs(outd, "demo-real.yaml", jobs, size.rounds, distill_summary, overrides, progress)
     rows = ran.rows
 
-    def opd_of(r: dict[str, Any]) -> dict[str, Any]:  # the OPD run of the same objective, else any
-        opd = [x for x in rows if (x["pair"], x["seed"], x["arm"]) == (r["pair"], r["seed"], "opd")]
-        return next((x for x in opd if x["objective"] == r["objective"]), opd[0])
-
-    vs_opd(rows, {"time_vs_opd": "train_seconds"}, opd_of)
-    for r in rows:
-        r["teacher_accuracy"] = teacher["accuracy"]
-        gap = teacher["accuracy"] - (r["accuracy_start"] or 0.0)
-        r["gap_closed"] = (
-            ((r["accuracy_final"] or 0.0) - (r["accuracy_start"] or 0.0)) / gap if gap > 0 else None
-        )
+    _compare(rows, teacher)
     report = make_report(ran.roots, outd / "report", band_scale=32, bucket=32)
     claims = verdicts(outd / "runs", "real_verdicts.sql")
-    table = f"Teacher's accuracy on the probe set: {teacher['accuracy']:.3f}.\n\n" + markdown_table(
-        rows, SUMMARY
-    )
-    for pair, pr in probes.items():
-        table += (
-            f"\n\n`opdcache probe` on the {pair} pair before training ({pr.responses} training prompts, "
-            f"{outd / 'probe' / pair}): gamma {pr.used.gamma:.3f}, bad rate {pr.used.bad_early:.3f} in the first "
-            f"third of the answers, {pr.used.bad_late:.3f} in the last; {pr.used.drop_share:.0%} of positions "
-            f"dropped, mean E {pr.used.mean_e:.0f} of {pr.mean_length:.0f} tokens. Verdict: **{pr.verdict}**."
-        )
-    table += "\n\nVerdicts (`analysis/demo/real_verdicts.sql`):\n\n" + verdicts_markdown(claims)
+    table = _tables(rows, teacher, probes, claims, outd)
     readout = probe_answers(models, ran.roots, probe, tokens=32 if smoke else min(size.eval_tokens, 256))
     total = time.perf_counter() - t0
     text = (

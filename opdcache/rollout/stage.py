@@ -80,9 +80,7 @@ def rollout_round(
         engines = engine.PersistentEngine(**engine_settings(cfg))
     llm, startup = engines.get(student, rc.k, max_len, seed)
     scorer = None
-    if (
-        arm or plan(cfg)
-    ).inflight:  # in flight the rollout writes complete cache parts: the teacher runs here
+    if (arm or plan(cfg)).inflight:  # in flight the rollout writes complete cache parts: the teacher runs
         scorer, meta, load_seconds = _inflight_scorer(cfg, student, teacher, meta)
         startup += load_seconds
     bar = tqdm(
@@ -94,28 +92,15 @@ def rollout_round(
     )
     t0, tokens, generated, teacher_positions = time.perf_counter(), 0, 0, 0
     try:
-        for p in mine:
-            if done[p]:
-                continue
+        for p in (p for p in mine if not done[p]):
             idx = parts[p]
-            batch = [encoded[i] for i in idx]
-            samples, decoded, positions = _generate(
-                llm, cfg, r, [prompts[i] for i in idx], batch, max_tokens, scorer
+            batch = ([prompts[i] for i in idx], [encoded[i] for i in idx])
+            written, decoded, positions = _roll_part(run, r, p, llm, cfg, batch, max_tokens, scorer, meta)
+            tokens, generated, teacher_positions = (
+                tokens + written,
+                generated + decoded,
+                teacher_positions + positions,
             )
-            generated += decoded
-            teacher_positions += positions
-            cols = _columns(samples, [prompts[i] for i in idx], batch, max_tokens, scorer is not None)
-            part_meta = dataclasses.replace(
-                meta, answers={prompts[i].prompt_id: prompts[i].answer for i in idx}
-            )
-            if scorer is None:
-                written = write_cache_shard(
-                    run.rollout_round(r) / run.part_name(p), cols, part_meta, rollout=True
-                )
-                generated += written
-            else:
-                written = write_cache_shard(run.cache_round(r) / run.part_name(p), cols, part_meta)
-            tokens += written
             bar.update(len(idx))
             bar.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - t0):.0f}")
     finally:
@@ -133,6 +118,30 @@ def rollout_round(
         generated,
         teacher_positions,
     )
+
+
+def _roll_part(
+    run: RunDir,
+    r: int,
+    p: int,
+    llm: Any,
+    cfg: RunConfig,
+    batch: tuple[list[Prompt], list[list[int]]],
+    max_tokens: int,
+    scorer: Any,
+    meta: CacheMeta,
+) -> tuple[int, int, int]:
+    """Part ``p``: its samples written (rollout part, or in flight a whole cache part); (tokens
+    written, tokens decoded, teacher positions scored)."""
+    prompts, ids = batch
+    samples, decoded, positions = _generate(llm, cfg, r, prompts, ids, max_tokens, scorer)
+    cols = _columns(samples, prompts, ids, max_tokens, scorer is not None)
+    part_meta = dataclasses.replace(meta, answers={pr.prompt_id: pr.answer for pr in prompts})
+    if scorer is None:
+        written = write_cache_shard(run.rollout_round(r) / run.part_name(p), cols, part_meta, rollout=True)
+        return written, written, positions
+    written = write_cache_shard(run.cache_round(r) / run.part_name(p), cols, part_meta)
+    return written, decoded, positions
 
 
 def _round_prompts(
