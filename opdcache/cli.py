@@ -114,7 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from opdcache.results import describe
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "query" and args.sql is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.sql = extra[0]  # `query RUN --format csv "SQL"`: argparse fills positionals before options only
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "run":  # opdcache run [CONFIG] RUN
         if args.run is None:
             args.config, args.run = None, args.config

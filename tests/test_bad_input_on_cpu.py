@@ -179,6 +179,15 @@ def test_a_multi_statement_query_returns_the_last_result(place, capsys, monkeypa
     assert json.loads(capsys.readouterr().out) == [{"b": 2}]
 
 
+def test_query_options_may_come_before_the_sql(place, capsys, monkeypatch):
+    monkeypatch.chdir(place)
+    assert main(["query", "r1", "--format", "json", "--max-rows", "5", "select 41 + 1 as x"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"x": 42}]
+    with pytest.raises(SystemExit) as e:  # two SQL texts: argparse's own refusal, as for any stray word
+        main(["query", "r1", "--format", "json", "select 1", "select 2"])
+    assert e.value.code == 2 and "unrecognized arguments: select 1 select 2" in capsys.readouterr().err
+
+
 def test_set_takes_a_template_as_typed(tmp_path, place, monkeypatch, capsys):
     """The documented form `--set "data.template={question} solve"` is text, not YAML, and relative
     paths are stored resolved, so later commands work from any folder."""
