@@ -7,15 +7,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opdcache.errors import OpdcacheError
 from opdcache.rundir import RunDir
 
+if TYPE_CHECKING:
+    from opdcache.config import RunConfig
+    from opdcache.stages import RoundContext
+
 Args = argparse.Namespace
 
 
-def _config(run: RunDir):
+def _config(run: RunDir) -> RunConfig:
     from opdcache.config import read_run_config
 
     cfg = read_run_config(run)
@@ -73,7 +77,7 @@ def init(a: Args, run: RunDir) -> str:
     return f"wrote {run.config}"
 
 
-def _context(a: Args, run: RunDir, cfg=None):
+def _context(a: Args, run: RunDir, cfg: RunConfig | None = None) -> RoundContext:
     """Round ``--round`` of the run, as ``opdcache run`` builds it (stages.py), for one stage command."""
     from opdcache.shard import WHOLE
     from opdcache.stages import RoundContext

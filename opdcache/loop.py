@@ -109,6 +109,7 @@ class Residents:
         self.engines: PersistentEngine | None = None
         self.student = ""
         self.teacher = ResidentTeacher()
+        self.sized: tuple[Path, int, RunConfig] | None = None  # whose context engines.min_len holds
 
     def engine_for(self, run: RunDir, cfg: RunConfig, start: int) -> PersistentEngine:
         """The engine for ``run`` from round ``start``, its context sized for rollouts and evaluation."""
@@ -120,6 +121,9 @@ class Residents:
             self.close()
             self.engines, self.student = PersistentEngine(**settings), cfg.models.student
         engines = self.engines
+        if self.sized == (run.root, start, cfg):  # Residents.warm sized it for this run a moment ago
+            return engines
+        self.sized = (run.root, start, cfg)
         first = student_checkpoint(run, cfg, start)
         engines.min_len = run_context_length(cfg, first)
         if cfg.eval.data:
@@ -151,7 +155,7 @@ class Residents:
     def close(self) -> None:
         if self.engines is not None:
             self.engines.close()
-        self.engines, self.student = None, ""
+        self.engines, self.student, self.sized = None, "", None
 
     def __enter__(self) -> Residents:
         return self
