@@ -96,11 +96,9 @@ def rollout_round(
             idx = parts[p]
             batch = ([prompts[i] for i in idx], [encoded[i] for i in idx])
             written, decoded, positions = _roll_part(run, r, p, llm, cfg, batch, max_tokens, scorer, meta)
-            tokens, generated, teacher_positions = (
-                tokens + written,
-                generated + decoded,
-                teacher_positions + positions,
-            )
+            tokens += written
+            generated += decoded
+            teacher_positions += positions
             bar.update(len(idx))
             bar.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - t0):.0f}")
     finally:
