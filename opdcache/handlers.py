@@ -153,7 +153,6 @@ def budget(a: Args, run: RunDir):
     from opdcache.score.stage import read_effective_lengths
 
     cfg = read_run_config(run)
-    ctl = BudgetController(run, plan(cfg).budget if cfg is not None else None)
     if a.round is None and a.variant:
         raise OpdcacheError("budget --variant: only with --round (it names the variant that decides it)")
     if a.round is not None and a.round not in run.rounds():
@@ -168,6 +167,7 @@ def budget(a: Args, run: RunDir):
         ctx = _context(a, run, cfg)
         budget_step(ctx, a.variant)
         return ctx.budget.state
+    ctl = BudgetController(run, plan(cfg).budget if cfg is not None else None)
     if a.round is not None:  # a run without a config (`opdcache synth`): the default variant
         ctl.update(a.round, read_effective_lengths(run, a.variant or ScoreConfig().variant, a.round))
     return ctl.state

@@ -41,11 +41,15 @@ class RoundContext:
     teacher: ResidentTeacher | None = None
     trainer: ResidentTrainer | None = None
     plan: ArmPlan = field(init=False)
-    budget: BudgetController = field(init=False)
 
     def __post_init__(self) -> None:
         self.plan = plan(self.cfg)
-        self.budget = BudgetController(self.run, self.plan.budget)
+
+    @cached_property
+    def budget(self) -> BudgetController:
+        """RUN/budget.json under the arm's budget settings; read only by the steps that use it (rollout,
+        budget), so the teacher and train commands never touch it."""
+        return BudgetController(self.run, self.plan.budget)
 
     @cached_property
     def student(self) -> str:

@@ -97,3 +97,19 @@ def test_bad_state_file_and_config(tmp_path):
         BudgetConfig(initial=100)
     with pytest.raises(OpdcacheError, match="no responses"):
         decide(CFG, 0, 1024, 0, np.array([]))
+
+
+def test_a_round_context_reads_the_budget_only_for_the_steps_that_use_it(tmp_path):
+    """The teacher and train commands build a RoundContext too: a budget.json they never use must not
+    stop them; the rollout and budget steps, which do, name the file."""
+    from opdcache.config import RunConfig
+    from opdcache.rundir import RunDir
+    from opdcache.stages import RoundContext
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.budget.write_text("{not json")
+    ctx = RoundContext(run, 0, RunConfig())
+    assert ctx.plan.train_variant  # the plan needs only the config
+    with pytest.raises(OpdcacheError, match="budget.json: unreadable budget state"):
+        ctx.budget.max_tokens_for(0)
