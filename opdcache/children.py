@@ -10,7 +10,8 @@ the mark, then exits. On Ctrl-C the command itself calls :func:`reap` before it 
 
 The watcher also notes the command's descendants four times a second: vLLM retitles its processes
 (setproctitle), which hides the environment /proc shows. Pids are checked against their start time,
-so a reused pid is never killed.
+so a reused pid is never killed (psutil's ``is_running``: the start time in ticks since boot, which a
+wall-clock step cannot move).
 """
 
 from __future__ import annotations
@@ -153,36 +154,32 @@ def _watch(mark: str, every: float = 0.25) -> None:
 
     owner = int(mark.split("-", 1)[0])
     try:
-        born = psutil.Process(owner).create_time()
+        o = psutil.Process(owner)
     except psutil.Error:
-        born = None
-    seen: dict[int, float] = {}
-    while born is not None:
+        o = None
+    # is_running compares a pid's start time in clock ticks since boot. create_time() adds the boot time,
+    # which moves when the wall clock is stepped, so comparing create_time() values took a live owner for
+    # a dead one and killed its engine mid-run (tests/test_children_on_cpu.py steps the clock)
+    seen: dict[int, psutil.Process] = {}
+    while o is not None:
         try:
-            o = psutil.Process(owner)
-            if o.create_time() != born or o.status() == psutil.STATUS_ZOMBIE:
+            if not o.is_running() or o.status() == psutil.STATUS_ZOMBIE:
                 break
-        except psutil.Error:
-            break  # the owner is gone
-        try:
             kids = o.children(recursive=True)
+        except psutil.NoSuchProcess:
+            break  # the owner is gone
         except psutil.Error:
             kids = []  # a child went while we looked: next time
         for q in kids:
-            if q.pid == os.getpid():
-                continue  # this watcher is the owner's child too
-            try:
-                seen.setdefault(q.pid, q.create_time())
-            except psutil.Error:
-                continue
+            if q.pid != os.getpid():  # this watcher is the owner's child too
+                seen.setdefault(q.pid, q)
         ready, _, _ = select.select([sys.stdin], [], [], every)
         if ready and not os.read(sys.stdin.fileno(), 1 << 16):
             break  # the pipe closed: the owner ended
     procs = []
-    for pid, t in seen.items():
+    for q in seen.values():
         try:
-            q = psutil.Process(pid)
-            if q.create_time() == t:  # not a reused pid
+            if q.is_running():  # not a reused pid
                 procs += [c for c in [q, *q.children(recursive=True)] if c.pid != os.getpid()]
         except psutil.Error:
             continue
