@@ -70,54 +70,49 @@ def test_children_die_with_their_command(tmp_path, how):
                 os.kill(k, signal.SIGKILL)
 
 
+# imported by every process of the test's command (the watcher included): the wall clock steps forward a
+# second at every look at the boot time, as NTP may step it during a long run; psutil's create_time() adds it
 STEPPED_CLOCK = textwrap.dedent(
     """
-    import multiprocessing as mp, os, subprocess, sys, time
-    from opdcache import children
-
-    # the watcher, with the wall clock stepped forward a second at every look at the boot time, as NTP
-    # may step it during a long run: psutil derives create_time() from it
-    WATCHER = (
-        "import itertools, sys, psutil._pslinux as L; n = itertools.count(); real = L.boot_time; "
-        "L.boot_time = lambda: real() + next(n); from opdcache.children import _watch; _watch(sys.argv[1])"
-    )
-
-    def sleeper():
-        time.sleep(600)
-
-    if __name__ == "__main__":
-        mark = children._own_mark()
-        os.environ[children.MARK] = mark
-        w = subprocess.Popen([sys.executable, "-c", WATCHER, mark], stdin=subprocess.PIPE,
-                             start_new_session=True, env={k: v for k, v in os.environ.items() if k != children.MARK})
-        ps = [mp.get_context("spawn").Process(target=sleeper) for _ in range(2)]
-        for p in ps:
-            p.start()
-        print(" ".join(str(p.pid) for p in ps), w.pid, flush=True)
-        time.sleep(600)
+    import itertools, psutil._pslinux as L
+    _n, _real = itertools.count(), L.boot_time
+    L.boot_time = lambda: _real() + next(_n)
     """
 )
 
 
 def test_a_stepped_wall_clock_does_not_end_a_live_command(tmp_path):
-    """The watcher must not take its owner for dead when the wall clock moves (psutil's create_time()
-    adds the boot time, which a clock step moves); it still reaps when the owner really dies."""
-    script = tmp_path / "owner.py"
-    script.write_text(STEPPED_CLOCK)
-    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    """The watcher must not take its owner for dead when the wall clock moves; it still reaps when the
+    owner really dies."""
+    script, site = tmp_path / "owner.py", tmp_path / "site"
+    script.write_text(SCRIPT)
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STEPPED_CLOCK)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    p = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env
+    )
     kids: list[int] = []
     try:
-        *kids, watcher = (int(x) for x in p.stdout.readline().split())
+        kids = [int(x) for x in p.stdout.readline().split()]
         time.sleep(3)  # the watcher looks four times a second
         alive = [
             k for k in kids if psutil.pid_exists(k) and psutil.Process(k).status() != psutil.STATUS_ZOMBIE
         ]
-        assert alive == kids, "the watcher killed the children of a live command"
-        assert psutil.pid_exists(watcher) and p.poll() is None
+        assert len(kids) == 2 and alive == kids, "the watcher killed the children of a live command"
+        watcher = [
+            q.pid
+            for q in psutil.process_iter(["cmdline"])
+            if f"opdcache.children {p.pid}-" in " ".join(q.info["cmdline"] or [])
+        ]
+        assert len(watcher) == 1 and p.poll() is None
         p.kill()
         p.wait(timeout=30)
         assert gone(kids), "children outlived their command"
-        assert gone([watcher]), "the watcher stayed behind"
+        assert gone(watcher), "the watcher stayed behind"
     finally:
         if p.poll() is None:
             p.kill()
